@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment and install wd_fairseq into it.
+# Usage: source examples/setup_env.sh   (or run it; it prints the venv path)
+# WD_VENV overrides the location (default: .venv at the repository root);
+# PYTHON picks the interpreter used to create it (default: python3).
+set -euo pipefail
+WD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WD_VENV=${WD_VENV:-$WD_ROOT/.venv}
+if [ ! -x "$WD_VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $WD_VENV"
+  "${PYTHON:-python3}" -m venv "$WD_VENV"
+fi
+# fairseq 0.12 metadata does not resolve with pip >= 24.1.
+"$WD_VENV/bin/python" -m pip install -q --disable-pip-version-check "pip<24.1"
+echo "[setup] installing wd_fairseq and its pinned dependencies (first time: fairseq compiles, ~3-5 min)"
+"$WD_VENV/bin/python" -m pip install -q --disable-pip-version-check "$WD_ROOT[test]"
+export PATH="$WD_VENV/bin:$PATH"

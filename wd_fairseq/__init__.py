@@ -1,0 +1,14 @@
+"""wd_fairseq: Weight Distillation (Lin et al., ACL 2021) as a fairseq plugin.
+
+Load with ``fairseq-train --user-dir <path of this package>``; importing it
+registers the ``wd_transformer`` model and its presets, and allows fairseq
+checkpoints to load under torch >= 2.6 with weights_only (see safe_loading).
+"""
+
+from .safe_loading import allow_fairseq_checkpoints
+
+allow_fairseq_checkpoints()
+
+from . import model  # noqa: E402,F401  (registers wd_transformer)
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""``wd-materialize PHASE1.pt STUDENT.pt``: the phase-1 WD model as a stock student.
+
+Evaluates every generator once in fp32 and writes a checkpoint of fairseq's stock
+``transformer`` with the student's explicit dimensions (WD_SPEC section 5). The
+file holds only tensors and plain containers, so stock fairseq loads it on any
+torch, with ``weights_only`` and without this plugin.
+"""
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+import torch
+from fairseq import tasks
+from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.models.transformer import TransformerModel
+from omegaconf import OmegaConf, open_dict
+
+from .teacher import WDSetupError, model_args, read_checkpoint
+
+#: Flags phase 2 needs to rebuild exactly the materialised student.
+PHASE2_FLAGS = (
+    "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads",
+    "decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
+    "encoder_normalize_before", "decoder_normalize_before", "activation_fn",
+    "encoder_learned_pos", "decoder_learned_pos", "no_scale_embedding", "layernorm_embedding",
+    "no_token_positional_embeddings", "share_decoder_input_output_embed", "share_all_embeddings",
+    "max_source_positions", "max_target_positions",
+)
+
+
+def _plain(value):
+    """Containers of primitives only (what ``torch.load(weights_only=True)`` accepts)."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def phase2_flags(student_args: Dict) -> List[str]:
+    """``fairseq-train`` flags that rebuild the student as ``--arch transformer``."""
+    flags = ["--arch", "transformer"]
+    for name in PHASE2_FLAGS:
+        value = student_args.get(name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                flags.append(flag)
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def load_phase1(path: str, data: Optional[str] = None):
+    """The phase-1 WD model of checkpoint ``path`` (fp32, eval mode) and its task."""
+    state = read_checkpoint(path, "PHASE1")
+    arch = model_args(state).get("_name") or model_args(state).get("arch")
+    if not getattr(ARCH_MODEL_REGISTRY.get(arch), "is_wd_model", False):
+        raise WDSetupError(
+            f"PHASE1 {path}: arch '{arch}' is not a WD phase-1 model. Fix: pass a "
+            "checkpoint written by fairseq-train --arch wd_transformer*"
+        )
+    cfg = state["cfg"]
+    if data is not None:
+        with open_dict(cfg):
+            cfg.task.data = data
+    try:
+        task = tasks.setup_task(cfg.task)
+    except FileNotFoundError as e:
+        raise WDSetupError(
+            f"PHASE1 {path}: the data-bin of the run ({cfg.task.data}) is missing "
+            f"({e}). Fix: pass --data with the data-bin holding its dictionaries"
+        ) from e
+    model = task.build_model(cfg.model, from_checkpoint=True)
+    model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    return model.float().eval(), task, state
+
+
+def student_checkpoint(model, task, phase1_state: dict) -> dict:
+    """A stock ``transformer`` checkpoint of the generated student (fp32)."""
+    stock = TransformerModel.build_model(argparse.Namespace(**model.student_args), task)
+    stock.load_state_dict(model.student_state_dict(), strict=True)  # keys and shapes match
+    cfg = _plain(OmegaConf.to_container(phase1_state["cfg"], resolve=True, enum_to_str=True))
+    cfg["model"] = _plain(model.student_args)
+    cfg["common"]["user_dir"] = None
+    cfg["criterion"] = {"_name": "label_smoothed_cross_entropy", "label_smoothing": 0.1}
+    return {
+        "args": None,
+        "cfg": cfg,
+        "model": {k: v.float().contiguous() for k, v in stock.state_dict().items()},
+        "criterion": None,
+        "optimizer_history": [
+            {"criterion_name": "LabelSmoothedCrossEntropyCriterion",
+             "optimizer_name": "none", "lr_scheduler_state": {}, "num_updates": 0}
+        ],
+        "task_state": {},
+        "extra_state": {
+            "train_iterator": {"epoch": 1, "iterations_in_epoch": 0, "version": 2},
+            "previous_training_time": 0.0,
+        },
+        "last_optimizer_state": None,
+    }
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file next to ``path``, then rename: no partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise WDSetupError(
+            f"STUDENT {path}: directory {directory} does not exist or is not writable. "
+            "Fix: create it or choose another output path"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=".wd-materialize-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def materialize(phase1: str, student: str, data: Optional[str] = None) -> List[str]:
+    """Write the stock student of ``phase1`` to ``student``; return the phase-2 flags."""
+    model, task, state = load_phase1(phase1, data)
+    with torch.no_grad():
+        checkpoint = student_checkpoint(model, task, state)
+    save_atomic(checkpoint, student)
+    return phase2_flags(model.student_args)
+
+
+def cli_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="wd-materialize",
+        description="Evaluate a WD phase-1 checkpoint's generators once (fp32) and write "
+        "a stock fairseq `transformer` checkpoint of the student.",
+    )
+    parser.add_argument("phase1", metavar="PHASE1.pt", help="checkpoint of fairseq-train --arch wd_transformer*")
+    parser.add_argument("student", metavar="STUDENT.pt", help="output: stock transformer checkpoint")
+    parser.add_argument("--data", help="data-bin with the dictionaries (default: the phase-1 run's)")
+    args = parser.parse_args(argv)
+    try:
+        flags = materialize(args.phase1, args.student, args.data)
+    except WDSetupError as e:
+        sys.exit(f"wd-materialize: error: {e}")
+    print(f"wrote {args.student}")
+    print("phase 2 (stock fairseq): fairseq-train DATA "
+          + " ".join(shlex.quote(f) for f in flags)
+          + f" --finetune-from-model {shlex.quote(args.student)} ...")
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,337 @@
+"""``wd_transformer``: the phase-1 WD model (WD_SPEC sections 2 and 3).
+
+The model is a stock fairseq ``transformer`` of the student's shape. Every
+student tensor is a :class:`~wd_fairseq.parametrization.GeneratedTensor`: a
+trainable generator applied to the frozen teacher tensors of its layer group.
+The teacher is held once, as a frozen stock Transformer in ``model.teacher``
+(never in the optimizer), so a phase-1 checkpoint is self-contained.
+"""
+
+import argparse
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerModel
+from fairseq.utils import safe_getattr
+from omegaconf import OmegaConf, open_dict
+from torch import nn
+
+from .generator import (
+    ElementwiseGenerator,
+    MatrixGenerator,
+    ProjectionGenerator,
+    TableGenerator,
+    VectorGenerator,
+)
+from .layer_groups import layer_groups
+from .parametrization import GeneratedEmbedding, GeneratedTensor, SameAs, generate
+from .teacher import WDSetupError, build_teacher, load_teacher
+
+#: Student shape flags; any not given is the teacher's.
+SHAPE_FIELDS = tuple(
+    f"{side}_{what}"
+    for side in ("encoder", "decoder")
+    for what in ("layers", "embed_dim", "ffn_embed_dim", "attention_heads")
+)
+DROPOUT_FIELDS = ("dropout", "attention_dropout", "activation_dropout")
+
+
+def _student_field(what: str):
+    return field(default=None, metadata={"help": f"student {what} (default: the teacher's)"})
+
+
+@dataclass
+class WDTransformerConfig(FairseqDataclass):
+    teacher_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "stock fairseq translation Transformer checkpoint (the frozen teacher)"},
+    )
+    encoder_layers: Optional[int] = _student_field("encoder layers")
+    encoder_embed_dim: Optional[int] = _student_field("encoder width")
+    encoder_ffn_embed_dim: Optional[int] = _student_field("encoder FFN width")
+    encoder_attention_heads: Optional[int] = _student_field("encoder attention heads")
+    decoder_layers: Optional[int] = _student_field("decoder layers")
+    decoder_embed_dim: Optional[int] = _student_field("decoder width")
+    decoder_ffn_embed_dim: Optional[int] = _student_field("decoder FFN width")
+    decoder_attention_heads: Optional[int] = _student_field("decoder attention heads")
+    dropout: Optional[float] = _student_field("dropout")
+    attention_dropout: Optional[float] = _student_field("attention dropout")
+    activation_dropout: Optional[float] = _student_field("activation dropout")
+    share_decoder_input_output_embed: bool = field(
+        default=False, metadata={"help": "tie the student's decoder input and output embeddings"}
+    )
+    share_all_embeddings: bool = field(
+        default=False,
+        metadata={"help": "share the student's encoder, decoder and output tables "
+                  "(needs a joined dictionary and equal encoder/decoder widths)"},
+    )
+    wd_init: ChoiceEnum(["faithful", "slice"]) = field(
+        default="faithful",
+        metadata={"help": "generator initialisation: 'faithful' (the authors': random "
+                  "projections) or 'slice' (the student starts as a slice of the teacher)"},
+    )
+    teacher_config: Optional[str] = field(
+        default=None,
+        metadata={"help": "set automatically from --teacher-path: the teacher's model "
+                  "config (JSON) that makes phase-1 checkpoints self-contained"},
+    )
+
+
+def transformer_arg_names() -> set:
+    """The flat argument names of fairseq's legacy ``transformer`` model."""
+    parser = argparse.ArgumentParser()
+    TransformerModel.add_args(parser)
+    return {action.dest for action in parser._actions} | {"arch", "_name"}
+
+
+def student_args(cfg, teacher_args: Dict, task) -> Dict:
+    """Stock ``transformer`` args of the student: the teacher's, with the given
+    shape and dropout flags and the student's own embedding sharing."""
+    args = dict(teacher_args)
+    for name in SHAPE_FIELDS + DROPOUT_FIELDS:
+        value = safe_getattr(cfg, name, None)
+        if value is not None:
+            args[name] = value
+    share_all = bool(safe_getattr(cfg, "share_all_embeddings", False))
+    share_io = share_all or bool(safe_getattr(cfg, "share_decoder_input_output_embed", False))
+    args.update(
+        arch="transformer",
+        _name="transformer",
+        decoder_input_dim=args["decoder_embed_dim"],
+        decoder_output_dim=args["decoder_embed_dim"],
+        share_all_embeddings=share_all,
+        share_decoder_input_output_embed=share_io,
+        encoder_embed_path=None,
+        decoder_embed_path=None,
+        encoder_layers_to_keep=None,
+        decoder_layers_to_keep=None,
+    )
+    for side in ("encoder", "decoder"):
+        layers, teacher_layers = args[f"{side}_layers"], teacher_args[f"{side}_layers"]
+        if not 1 <= layers <= teacher_layers:
+            raise WDSetupError(
+                f"--{side}-layers {layers}: a WD student needs between 1 and the "
+                f"teacher's {teacher_layers} {side} layers. Fix: pick a value in that range"
+            )
+        dim, heads = args[f"{side}_embed_dim"], args[f"{side}_attention_heads"]
+        if heads < 1 or dim % heads:
+            raise WDSetupError(
+                f"--{side}-attention-heads {heads} does not divide --{side}-embed-dim "
+                f"{dim}. Fix: choose heads that divide the width (e.g. {dim // 64 or 1})"
+            )
+    if share_all:
+        if args["encoder_embed_dim"] != args["decoder_embed_dim"]:
+            raise WDSetupError(
+                f"--share-all-embeddings needs equal student widths, got "
+                f"--encoder-embed-dim {args['encoder_embed_dim']} and --decoder-embed-dim "
+                f"{args['decoder_embed_dim']}. Fix: drop the flag (or use "
+                "--share-decoder-input-output-embed) or make the widths equal"
+            )
+        if task.source_dictionary != task.target_dictionary:
+            raise WDSetupError(
+                "--share-all-embeddings needs a joined dictionary. Fix: binarise with "
+                "fairseq-preprocess --joined-dictionary, or drop the flag"
+            )
+    return args
+
+
+def _record_teacher_config(cfg, teacher_config: str) -> None:
+    """Store the teacher's config in the model cfg that the trainer saves.
+
+    fairseq may hand ``build_model`` a merged copy of ``cfg.model``; writing to the
+    root config's ``model`` too makes the saved checkpoint carry the teacher config.
+    """
+    targets = [cfg]
+    if OmegaConf.is_config(cfg):
+        root = cfg._get_parent()
+        if root is not None and "model" in root and root.model is not cfg:
+            targets.append(root.model)
+    for target in targets:
+        if OmegaConf.is_config(target):
+            with open_dict(target):
+                target.teacher_config = teacher_config
+        else:
+            setattr(target, "teacher_config", teacher_config)
+
+
+def _teacher_config_from_resume(cfg) -> Optional[str]:
+    """When --teacher-path is gone, the checkpoint fairseq-train is about to resume
+    from (same rule as fairseq's ``load_checkpoint``) still has the teacher config."""
+    root = cfg._get_parent() if OmegaConf.is_config(cfg) else None
+    if root is None or "checkpoint" not in root:
+        return None
+    ckpt = root.checkpoint
+    path = ckpt.restore_file
+    if path == "checkpoint_last.pt":
+        path = os.path.join(ckpt.save_dir, f"checkpoint_last{ckpt.checkpoint_suffix or ''}.pt")
+    if not os.path.isfile(path):
+        return None
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    model = (state.get("cfg") or {}).get("model") or {}
+    return model.get("teacher_config")
+
+
+@register_model("wd_transformer", dataclass=WDTransformerConfig)
+class WDTransformerModel(TransformerModel):
+    """Phase-1 WD model: a stock Transformer student whose tensors are generated
+    from the frozen teacher in ``self.teacher``."""
+
+    is_wd_model = True
+
+    @classmethod
+    def add_args(cls, parser):
+        gen_parser_from_dataclass(parser, WDTransformerConfig(), delete_default=True)
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        teacher_config = safe_getattr(cfg, "teacher_config", None)
+        path = safe_getattr(cfg, "teacher_path", None)
+        if teacher_config is None and not (path and os.path.isfile(path)):
+            teacher_config = _teacher_config_from_resume(cfg)
+        if teacher_config is not None:
+            # From a checkpoint: teacher weights come with the state dict.
+            teacher_args = json.loads(teacher_config)
+            teacher, teacher_args = build_teacher(teacher_args, task)
+            loaded = False
+        else:
+            teacher, teacher_args = load_teacher(path, task)
+            teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
+            loaded = True
+            _record_teacher_config(cfg, json.dumps(teacher_args, sort_keys=True))
+        args = student_args(cfg, teacher_args, task)
+        model = super().build_model(argparse.Namespace(**args), task)
+        model.student_args = args
+        model.attach_teacher(teacher, teacher_args)
+        if loaded and safe_getattr(cfg, "wd_init", "faithful") == "slice":
+            model.start_as_slice()
+        return model
+
+    # -- generators ---------------------------------------------------------------
+
+    def attach_teacher(self, teacher: TransformerModel, teacher_args: Dict) -> None:
+        """Replace every student tensor by a generator reading ``teacher``."""
+        student = list(self.named_parameters(remove_duplicate=False))
+        self.teacher = teacher
+        teacher_tensors = dict(teacher.named_parameters(remove_duplicate=False))
+        groups = {
+            side: layer_groups(teacher_args[f"{side}_layers"], len(getattr(self, side).layers))
+            for side in ("encoder", "decoder")
+        }
+        self._replace_token_embeddings()
+        done = set()
+        for name, _ in student:
+            module_path, _, tensor_name = name.rpartition(".")
+            module = self.get_submodule(module_path)
+            if (id(module), tensor_name) in done:
+                continue  # a shared module (encoder and decoder tables)
+            done.add((id(module), tensor_name))
+            if name == "decoder.output_projection.weight" and self.decoder.share_input_output_embed:
+                generate(module, tensor_name, SameAs(self.decoder.embed_tokens, "weight"))
+                continue
+            sources = self._sources(name, module, groups)
+            for source in sources:
+                if source not in teacher_tensors:
+                    raise WDSetupError(
+                        f"--teacher-path: the student tensor {name} needs teacher tensor "
+                        f"{source}, which the teacher does not have. Fix: keep the "
+                        "teacher's architecture options; only shapes may differ"
+                    )
+            shapes = [tuple(teacher_tensors[s].shape) for s in sources]
+            shape = tuple(getattr(module, tensor_name).shape)
+            generator = self._generator(name, module, shapes[0], shape, len(sources))
+            generate(module, tensor_name, GeneratedTensor(generator, teacher, sources))
+
+    def _replace_token_embeddings(self) -> None:
+        """Token tables become GeneratedEmbedding (row-wise generation in training)."""
+        encoder_table = self.encoder.embed_tokens
+        shared = encoder_table is self.decoder.embed_tokens
+        self.encoder.embed_tokens = GeneratedEmbedding.replacing(encoder_table)
+        self.decoder.embed_tokens = (
+            self.encoder.embed_tokens if shared
+            else GeneratedEmbedding.replacing(self.decoder.embed_tokens)
+        )
+
+    def _sources(self, name: str, module: nn.Module, groups) -> List[str]:
+        """Teacher tensor names a student tensor is generated from."""
+        if module is self.encoder.embed_tokens and module is self.decoder.embed_tokens:
+            return ["decoder.embed_tokens.weight"]
+        match = re.match(r"(encoder|decoder)\.layers\.(\d+)\.(.+)", name)
+        if match is None:
+            return [name]
+        side, index, rest = match.group(1), int(match.group(2)), match.group(3)
+        return [f"{side}.layers.{j}.{rest}" for j in groups[side][index]]
+
+    @staticmethod
+    def _generator(name, module, teacher_shape, shape, group_size):
+        if name.endswith("output_projection.weight"):
+            return ProjectionGenerator(teacher_shape[1], shape[1])
+        if isinstance(module, nn.Embedding):
+            if teacher_shape[0] != shape[0]:
+                raise WDSetupError(
+                    f"{name}: the teacher table has {teacher_shape[0]} rows, the "
+                    f"student's {shape[0]}. Fix: use the teacher's dictionaries"
+                )
+            return TableGenerator(shape[0], teacher_shape[1], shape[1])
+        if len(shape) != len(teacher_shape) or len(shape) not in (1, 2):
+            raise WDSetupError(f"{name}: no WD generator for a tensor of shape {shape}")
+        if shape == teacher_shape and group_size == 1:
+            return ElementwiseGenerator(shape)
+        if len(shape) == 2:
+            return MatrixGenerator(teacher_shape, shape, group_size)
+        return VectorGenerator(teacher_shape[0], shape[0], group_size)
+
+    def generated_tensors(self):
+        """(module, tensor name, GeneratedTensor) for every generated student tensor."""
+        for module in self.modules():
+            for tensor_name, plist in getattr(module, "parametrizations", {}).items():
+                if isinstance(plist[0], GeneratedTensor):
+                    yield module, tensor_name, plist[0]
+
+    def start_as_slice(self) -> None:
+        """Optional init (``--wd-init slice``): the student starts as a slice of the teacher."""
+        for _, _, generated in self.generated_tensors():
+            generated.generator.start_as_slice(*generated.teacher_tensors())
+
+    # -- materialisation ----------------------------------------------------------
+
+    @torch.no_grad()
+    def student_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The generated student as a stock ``transformer`` state dict (model dtype)."""
+        state = {}
+        for key, value in self.state_dict().items():
+            if key.startswith("teacher."):
+                continue
+            if ".parametrizations." not in key:
+                state[key] = value
+            elif key.endswith(".original"):
+                module_path, tensor_name = key[: -len(".original")].split(".parametrizations.")
+                tensor = getattr(self.get_submodule(module_path), tensor_name)
+                state[f"{module_path}.{tensor_name}"] = tensor.detach().clone()
+        return state
+
+
+def _preset(args, **defaults):
+    for name, value in defaults.items():
+        if safe_getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+@register_model_architecture("wd_transformer", "wd_transformer_stu1")
+def wd_transformer_stu1(args):
+    """The authors' stu1: teacher encoder, decoder 1 layer x 256 / 1024 / 8 heads."""
+    _preset(args, decoder_layers=1, decoder_embed_dim=256, decoder_ffn_embed_dim=1024,
+            decoder_attention_heads=8)
+
+
+@register_model_architecture("wd_transformer", "wd_transformer_stu2")
+def wd_transformer_stu2(args):
+    """The authors' stu2: teacher encoder, decoder 2 layers x 512 / 2048 / 8 heads."""
+    _preset(args, decoder_layers=2, decoder_embed_dim=512, decoder_ffn_embed_dim=2048,
+            decoder_attention_heads=8)

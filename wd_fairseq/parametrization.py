@@ -1,0 +1,113 @@
+"""Student tensors as ``torch.nn.utils.parametrize`` parametrizations.
+
+The WD student is a stock fairseq Transformer whose every weight is replaced by a
+:class:`GeneratedTensor`: reading ``module.weight`` runs the generator on the
+frozen teacher tensors, so every fairseq code path (training, incremental
+decoding, ensembles) sees ordinary tensors. The student's own storage for the
+tensor shrinks to an empty placeholder that only carries the model's dtype.
+"""
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .generator import ParameterGenerator, TableGenerator
+
+
+class GeneratedTensor(nn.Module):
+    """Parametrization computing a student tensor from teacher tensors.
+
+    Args:
+        generator: the trainable map (fp32 maths).
+        teacher: the module holding the frozen teacher tensors. It is not
+            registered here (the teacher lives once, in the WD model).
+        sources: names of the teacher tensors in ``teacher`` (one per layer of the
+            group, in order).
+
+    In eval mode with grad disabled the result is cached and reused until the
+    mode changes or any input tensor changes (version counter or storage).
+    """
+
+    def __init__(self, generator: ParameterGenerator, teacher: nn.Module, sources: List[str]):
+        super().__init__()
+        self.generator = generator
+        self.sources = list(sources)
+        self._teacher = [teacher]
+        self._cache = None
+
+    def teacher_tensors(self) -> List[Tensor]:
+        return [self._teacher[0].get_parameter(name) for name in self.sources]
+
+    def forward(self, placeholder: Tensor) -> Tensor:
+        teacher = self.teacher_tensors()
+        if self.training or torch.is_grad_enabled():
+            self._cache = None
+            return self.generator(*teacher).to(placeholder.dtype)
+        inputs = teacher + list(self.generator.parameters())
+        key = (placeholder.dtype, tuple((t.data_ptr(), t._version) for t in inputs))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.generator(*teacher).to(placeholder.dtype))
+        return self._cache[1]
+
+    def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
+        """Only the rows ``index`` of a generated table (TableGenerator only)."""
+        assert isinstance(self.generator, TableGenerator)
+        return self.generator.rows(self.teacher_tensors()[0], index).to(dtype)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        # Called once at registration: the student's own tensor is not kept.
+        return value.new_empty(0)
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+
+class SameAs(nn.Module):
+    """Parametrization for a tied student tensor (decoder output projection =
+    decoder embedding): returns what another parametrized tensor generates."""
+
+    def __init__(self, owner: nn.Module, name: str):
+        super().__init__()
+        self._owner = [owner]
+        self.name = name
+
+    def forward(self, placeholder: Tensor) -> Tensor:
+        return getattr(self._owner[0], self.name)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value.new_empty(0)
+
+
+class GeneratedEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose table is generated; in training it generates
+    only the rows of the tokens in the batch."""
+
+    @classmethod
+    def replacing(cls, embedding: nn.Embedding) -> "GeneratedEmbedding":
+        return cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            padding_idx=embedding.padding_idx,
+            device=embedding.weight.device,
+            dtype=embedding.weight.dtype,
+        )
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        generated: Optional[GeneratedTensor] = None
+        if parametrize.is_parametrized(self, "weight"):
+            generated = self.parametrizations.weight[0]
+        if generated is None or not (self.training and torch.is_grad_enabled()):
+            return super().forward(tokens)
+        dtype = self.parametrizations.weight.original.dtype
+        used, position = torch.unique(tokens, return_inverse=True)
+        return F.embedding(position, generated.rows(used, dtype))
+
+
+def generate(module: nn.Module, name: str, generator: nn.Module) -> None:
+    """Replace ``module.<name>`` by what ``generator`` (a parametrization) computes."""
+    parametrize.register_parametrization(module, name, generator, unsafe=True)
+    module.parametrizations[name].original.requires_grad_(False)

@@ -1,0 +1,74 @@
+"""Safe loading of fairseq checkpoints on torch >= 2.6.
+
+torch.load defaults to ``weights_only=True`` since torch 2.6, and fairseq 0.12
+calls it without arguments. Stock fairseq checkpoints then fail to load because
+their config holds an ``argparse.Namespace`` (and, in some runs, numpy scalars).
+Instead of switching weights_only off, we allow-list exactly those types:
+weights_only loading still refuses any other global, so a checkpoint cannot run
+arbitrary code.
+
+Importing the plugin (``--user-dir``) calls :func:`allow_fairseq_checkpoints`.
+For stock commands run without the plugin (e.g. ``fairseq-generate`` on a phase-2
+checkpoint), the installed package ships ``wd_fairseq.pth``, which loads this file
+alone at interpreter start-up and calls :func:`install_import_hook`: nothing is
+imported until fairseq imports its ``checkpoint_utils``, then the allow-list is
+registered. This file therefore imports only the standard library at top level.
+"""
+
+import importlib.abc
+import importlib.util
+import sys
+
+
+def fairseq_checkpoint_globals() -> list:
+    """The only non-tensor, non-container types found in fairseq 0.12 checkpoints."""
+    import argparse
+
+    import numpy as np
+
+    numpy_core = np._core if hasattr(np, "_core") else np.core
+    return [
+        argparse.Namespace,
+        np.dtype,
+        numpy_core.multiarray.scalar,
+        type(np.dtype(np.float64)),
+        type(np.dtype(np.float32)),
+        type(np.dtype(np.int64)),
+    ]
+
+
+def allow_fairseq_checkpoints() -> None:
+    """Allow-list fairseq's checkpoint types for ``torch.load(weights_only=True)``."""
+    import torch
+
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals(fairseq_checkpoint_globals())
+
+
+class _AllowAfterFairseqImport(importlib.abc.MetaPathFinder):
+    """Lets ``fairseq.checkpoint_utils`` import as usual, then allow-lists."""
+
+    target = "fairseq.checkpoint_utils"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.target:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            run_module = spec.loader.exec_module
+
+            def exec_module(module):
+                run_module(module)
+                allow_fairseq_checkpoints()
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def install_import_hook() -> None:
+    """Register the allow-list as soon as fairseq's checkpoint code is imported."""
+    if "fairseq.checkpoint_utils" in sys.modules:
+        allow_fairseq_checkpoints()
+    elif not any(isinstance(f, _AllowAfterFairseqImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AllowAfterFairseqImport())
