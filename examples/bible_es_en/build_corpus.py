@@ -167,13 +167,17 @@ def unglue(text, lang, vocab):
     The renderer lost a space at these places, except for Spanish enclitic
     pronouns, which are written joined ("Júramelo"): keep those joined when
     the joined word occurs elsewhere or the verb part alone never does."""
-    def decide(m):
-        left, right = m[1], m[2]
-        if lang == "es" and right.lower() in CLITICS and (
-                vocab[(left + right).lower()] or not vocab[left.lower()]):
-            return left + right
-        return left + " " + right
-    return re.sub(rf"({LETTER}+){GLUE}({LETTER}+)", decide, text)
+    parts = text.split(GLUE)
+    out = parts[0]
+    for right in parts[1:]:
+        left = re.search(rf"{LETTER}+$", out)[0]
+        start = re.match(rf"{LETTER}+", right)[0]
+        joined = (left + start).lower()
+        if not (lang == "es" and start.lower() in CLITICS
+                and (vocab[joined] or not vocab[left.lower()])):
+            out += " "
+        out += right
+    return out
 
 
 def fix_text(text):
@@ -316,7 +320,7 @@ def split_pairs(pairs):
 def write_xz(path, lines):
     data = "".join(line + "\n" for line in lines).encode("utf-8")
     packed = lzma.compress(data, format=lzma.FORMAT_XZ,
-                           check=lzma.CHECK_CRC64, preset=XZ_PRESET)
+                           check=lzma.CHECK_CRC64, preset=XZ_PRESET | lzma.PRESET_EXTREME)
     with open(path + ".tmp", "wb") as f:
         f.write(packed)
     os.replace(path + ".tmp", path)

@@ -1,0 +1,142 @@
+"""Shared fixtures: a toy translation corpus, its data-bins, and tiny stock teachers.
+
+Everything goes through the real fairseq entry points (``fairseq-preprocess``,
+``fairseq-train``) run as subprocesses from this interpreter's environment.
+"""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+USER_DIR = str(REPO / "wd_fairseq")
+
+#: A tiny teacher: 3+3 layers so that 2-layer students have uneven groups.
+TEACHER_SHAPE = [
+    "--encoder-layers", "3", "--decoder-layers", "3",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+]
+TRAIN_FLAGS = [
+    "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "5e-3",
+    "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20",
+    "--max-tokens", "2000", "--criterion", "label_smoothed_cross_entropy",
+    "--label-smoothing", "0.1", "--seed", "1", "--no-progress-bar", "--log-interval", "20",
+    "--no-epoch-checkpoints", "--num-workers", "0",
+]
+
+
+def run_cli(tool: str, *args, env=None, check=True, cwd=None) -> subprocess.CompletedProcess:
+    """Run a console script of this environment (fairseq-train, wd-materialize, ...)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [str(BIN / tool), *map(str, args)],
+        capture_output=True, text=True, env=full_env, cwd=cwd,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def write_toy_corpus(raw: Path, seed: int = 1, n_train: int = 1200) -> None:
+    """src: random words; tgt: each word mapped to another word, order reversed."""
+    rng = random.Random(seed)
+    src_words = [f"s{i}" for i in range(24)]
+    mapping = dict(zip(src_words, rng.sample([f"t{i}" for i in range(24)], 24)))
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("valid", 60), ("test", 60)):
+        src, tgt = [], []
+        for _ in range(n):
+            words = [rng.choice(src_words) for _ in range(rng.randint(3, 8))]
+            src.append(" ".join(words))
+            tgt.append(" ".join(mapping[w] for w in reversed(words)))
+        (raw / f"{split}.src").write_text("\n".join(src) + "\n")
+        (raw / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
+
+
+def preprocess(raw: Path, dest: Path, *extra) -> Path:
+    run_cli(
+        "fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
+        "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+        "--destdir", dest, "--workers", "1", *extra,
+    )
+    return dest
+
+
+def train_teacher(data: Path, save_dir: Path, *extra, updates: int = 60) -> Path:
+    run_cli(
+        "fairseq-train", data, "--arch", "transformer", *TEACHER_SHAPE, *TRAIN_FLAGS,
+        "--max-update", updates, "--save-dir", save_dir, "--disable-validation", *extra,
+    )
+    return save_dir / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="session")
+def raw_corpus(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("raw")
+    write_toy_corpus(raw)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def data_bin(raw_corpus, tmp_path_factory) -> Path:
+    """Separate source and target dictionaries."""
+    return preprocess(raw_corpus, tmp_path_factory.mktemp("data-bin"))
+
+
+@pytest.fixture(scope="session")
+def joined_data_bin(raw_corpus, tmp_path_factory) -> Path:
+    """One joined dictionary (for --share-all-embeddings)."""
+    return preprocess(raw_corpus, tmp_path_factory.mktemp("data-bin-joined"), "--joined-dictionary")
+
+
+@pytest.fixture(scope="session")
+def postnorm_teacher(data_bin, tmp_path_factory) -> Path:
+    """Post-norm, separate embeddings (the authors' teacher, in miniature)."""
+    return train_teacher(data_bin, tmp_path_factory.mktemp("teacher-postnorm"))
+
+
+@pytest.fixture(scope="session")
+def prenorm_teacher(data_bin, tmp_path_factory) -> Path:
+    """Pre-norm, tied decoder input/output embeddings."""
+    return train_teacher(
+        data_bin, tmp_path_factory.mktemp("teacher-prenorm"),
+        "--encoder-normalize-before", "--decoder-normalize-before",
+        "--share-decoder-input-output-embed",
+    )
+
+
+@pytest.fixture(scope="session")
+def shared_teacher(joined_data_bin, tmp_path_factory) -> Path:
+    """All embeddings shared (joined dictionary)."""
+    return train_teacher(
+        joined_data_bin, tmp_path_factory.mktemp("teacher-shared"), "--share-all-embeddings"
+    )
+
+
+def translation_task(data: Path):
+    from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+    return TranslationTask.setup_task(
+        TranslationConfig(data=str(data), source_lang="src", target_lang="tgt")
+    )
+
+
+def build_wd(data: Path, teacher: Path, **flags):
+    """An in-process phase-1 model (what ``--arch wd_transformer`` + flags builds)."""
+    from omegaconf import OmegaConf
+
+    import wd_fairseq  # noqa: F401  (registers the model)
+    from wd_fairseq.model import WDTransformerConfig, WDTransformerModel
+
+    cfg = OmegaConf.structured(WDTransformerConfig(teacher_path=str(teacher), **flags))
+    return WDTransformerModel.build_model(cfg, translation_task(data))
