@@ -31,11 +31,14 @@ setup(
         "torch==2.13.0",
         "sacrebleu==2.6.0",
         "subword-nmt==0.3.8",
+        "sacremoses==0.2.0",
     ],
     extras_require={"test": ["pytest==9.2.0"]},
     entry_points={
         "console_scripts": [
             "wd-materialize = wd_fairseq.materialize:cli_main",
+            "wd-kd-data = wd_fairseq.kd_data:cli_main",
+            "wd-evaluate = wd_fairseq.evaluation:cli_main",
         ],
     },
 )

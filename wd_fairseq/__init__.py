@@ -10,5 +10,6 @@ from .safe_loading import allow_fairseq_checkpoints
 allow_fairseq_checkpoints()
 
 from . import model  # noqa: E402,F401  (registers wd_transformer)
+from . import criterion  # noqa: E402,F401  (registers kd_label_smoothed_cross_entropy)
 
 __version__ = "0.1.0"

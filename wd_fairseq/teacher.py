@@ -3,6 +3,8 @@
 import argparse
 import json
 import os
+import pickle
+import re
 from typing import Optional, Tuple
 
 import torch
@@ -31,12 +33,26 @@ def read_checkpoint(path: str, flag: str) -> dict:
     allow_fairseq_checkpoints()
     try:
         return checkpoint_utils.load_checkpoint_to_cpu(path)
-    except Exception as e:  # torch raises many types for truncated or foreign files
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused is None:
+            raise _unreadable(path, flag, e) from e
         raise WDSetupError(
-            f"{flag} {path}: cannot be read as a fairseq checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). Fix: the file is truncated, "
-            "corrupt or not a torch checkpoint; re-copy it or point to another one"
+            f"{flag} {path}: holds a Python object ({refused.group(1)}) that safe "
+            "loading (torch.load weights_only) refuses, since loading it could run code. "
+            "Fix: if you trust the file, re-save it without that object"
         ) from e
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise _unreadable(path, flag, e) from e
+
+
+def _unreadable(path: str, flag: str, e: Exception) -> WDSetupError:
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    return WDSetupError(
+        f"{flag} {path}: cannot be read as a fairseq checkpoint ({type(e).__name__}: "
+        f"{first_line}). Fix: the file is truncated, corrupt or not a torch checkpoint; "
+        "re-copy it or point to another one"
+    )
 
 
 def model_args(state: dict) -> dict:
@@ -70,28 +86,29 @@ def check_translation_transformer(args: dict, path: str, flag: str) -> str:
     return arch
 
 
-def check_dictionaries(teacher: TransformerModel, task, path: str, data_dir: Optional[str]):
+def check_dictionaries(state: dict, task, path: str) -> None:
     """The teacher's embedding tables must index the data's dictionaries."""
-    for side, dictionary in (("source", task.source_dictionary), ("target", task.target_dictionary)):
-        table = (teacher.encoder if side == "source" else teacher.decoder).embed_tokens
-        if table.num_embeddings != len(dictionary):
+    sides = (
+        ("source", "src", task.cfg.source_lang, task.source_dictionary, "encoder"),
+        ("target", "tgt", task.cfg.target_lang, task.target_dictionary, "decoder"),
+    )
+    for side, short, _, dictionary, module in sides:
+        table = state["model"].get(f"{module}.embed_tokens.weight")
+        if table is not None and table.shape[0] != len(dictionary):
             raise WDSetupError(
                 f"--teacher-path {path}: the teacher's {side} vocabulary has "
-                f"{table.num_embeddings} entries but the data's {side} dictionary has "
+                f"{table.shape[0]} entries but the data's {side} dictionary has "
                 f"{len(dictionary)}. Fix: binarise the data with fairseq-preprocess "
-                "--srcdict/--tgtdict set to the teacher's dictionaries"
+                f"--{short}dict set to the teacher's dictionary"
             )
-    if data_dir is None:
-        return
-    for side, dictionary in (("source", task.source_dictionary), ("target", task.target_dictionary)):
-        lang = task.cfg.source_lang if side == "source" else task.cfg.target_lang
+    data_dir = _teacher_data_dir(state)
+    for side, short, lang, dictionary, _ in sides if data_dir else ():
         teacher_dict = os.path.join(data_dir, f"dict.{lang}.txt")
         if os.path.isfile(teacher_dict) and Dictionary.load(teacher_dict).symbols != dictionary.symbols:
             raise WDSetupError(
                 f"--teacher-path {path}: the teacher was trained with {teacher_dict}, "
                 f"which differs from the data's {side} dictionary. Fix: binarise the data "
-                f"with fairseq-preprocess --{'src' if side == 'source' else 'tgt'}dict "
-                f"{teacher_dict}"
+                f"with fairseq-preprocess --{short}dict {teacher_dict}"
             )
 
 
@@ -109,8 +126,8 @@ def load_teacher(path: str, task) -> Tuple[TransformerModel, dict]:
     state = read_checkpoint(path, "--teacher-path")
     args = model_args(state)
     check_translation_transformer(args, path, "--teacher-path")
+    check_dictionaries(state, task, path)
     teacher, args = build_teacher(args, task)
-    check_dictionaries(teacher, task, path, _teacher_data_dir(state))
     try:
         teacher.load_state_dict(state["model"], strict=True)
     except RuntimeError as e:

@@ -23,11 +23,14 @@ Pipeline
      so that two consecutive psalms with the same title both get it.
   2. clean: strip markup, restore lost spaces, normalise whitespace, undo
      the all-caps first word of Spanish chapters, drop the Spanish
-     subscriptions appended to the last verse of the epistles.
+     subscriptions appended to the last verse of the epistles and the
+     glossary appended to the last verse of the English.
   3. align: keep only references that are non-empty in both languages, and
      drop every chapter where the two modules number verses differently
      (detected by trailing verses that are empty in just one language)
-     together with the chapter after it, which the shifted text spills into.
+     together with the chapter after it, which the shifted text spills into;
+     then drop single verses that still look misaligned (length ratio, or a
+     neighbouring verse that matches better; see misaligned()).
   4. dedupe + split: drop exact duplicate pairs; group pairs that share a
      source or a target sentence (after light normalisation) so that a group
      never straddles two splits; order groups by a seeded hash and fill
@@ -43,6 +46,7 @@ Needs:  apt-get install diatheke sword-text-sparv sword-text-web
 import argparse
 import collections
 import hashlib
+import itertools
 import lzma
 import os
 import re
@@ -58,7 +62,10 @@ SPLITS = ("train", "valid", "test")
 HELDOUT_SIZE = 1000           # pairs in valid and in test (approximately)
 MAX_HELDOUT_GROUP = 4         # bigger groups (formulaic verses) go to train
 SEED = "bible-es-en-v1"
-XZ_PRESET = 9
+MIN_RATIO, MAX_RATIO = 0.5, 2.0   # allowed es/en length ratio (chars)
+MARGIN = 0.1                      # see misaligned()
+FILL_GAP = 4                      # see misaligned()
+XZ_PRESET = 9 | lzma.PRESET_EXTREME
 
 # The 66 books both modules share; the English module also has the
 # deuterocanon, which the Spanish one lacks, so those books are never fetched.
@@ -210,6 +217,9 @@ def recase_opening(text, cased):
     return text[:m.start()] + new + text[m.end():]
 
 
+# The WEB module appends its glossary to the last verse of Revelation.
+APPENDIX = re.compile(r"\s*The following words used in the World English "
+                      r"Bible\b.*$")
 SUBSCRIPTION = re.compile(r"(Amén\.)\s+[^.]*\b(escrita|enviada)\b.*$",
                           re.IGNORECASE)
 
@@ -218,6 +228,8 @@ def clean_all(raw, lang):
     texts = {ref: clean_markup(t) for ref, t in raw.items()}
     vocab = vocabulary(texts.values())
     out = {ref: fix_text(unglue(t, lang, vocab)) for ref, t in texts.items()}
+    if lang == "en":
+        out = {ref: APPENDIX.sub("", t) for ref, t in out.items()}
     if lang == "es":
         cased = collections.defaultdict(collections.Counter)
         for text in out.values():
@@ -257,7 +269,7 @@ def misnumbered_chapters(es, en):
             if has_es != has_en:
                 bad.update({(book, c), (book, c + 1)})
                 break
-    return bad
+    return bad & set(by_chapter)
 
 
 def align(es, en):
@@ -266,6 +278,61 @@ def align(es, en):
     refs = sorted((r for r in es if es[r] and en.get(r) and r[:2] not in bad),
                   key=lambda r: (order[r[0]], r[1], r[2]))
     return [(r, es[r], en[r]) for r in refs], bad
+
+
+def content_words(texts):
+    """Per text, its lower-cased words that are neither rare nor frequent."""
+    sets = [{w.lower() for w in re.findall(rf"{LETTER}+", t)} for t in texts]
+    df = collections.Counter(w for s in sets for w in s)
+    return [[w for w in s if 2 <= df[w] <= len(sets) / 20] for s in sets], df
+
+
+def misaligned(pairs):
+    """Set of refs whose two sides probably do not translate each other.
+
+    Some verse-numbering differences leave no empty verse behind (a verse
+    split differently, two verses swapped).  Two signals catch them:
+      * the length ratio of the two sides is far from the usual ~1;
+      * a word-association score (Dice coefficient of verse co-occurrence,
+        learnt from the corpus itself) says that a neighbouring verse of
+        the other language matches better than the verse's own partner.
+    Flagged verses are dropped with their neighbours, and so is everything
+    between two flagged verses of a chapter that are close together."""
+    es, df_es = content_words(p[1] for p in pairs)
+    en, df_en = content_words(p[2] for p in pairs)
+    co = collections.Counter()
+    for a, b in zip(es, en):
+        co.update(itertools.product(a, b))
+
+    def dice(x, y):
+        c = co.get((x, y))
+        return 2 * c / (df_es[x] + df_en[y]) if c else 0.0
+
+    def score(a, b):
+        if not a or not b:
+            return 0.0
+        return (sum(max(dice(x, y) for y in b) for x in a) / len(a) +
+                sum(max(dice(x, y) for x in a) for y in b) / len(b)) / 2
+
+    index = {p[0]: i for i, p in enumerate(pairs)}
+    flagged = collections.defaultdict(list)      # chapter -> verse numbers
+    for i, ((book, c, v), src, tgt) in enumerate(pairs):
+        bad = not MIN_RATIO <= len(src) / len(tgt) <= MAX_RATIO
+        own = score(es[i], en[i])
+        for j in (index.get((book, c, v - 1)), index.get((book, c, v + 1))):
+            if j is not None and max(score(es[i], en[j]),
+                                     score(es[j], en[i])) > own + MARGIN:
+                bad = True
+        if bad:
+            flagged[book, c].append(v)
+    drop = set()
+    for (book, c), verses in flagged.items():
+        for v in verses:
+            drop.update((book, c, v + d) for d in (-1, 0, 1))
+        for a, b in zip(verses, verses[1:]):
+            if b - a <= FILL_GAP:
+                drop.update((book, c, x) for x in range(a, b))
+    return drop
 
 
 # --------------------------------------------------------------------- split
@@ -320,7 +387,7 @@ def split_pairs(pairs):
 def write_xz(path, lines):
     data = "".join(line + "\n" for line in lines).encode("utf-8")
     packed = lzma.compress(data, format=lzma.FORMAT_XZ,
-                           check=lzma.CHECK_CRC64, preset=XZ_PRESET | lzma.PRESET_EXTREME)
+                           check=lzma.CHECK_CRC64, preset=XZ_PRESET)
     with open(path + ".tmp", "wb") as f:
         f.write(packed)
     os.replace(path + ".tmp", path)
@@ -332,28 +399,32 @@ def read_xz(path):
 
 
 def check(out_dir):
-    """Verify the written corpus; raise AssertionError on any problem."""
+    """Verify the written corpus; exit with a message on any problem."""
+    def require(ok, message):
+        if not ok:
+            sys.exit(f"check failed: {message}")
+
     seen = {"es": {}, "en": {}}
     counts = {}
     for split in SPLITS:
         es = read_xz(os.path.join(out_dir, f"{split}.es.xz"))
         en = read_xz(os.path.join(out_dir, f"{split}.en.xz"))
-        assert len(es) == len(en), f"{split}: {len(es)} es vs {len(en)} en"
-        assert len(es) == len(set(zip(es, en))), f"{split}: duplicate pairs"
+        require(len(es) == len(en), f"{split}: {len(es)} es vs {len(en)} en")
+        require(len(es) == len(set(zip(es, en))), f"{split}: duplicate pairs")
         for lang, lines in (("es", es), ("en", en)):
             for n, line in enumerate(lines, 1):
-                assert line.strip() == line and line, \
-                    f"{split}.{lang}:{n}: empty or untrimmed line"
-                assert not re.search(r"[<>\x00-\x1f]", line), \
-                    f"{split}.{lang}:{n}: markup left: {line!r}"
-                key = sentence_key(line)
-                other = seen[lang].setdefault(key, split)
-                assert other == split, \
-                    f"{lang} sentence in both {other} and {split}: {line!r}"
+                where = f"{split}.{lang} line {n}"
+                require(line and line.strip() == line,
+                        f"{where}: empty or untrimmed")
+                require(not re.search(r"[<>\x00-\x1f]", line),
+                        f"{where}: markup left: {line!r}")
+                other = seen[lang].setdefault(sentence_key(line), split)
+                require(other == split,
+                        f"{where}: sentence also in {other}: {line!r}")
         counts[split] = len(es)
     total = sum(os.path.getsize(os.path.join(out_dir, f))
                 for f in os.listdir(out_dir) if f.endswith(".xz"))
-    assert total < 2 * 1024 * 1024, f"corpus too big: {total} bytes"
+    require(total < 2 * 1024 * 1024, f"corpus too big: {total} bytes")
     return counts, total
 
 
@@ -384,13 +455,18 @@ Both texts are in the public domain, and so is this derived corpus.
 
 ## How it was made
 
-`../build_corpus.py` exports the 66 books both texts share with `diatheke`,
-aligns them by book/chapter/verse, cleans the text (markup, lost spaces,
-chapter-initial capitals, epistle subscriptions), drops verses empty in
-either text and chapters whose verse numbering differs between the two
-editions ({dropped} chapters), removes duplicate pairs, and splits
-deterministically by verse: identical sentences (on either side) always
-fall in the same split.  Regenerate (byte-identical) with:
+`../build_corpus.py` exports the 66 books both texts share with `diatheke`
+(OSIS output, one call per book and per psalm), aligns them by
+book/chapter/verse and cleans the text: markup and Strong's numbers removed,
+spaces lost between words restored, chapter-initial capitals of the Spanish
+lowered, the Spanish epistle subscriptions and the English glossary
+removed, psalm titles kept on both sides.  It then drops verses empty in
+either text, the {dropped} chapters whose verse numbering differs between
+the two editions, and {suspect} verses that look misaligned (odd length
+ratio, or a neighbouring verse matches better), removes duplicate pairs,
+and splits by verse with a seeded hash: identical sentences (on either
+side) always fall in the same split.  Regenerate (byte-identical, given the
+same Debian packages) with:
 
     apt-get install diatheke sword-text-sparv sword-text-web
     python examples/bible_es_en/build_corpus.py
@@ -400,16 +476,19 @@ and extract to plain text with `python examples/bible_es_en/corpus.py DIR`.
 
 
 def module_version(module):
-    conf = f"/usr/share/sword/mods.d/{module.lower()}.conf"
+    """The module's Version= from its SWORD .conf file, if it can be read."""
+    confs = "/usr/share/sword/mods.d"
     try:
-        with open(conf, encoding="utf-8") as f:
-            m = re.search(r"^Version=(.*)$", f.read(), re.M)
-        return m[1].strip() if m else "unknown"
-    except OSError:
-        return "unknown"
+        for name in sorted(os.listdir(confs)):
+            if name.lower() == module.lower() + ".conf":
+                with open(os.path.join(confs, name), encoding="utf-8") as f:
+                    return re.search(r"^Version=(.*)$", f.read(), re.M)[1]
+    except (OSError, TypeError):
+        pass
+    return "unknown"
 
 
-def write_corpus(out_dir, splits, dropped):
+def write_corpus(out_dir, splits, dropped, suspect):
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -424,7 +503,7 @@ def write_corpus(out_dir, splits, dropped):
     size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
     with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
         f.write(README.format(table="\n".join(rows), size=size,
-                              dropped=len(dropped),
+                              dropped=len(dropped), suspect=suspect,
                               es_ver=module_version(MODULES["es"]),
                               en_ver=module_version(MODULES["en"])))
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -441,15 +520,19 @@ def main():
         check_modules()
         es, en = clean_all(fetch("es"), "es"), clean_all(fetch("en"), "en")
         pairs, dropped = align(es, en)
+        suspect = misaligned(pairs) & {p[0] for p in pairs}
         unique, seen = [], set()
         for pair in pairs:
+            if pair[0] in suspect:
+                continue
             if pair[1:] not in seen:
                 seen.add(pair[1:])
                 unique.append(pair)
         print(f"{len(es)} es / {len(en)} en verses, {len(pairs)} aligned, "
-              f"{len(unique)} after dedup; dropped chapters: "
+              f"{len(suspect)} look misaligned, "
+              f"{len(unique)} kept; dropped chapters: "
               f"{', '.join(f'{b} {c}' for b, c in sorted(dropped))}")
-        write_corpus(args.out, split_pairs(unique), dropped)
+        write_corpus(args.out, split_pairs(unique), dropped, len(suspect))
     counts, total = check(args.out)
     print(f"ok: {counts}, {total} bytes compressed")
 

@@ -1,0 +1,278 @@
+"""The phase-1 model in process: bookkeeping, caching, precision, teacher formats, errors."""
+
+import argparse
+import shutil
+
+import pytest
+import torch
+from conftest import build_wd, translation_task
+from fairseq import options
+
+from wd_fairseq.generator import (
+    ElementwiseGenerator,
+    MatrixGenerator,
+    TableGenerator,
+    VectorGenerator,
+)
+from wd_fairseq.model import WDTransformerModel
+from wd_fairseq.parametrization import GeneratedTensor
+from wd_fairseq.teacher import WDSetupError
+
+STUDENT = dict(encoder_layers=2, decoder_layers=1, decoder_embed_dim=16,
+               decoder_ffn_embed_dim=24, decoder_attention_heads=2)
+
+
+def batch(model, seed=0, bsz=3):
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.encoder.embed_tokens.num_embeddings
+    src = torch.randint(4, vocab, (bsz, 6), generator=g)
+    prev = torch.randint(4, vocab, (bsz, 5), generator=g)
+    return src, torch.full((bsz,), 6), prev
+
+
+def student_logits(model, seed=0):
+    src, lengths, prev = batch(model, seed)
+    return model(src, lengths, prev)[0]
+
+
+@pytest.fixture(scope="module")
+def wd(data_bin, postnorm_teacher):
+    torch.manual_seed(1)
+    return build_wd(data_bin, postnorm_teacher, **STUDENT)
+
+
+def test_every_student_tensor_is_generated_and_only_generators_train(wd):
+    trainable = {id(p) for p in wd.parameters() if p.requires_grad}
+    generator_params = {id(p) for _, _, g in wd.generated_tensors() for p in g.generator.parameters()}
+    assert trainable == generator_params
+    assert not any(p.requires_grad for p in wd.teacher.parameters())
+    for name, p in wd.named_parameters():
+        if name.endswith(".original"):
+            assert p.numel() == 0 and not p.requires_grad  # no student copy is stored
+    # Every stock key of the student has a value, and every value comes from a generator.
+    stock = wd.student_state_dict()
+    generated = {f"{n}.{t}" for n, m in wd.named_modules() for t in getattr(m, "parametrizations", {})}
+    assert {k for k in stock if k.endswith(("weight", "bias"))} <= generated
+
+
+def test_generator_kinds_follow_shapes_and_groups(wd):
+    kinds = {}
+    for module, name, g in wd.generated_tensors():
+        path = next(n for n, m in wd.named_modules() if m is module)
+        kinds[f"{path}.{name}"] = (type(g.generator), g.sources)
+    # encoder layer 0 <- teacher layer 0 (group of one, same shape): element-wise
+    assert kinds["encoder.layers.0.fc1.weight"] == (ElementwiseGenerator, ["encoder.layers.0.fc1.weight"])
+    # encoder layer 1 <- teacher layers 1, 2 (3 layers into 2 groups): full generator
+    assert kinds["encoder.layers.1.fc1.weight"] == (
+        MatrixGenerator, ["encoder.layers.1.fc1.weight", "encoder.layers.2.fc1.weight"])
+    # decoder: 1 layer from all 3, narrower
+    typ, sources = kinds["decoder.layers.0.encoder_attn.k_proj.weight"]
+    assert typ is MatrixGenerator and len(sources) == 3
+    assert kinds["decoder.layers.0.self_attn_layer_norm.weight"][0] is VectorGenerator
+    assert kinds["decoder.embed_tokens.weight"][0] is TableGenerator
+    assert kinds["encoder.embed_tokens.weight"][0] is TableGenerator
+    # cross-attention k/v read the encoder output: input width d_E = 32, output d_S = 16
+    k_gen = wd.decoder.layers[0].encoder_attn.k_proj.parametrizations.weight[0].generator
+    assert k_gen.in_proj.shape == (32, 32) and k_gen.out_proj.shape == (32, 16)
+    assert wd.decoder.layers[0].encoder_attn.k_proj.weight.shape == (16, 32)
+
+
+def test_teacher_is_frozen_and_unchanged_by_training(data_bin, postnorm_teacher):
+    torch.manual_seed(0)
+    model = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    before_teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    before_student = {k: v.clone() for k, v in model.student_state_dict().items()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(3):
+        optimizer.zero_grad()
+        student_logits(model, seed=step).logsumexp(-1).mean().backward()
+        assert all(p.grad is None for p in model.teacher.parameters())
+        optimizer.step()
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, before_teacher[k]), k
+    after = model.student_state_dict()
+    changed = [k for k in after if after[k].dtype.is_floating_point and not torch.equal(after[k], before_student[k])]
+    assert "decoder.layers.0.fc1.weight" in changed and "encoder.embed_tokens.weight" in changed
+
+
+def count_generator_calls(model):
+    calls = []
+    for _, _, g in model.generated_tensors():
+        g.generator.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_eval_mode_caches_generated_weights_and_never_goes_stale(data_bin, postnorm_teacher):
+    torch.manual_seed(0)
+    model = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    n = len(list(model.generated_tensors()))
+    calls = count_generator_calls(model)
+    model.eval()
+    with torch.no_grad():
+        first = student_logits(model)
+        assert len(calls) == n  # each generator ran once
+        for _ in range(3):
+            student_logits(model)
+        assert len(calls) == n  # ... and never again
+    # An in-place update of a generator parameter (as an optimizer step does).
+    gen = model.decoder.layers[0].fc1.parametrizations.weight[0].generator
+    with torch.no_grad():
+        gen.shift.add_(0.5)
+        changed = student_logits(model)
+    assert not torch.allclose(first, changed)
+    reference = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(changed, student_logits(reference))
+        # Loading a state dict refreshes the cache too.
+        model.load_state_dict(build_wd(data_bin, postnorm_teacher, **STUDENT).state_dict())
+        assert not torch.allclose(changed, student_logits(model))
+    # Training mode never uses the cache.
+    model.train()
+    calls.clear()
+    student_logits(model)
+    assert len(calls) == n - 2  # all but the two token tables, which generate only rows
+
+
+def test_training_generates_only_the_embedding_rows_in_the_batch(data_bin, postnorm_teacher, monkeypatch):
+    torch.manual_seed(0)
+    model = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    sizes = []
+    original_rows = TableGenerator.rows
+    monkeypatch.setattr(TableGenerator, "rows", lambda self, table, index=None: (
+        sizes.append(None if index is None else len(index)), original_rows(self, table, index))[1])
+    model.train()
+    src, lengths, prev = batch(model)
+    out = model.encoder.embed_tokens(src)
+    assert sizes == [len(torch.unique(src))] and sizes[0] < model.encoder.embed_tokens.num_embeddings
+    torch.testing.assert_close(out, torch.nn.functional.embedding(src, model.encoder.embed_tokens.weight))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
+def test_half_precision_model_matches_fp32(wd, dtype, tol):
+    model = build_wd_copy(wd)
+    model.eval()
+    with torch.no_grad():
+        reference = model.get_normalized_probs((student_logits(model), None), log_probs=False)
+        model.to(dtype)
+        low = model.get_normalized_probs((student_logits(model), None), log_probs=False)
+    assert low.dtype == torch.float32 or low.dtype == dtype
+    assert torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), reference, rtol=0, atol=tol)
+
+
+def build_wd_copy(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+def test_old_fused_in_proj_teacher_loads_like_the_modern_one(data_bin, postnorm_teacher, tmp_path):
+    state = torch.load(postnorm_teacher, weights_only=True)
+    model = state["model"]
+    for key in [k for k in model if k.endswith("q_proj.weight")]:
+        prefix = key[: -len("q_proj.weight")]
+        for what in ("weight", "bias"):
+            parts = [model.pop(f"{prefix}{p}_proj.{what}") for p in ("q", "k", "v")]
+            model[f"{prefix}in_proj_{what}"] = torch.cat(parts)
+    old = tmp_path / "old_teacher.pt"
+    torch.save(state, old)
+    a = build_wd(data_bin, postnorm_teacher, **STUDENT).teacher.state_dict()
+    b = build_wd(data_bin, old, **STUDENT).teacher.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_presets_set_the_authors_students_and_flags_override():
+    import wd_fairseq  # noqa: F401
+
+    def parse(*argv):
+        parser = options.get_training_parser()
+        return options.parse_args_and_arch(parser, ["data", *argv])
+
+    stu1 = parse("--arch", "wd_transformer_stu1", "--teacher-path", "t.pt")
+    assert (stu1.decoder_layers, stu1.decoder_embed_dim, stu1.decoder_ffn_embed_dim,
+            stu1.decoder_attention_heads) == (1, 256, 1024, 8)
+    assert getattr(stu1, "encoder_layers", None) is None  # the teacher's
+    stu2 = parse("--arch", "wd_transformer_stu2", "--teacher-path", "t.pt", "--decoder-layers", "3")
+    assert (stu2.decoder_layers, stu2.decoder_embed_dim) == (3, 512)
+    base = parse("--arch", "wd_transformer", "--teacher-path", "t.pt")
+    assert getattr(base, "decoder_layers", None) is None
+
+
+# -- clear errors -----------------------------------------------------------------
+
+
+def test_error_missing_teacher(data_bin, tmp_path):
+    with pytest.raises(WDSetupError, match=r"--teacher-path .*missing\.pt: no such file\. Fix"):
+        build_wd(data_bin, tmp_path / "missing.pt")
+
+
+def test_error_truncated_teacher(data_bin, postnorm_teacher, tmp_path):
+    broken = tmp_path / "truncated.pt"
+    broken.write_bytes(postnorm_teacher.read_bytes()[:5000])
+    with pytest.raises(WDSetupError, match=r"truncated\.pt: cannot be read as a fairseq checkpoint.*Fix"):
+        build_wd(data_bin, broken)
+
+
+def test_error_checkpoint_with_unsafe_objects(data_bin, tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": shutil.copytree}, evil)
+    with pytest.raises(WDSetupError, match=r"evil\.pt: holds a Python object \(shutil\.copytree\) that safe loading.*refuses.*Fix"):
+        build_wd(data_bin, evil)
+
+
+def test_error_not_a_translation_transformer(data_bin, postnorm_teacher, tmp_path):
+    state = torch.load(postnorm_teacher, weights_only=True)
+    state["cfg"]["model"].arch = "transformer_lm"
+    state["cfg"]["model"]._name = "transformer_lm"
+    lm = tmp_path / "lm.pt"
+    torch.save(state, lm)
+    with pytest.raises(WDSetupError, match=r"lm\.pt: arch 'transformer_lm' is not a fairseq translation Transformer.*Fix"):
+        build_wd(data_bin, lm)
+
+
+def test_error_teacher_vocabulary_size_differs(joined_data_bin, postnorm_teacher):
+    with pytest.raises(WDSetupError, match=r"source vocabulary has \d+ entries but the data's source dictionary has \d+.*--srcdict"):
+        build_wd(joined_data_bin, postnorm_teacher)
+
+
+def test_error_teacher_dictionary_symbols_differ(data_bin, postnorm_teacher, tmp_path):
+    other = tmp_path / "data-bin"
+    shutil.copytree(data_bin, other)
+    lines = (other / "dict.tgt.txt").read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]
+    (other / "dict.tgt.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(WDSetupError, match=r"dict\.tgt\.txt, which differs from the data's target dictionary.*--tgtdict"):
+        build_wd(other, postnorm_teacher)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(decoder_attention_heads=3), r"--decoder-attention-heads 3 does not divide --decoder-embed-dim 32"),
+    (dict(encoder_layers=4), r"--encoder-layers 4: a WD student needs between 1 and the teacher's 3"),
+    (dict(decoder_layers=0), r"--decoder-layers 0: a WD student needs between 1"),
+    (dict(share_all_embeddings=True, decoder_embed_dim=16, decoder_attention_heads=2),
+     r"--share-all-embeddings needs equal student widths"),
+])
+def test_error_impossible_student_shapes(joined_data_bin, shared_teacher, flags, message):
+    with pytest.raises(WDSetupError, match=message):
+        build_wd(joined_data_bin, shared_teacher, **flags)
+
+
+def test_shared_teacher_and_student_tables(joined_data_bin, shared_teacher):
+    torch.manual_seed(0)
+    model = build_wd(joined_data_bin, shared_teacher, share_all_embeddings=True, decoder_layers=1)
+    assert model.encoder.embed_tokens is model.decoder.embed_tokens
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder.output_projection.weight, model.decoder.embed_tokens.weight)
+    state = model.student_state_dict()
+    assert torch.equal(state["encoder.embed_tokens.weight"], state["decoder.output_projection.weight"])
+    # The teacher's one shared table is stored once.
+    teacher = model.teacher
+    assert teacher.encoder.embed_tokens.weight is teacher.decoder.output_projection.weight
+    assert isinstance(model.decoder.embed_tokens.parametrizations.weight[0], GeneratedTensor)
+    assert isinstance(model, WDTransformerModel)
+    assert isinstance(argparse.Namespace(**model.student_args), argparse.Namespace)
