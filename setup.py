@@ -33,10 +33,15 @@ setup(
         "subword-nmt==0.3.8",
         "sacremoses==0.2.0",
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={
+        # ctranslate2 is in "test" too: tests/test_ctranslate2.py runs the export.
+        "test": ["pytest==9.2.0", "ctranslate2==4.8.5"],
+        "deploy": ["ctranslate2==4.8.5"],
+    },
     entry_points={
         "console_scripts": [
             "wd-materialize = wd_fairseq.materialize:cli_main",
+            "wd-export-ct2 = wd_fairseq.export_ctranslate2:cli_main",
             "wd-kd-data = wd_fairseq.kd_data:cli_main",
             "wd-evaluate = wd_fairseq.evaluation:cli_main",
         ],

@@ -1,4 +1,4 @@
-"""``wd-kd-data DATA --teacher TEACHER.pt``: sequence-level KD data (WD_SPEC sections 1, 7).
+"""``wd-kd-data DATA --teacher-path TEACHER.pt``: sequence-level KD data (WD_SPEC sections 1, 7).
 
 Decodes the source side of a data-bin's training split with the teacher through
 fairseq's ``SequenceGenerator`` (beam 6, length penalty 1.0, top-1 hypothesis,
@@ -326,7 +326,7 @@ def cli_main(argv=None):
         "train1, which fairseq-train concatenates with train.",
     )
     parser.add_argument("data", metavar="DATA", help="fairseq data-bin (fairseq-preprocess output)")
-    parser.add_argument("--teacher", required=True, metavar="TEACHER.pt",
+    parser.add_argument("--teacher-path", required=True, metavar="TEACHER.pt",
                         help="stock fairseq Transformer checkpoint (e.g. an average of the last 5)")
     parser.add_argument("--source-lang", "-s", help="default: inferred from the data-bin")
     parser.add_argument("--target-lang", "-t", help="default: inferred from the data-bin")
@@ -349,10 +349,10 @@ def cli_main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing out split")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        level=logging.INFO, stream=sys.stdout)
+                        level=logging.INFO, stream=sys.stdout, force=True)
     try:
         build_kd_split(
-            args.data, args.teacher, args.source_lang, args.target_lang, args.split,
+            args.data, args.teacher_path, args.source_lang, args.target_lang, args.split,
             args.out_split, args.beam, args.lenpen, args.max_len_a, args.max_len_b,
             args.max_tokens, args.batch_size, args.save_every, args.fp16, args.cpu,
             args.overwrite,

@@ -197,14 +197,13 @@ class WDTransformerModel(TransformerModel):
             teacher_config = _teacher_config_from_resume(cfg)
         if teacher_config is not None:
             # From a checkpoint: teacher weights come with the state dict.
-            teacher_args = json.loads(teacher_config)
-            teacher, teacher_args = build_teacher(teacher_args, task)
+            teacher, teacher_args = build_teacher(json.loads(teacher_config), task)
             loaded = False
         else:
             teacher, teacher_args = load_teacher(path, task)
-            teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
             loaded = True
-            _record_teacher_config(cfg, json.dumps(teacher_args, sort_keys=True))
+        teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
+        _record_teacher_config(cfg, json.dumps(teacher_args, sort_keys=True))
         args = student_args(cfg, teacher_args, task)
         model = super().build_model(argparse.Namespace(**args), task)
         model.student_args = args

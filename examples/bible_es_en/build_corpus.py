@@ -82,7 +82,7 @@ Revelation of John""".replace("\n", "").split("|")
 PAULINE = set(BOOKS[BOOKS.index("Romans"):BOOKS.index("Hebrews") + 1])
 
 # Spanish object pronouns written joined to the verb ("díjole", "sácalo").
-CLITICS = {"lo", "la", "los", "las", "le", "les", "me", "te", "se", "nos", "os"}
+CLITICS = set("lo la los las le les me te se nos os".split())
 LETTER = r"[^\W\d_]"
 GLUE = "\x00"                 # marks a place where a tag touched a letter
 
@@ -114,7 +114,8 @@ def parse(output, book):
     for line in output.splitlines():
         m = ref.search(line)
         if m:
-            yield int(m[1]), int(m[2]), line[:m.start()].strip(), line[m.end():]
+            heading, text = line[:m.start()].strip(), line[m.end():]
+            yield int(m[1]), int(m[2]), heading, text
 
 
 def fetch_book(module, book):

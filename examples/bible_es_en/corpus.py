@@ -29,7 +29,8 @@ def extract(out_dir, corpus_dir=CORPUS):
             path = os.path.join(out_dir, name)
             with lzma.open(os.path.join(corpus_dir, name + ".xz")) as f:
                 data = f.read()
-            if not (os.path.isfile(path) and os.path.getsize(path) == len(data)):
+            done = os.path.isfile(path) and os.path.getsize(path) == len(data)
+            if not done:
                 fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
                 try:
                     with os.fdopen(fd, "wb") as f:

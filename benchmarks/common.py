@@ -1,0 +1,273 @@
+"""Shared helpers of the benchmark scripts in this directory.
+
+Assets of the authors' size are built once per work directory (default
+``work/bench`` at the repository root) through the real command-line tools, and
+reused by every script:
+
+- ``data/``: a fake BPE vocabulary of 32,000 symbols (32,004 entries with fairseq's
+  specials, separate source and target dictionaries as the authors') and random
+  sentences of 10-40 tokens: ``train`` (512), ``valid`` (the quick test set, 48) and
+  ``test`` (the full test set, 480);
+- ``teacher.pt``: ``fairseq-train --arch transformer_wmt_en_de`` (6+6 layers x 512 /
+  2048 / 8 heads, post-norm) after one update: random weights, real checkpoint;
+- ``phase1-stuN.pt``: ``fairseq-train --arch wd_transformer_stuN`` after one update;
+- ``stuN.pt``: ``wd-materialize`` of it; ``ct2-NAME-QUANT/``: ``wd-export-ct2`` of a
+  stock checkpoint.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+USER_DIR = REPO / "wd_fairseq"
+BIN = Path(sys.executable).parent
+
+VOCAB = 32000
+SPLITS = {"train": 512, "valid": 48, "test": 480}
+STUDENTS = {"stu1": "wd_transformer_stu1", "stu2": "wd_transformer_stu2"}
+#: One update of the authors' optimiser set-up: only the checkpoint format matters.
+TRAIN_FLAGS = [
+    "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "7e-4",
+    "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000", "--warmup-init-lr", "1e-7",
+    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+    "--max-tokens", "1024", "--max-update", "1", "--seed", "1", "--cpu",
+    "--disable-validation", "--no-save-optimizer-state", "--no-epoch-checkpoints",
+    "--no-progress-bar", "--num-workers", "0", "--required-batch-size-multiple", "1",
+]
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark cannot run: the message says which command or file, and the fix."""
+
+
+@dataclass
+class Run:
+    """A finished command: wall seconds, peak resident memory (MiB) and output."""
+
+    seconds: float
+    peak_rss_mib: float
+    stdout: str
+    stderr: str
+
+
+def run(cmd: Sequence, env: Optional[Dict[str, str]] = None) -> Run:
+    """Run a command of this environment; measure its wall time and peak RSS
+    (``wait4`` rusage of that child alone)."""
+    cmd = [str(c) for c in cmd]
+    if not os.path.isabs(cmd[0]) and (BIN / cmd[0]).exists():
+        cmd[0] = str(BIN / cmd[0])
+    full_env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    full_env.update(env or {})
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = Run(seconds, usage.ru_maxrss / 1024, out.read(), err.read())
+    if proc.returncode != 0:
+        raise BenchmarkError(
+            f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
+            f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller settings that finish in about 1-2 minutes on 2 CPU cores "
+                        "(once the shared assets exist)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda (with fp16) when a GPU is visible, else cpu")
+    parser.add_argument("--workdir", type=Path, default=REPO / "work" / "bench",
+                        help="where shared assets and results go (default: work/bench)")
+    parser.add_argument("--output", type=Path,
+                        help="JSON results (default: WORKDIR/results/NAME[-quick].json)")
+    return parser
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda: torch sees no GPU. Fix: use --device cpu")
+    return name
+
+
+def fairseq_device_flags(device: str) -> List[str]:
+    """CPU runs fp32 (``--cpu``); a GPU runs fp16 (``--fp16``)."""
+    return ["--cpu"] if device == "cpu" else ["--fp16"]
+
+
+def environment(device: str) -> dict:
+    """What the numbers depend on."""
+    import fairseq
+    import torch
+
+    info = {
+        "device": device,
+        "precision": "fp32" if device == "cpu" else "fp16",
+        "torch": torch.__version__,
+        "fairseq": fairseq.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_results(args, name: str, results: dict) -> Path:
+    """Write ``results`` as JSON (atomically) and return the path."""
+    path = args.output or args.workdir / "results" / f"{name}{'-quick' if args.quick else ''}.json"
+    _write_atomic(Path(path), lambda f: json.dump(results, f, indent=2, sort_keys=False))
+    return Path(path)
+
+
+def print_table(rows: List[dict], columns: List[str]) -> None:
+    """A Markdown table of ``rows`` (floats with 3 significant decimals)."""
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\n".join(lines))
+
+
+def mib(path: Path) -> float:
+    """Size of a file, or of all files under a directory, in MiB."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+    return path.stat().st_size / 2**20
+
+
+class Assets:
+    """Builds (once, atomically) and returns the shared assets of ``workdir``."""
+
+    def __init__(self, workdir: Path):
+        self.root = Path(workdir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _log(self, what: str) -> None:
+        print(f"[assets] building {what} (once; reused from {self.root})", flush=True)
+
+    def data(self) -> Path:
+        """The data-bin: 32k-symbol dictionaries, random sentences."""
+        dest = self.root / "data"
+        if dest.is_dir():
+            return dest
+        self._log("data-bin with a 32k vocabulary")
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            tmp = Path(tmp)
+            words = [f"w{i}" for i in range(VOCAB)]
+            (tmp / "dict.txt").write_text("".join(f"{w} {VOCAB - i}\n" for i, w in enumerate(words)))
+            rng = random.Random(1)
+            for split, n in SPLITS.items():
+                for lang in ("src", "tgt"):
+                    lines = (" ".join(rng.choices(words, k=rng.randint(10, 40))) for _ in range(n))
+                    (tmp / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+            run(["fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
+                 "--trainpref", tmp / "train", "--validpref", tmp / "valid",
+                 "--testpref", tmp / "test", "--srcdict", tmp / "dict.txt",
+                 "--tgtdict", tmp / "dict.txt", "--destdir", tmp / "bin", "--workers", "1"])
+            os.replace(tmp / "bin", dest)
+        return dest
+
+    def _train(self, name: str, *flags) -> Path:
+        """One ``fairseq-train`` update; keep its checkpoint as ``name``."""
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            run(["fairseq-train", self.data(), *flags, *TRAIN_FLAGS, "--save-dir", tmp])
+            os.replace(Path(tmp) / "checkpoint_last.pt", self.root / name)
+        return self.root / name
+
+    def teacher(self) -> Path:
+        path = self.root / "teacher.pt"
+        if not path.exists():
+            self._log("the teacher (transformer_wmt_en_de, random weights)")
+            self._train(path.name, "--arch", "transformer_wmt_en_de")
+        return path
+
+    def phase1(self, student: str) -> Path:
+        path = self.root / f"phase1-{student}.pt"
+        if not path.exists():
+            teacher = self.teacher()
+            self._log(f"the phase-1 WD model {STUDENTS[student]}")
+            self._train(path.name, "--user-dir", USER_DIR, "--arch", STUDENTS[student],
+                        "--teacher-path", teacher)
+        return path
+
+    def student(self, student: str) -> Path:
+        path = self.root / f"{student}.pt"
+        if not path.exists():
+            phase1 = self.phase1(student)
+            self._log(f"the materialised {student}")
+            run(["wd-materialize", phase1, path])  # writes atomically
+        return path
+
+    def stock(self, name: str) -> Path:
+        """``teacher`` or a materialised student."""
+        return self.teacher() if name == "teacher" else self.student(name)
+
+    def ct2(self, name: str, quantization: str) -> Path:
+        path = self.root / f"ct2-{name}-{quantization}"
+        if not path.exists():
+            checkpoint = self.stock(name)
+            self._log(f"the CTranslate2 export of {name} ({quantization})")
+            run(["wd-export-ct2", checkpoint, path, "--quantization", quantization,
+                 "--data", self.data()])  # writes atomically
+        return path
+
+
+def read_split(data_dir: Path, split: str, lang: str) -> List[List[str]]:
+    """Token lists of a binarised split, in corpus order (for CTranslate2)."""
+    from fairseq.data import Dictionary, data_utils
+
+    dictionary = Dictionary.load(str(data_dir / f"dict.{lang}.txt"))
+    dataset = data_utils.load_indexed_dataset(
+        str(data_dir / f"{split}.src-tgt.{lang}"), dictionary, "mmap"
+    )
+    return [dictionary.string(dataset[i]).split() for i in range(len(dataset))]
+
+
+def generation_seconds(log: str) -> Dict[str, float]:
+    """Parse fairseq-generate's ``Translated N sentences (T tokens) in Xs`` line."""
+    for line in log.splitlines():
+        if "fairseq_cli.generate" in line and "Translated" in line:
+            words = line.split("Translated", 1)[1].replace("(", " ").split()
+            return {"sentences": int(words[0]), "tokens": int(words[2]),
+                    "seconds": float(words[5].rstrip("s"))}
+    raise BenchmarkError("fairseq-generate printed no 'Translated ...' line:\n" + log[-3000:])
+

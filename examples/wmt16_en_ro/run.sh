@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# WMT16 English->Romanian: the whole WD pipeline (../recipes/pipeline.sh documents every
+# stage and setting; any of them can be overridden from the environment).
+#
+#   examples/wmt16_en_ro/run.sh                 # all stages, in $WORK (default ./wmt16_en_ro)
+#   examples/wmt16_en_ro/run.sh teacher         # one stage (resumes when run again)
+#   NUM_GPUS=2 examples/wmt16_en_ro/run.sh      # --update-freq 4 keeps 8 GPUs x 4096 tokens
+#
+# Data: Europarl v8 + SETimes2 (WMT16 training data, ~0.6M pairs), newsdev2016 (valid) and
+# newstest2016 (test), both fetched by sacrebleu. Joint BPE, separate dictionaries.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export SRC=${SRC:-en} TGT=${TGT:-ro}
+export PAIR_NAME=${PAIR_NAME:-"WMT16 En-Ro"}
+export WORK=${WORK:-$PWD/wmt16_en_ro}
+export TRAIN_URLS=${TRAIN_URLS:-"http://data.statmt.org/wmt16/translation-task/training-parallel-ep-v8.tgz https://object.pouta.csc.fi/OPUS-SETIMES/v2/moses/en-ro.txt.zip"}
+export TRAIN_PREFIXES=${TRAIN_PREFIXES:-"training-parallel-ep-v8/europarl-v8.ro-en SETIMES.en-ro"}
+export CHECKSUMS=${CHECKSUMS:-$HERE/SHA256SUMS}
+export SACREBLEU_VALID=${SACREBLEU_VALID:-wmt16/dev} SACREBLEU_TEST=${SACREBLEU_TEST:-wmt16}
+export BPE_MERGES=${BPE_MERGES:-40000} JOINT_BPE=${JOINT_BPE:-1}
+export TEACHER_UPDATES=${TEACHER_UPDATES:-50000}
+export BLEU_CONVENTION=${BLEU_CONVENTION:-moses}
+exec bash "$HERE/../recipes/pipeline.sh" "$@"

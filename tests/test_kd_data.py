@@ -1,0 +1,208 @@
+"""wd-kd-data: the teacher's beam-search translations of the training source become split
+train1 of the same data-bin, in corpus order, safely resumable, never half-visible."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import preprocess, run_cli
+
+import wd_fairseq  # noqa: F401
+from fairseq.data import Dictionary, data_utils
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from wd_fairseq import kd_data
+from wd_fairseq.kd_data import EMPTY, OK, OVERLONG, Split, build_kd_split, classify
+from wd_fairseq.teacher import WDSetupError
+
+N_TRAIN = 200
+
+
+@pytest.fixture(scope="module")
+def small_bin(raw_corpus, data_bin, tmp_path_factory):
+    """The first N_TRAIN training pairs, binarised with the teacher's dictionaries."""
+    raw = tmp_path_factory.mktemp("raw-small")
+    for split in ("train", "valid", "test"):
+        for lang in ("src", "tgt"):
+            lines = (raw_corpus / f"{split}.{lang}").read_text().splitlines()
+            (raw / f"{split}.{lang}").write_text("\n".join(lines[:N_TRAIN]) + "\n")
+    return preprocess(raw, tmp_path_factory.mktemp("bin-small"), "--srcdict",
+                      data_bin / "dict.src.txt", "--tgtdict", data_bin / "dict.tgt.txt")
+
+
+@pytest.fixture
+def data(small_bin, tmp_path):
+    return shutil.copytree(small_bin, tmp_path / "bin")
+
+
+def rows(data, split, lang):
+    dictionary = Dictionary.load(str(data / f"dict.{lang}.txt"))
+    dataset = data_utils.load_indexed_dataset(str(data / f"{split}.src-tgt.{lang}"), dictionary, "mmap")
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def load_train(data):
+    """What fairseq-train loads as 'train' (with --upsample-primary 1)."""
+    task = TranslationTask.setup_task(TranslationConfig(
+        data=str(data), source_lang="src", target_lang="tgt", train_subset="train",
+        dataset_impl="mmap", required_seq_len_multiple=1, upsample_primary=1))
+    task.load_dataset("train")
+    return task.dataset("train")
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture
+def count_batches(monkeypatch):
+    """Counts the teacher's decoding calls; ``interrupt_at(k)`` makes call k fail."""
+    state = {"calls": 0, "sentences": 0, "fail_at": None}
+    original = TranslationTask.inference_step
+
+    def inference_step(self, generator, models, sample, **kw):
+        state["calls"] += 1
+        if state["calls"] == state["fail_at"]:
+            raise Interrupt("simulated kill")
+        state["sentences"] += len(sample["id"])
+        return original(self, generator, models, sample, **kw)
+
+    monkeypatch.setattr(TranslationTask, "inference_step", inference_step)
+
+    def interrupt_at(k):
+        state.update(calls=0, sentences=0, fail_at=k)
+        return state
+
+    return interrupt_at
+
+
+def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
+    out = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu").stdout
+    assert "wrote" in out
+    for ext in ("bin", "idx"):  # source side: the original sources, byte for byte
+        assert (data / f"train1.src-tgt.src.{ext}").read_bytes() == \
+            (data / f"train.src-tgt.src.{ext}").read_bytes()
+    hyps = (data / "kd-train1" / "train1.tgt").read_text().splitlines()
+    assert len(hyps) == N_TRAIN
+    tgt_dict = Dictionary.load(str(data / "dict.tgt.txt"))
+    assert rows(data, "train1", "tgt") == [
+        tgt_dict.encode_line(h, add_if_not_exist=False).tolist() for h in hyps]
+    summary = json.loads((data / "kd-train1" / "summary.json").read_text())
+    assert summary["counts"][OK] + summary["fallback_to_reference"] == N_TRAIN
+    assert summary["manifest"]["beam"] == 6 and summary["manifest"]["lenpen"] == 1.0
+    assert not list((data / "kd-train1").glob("part-*")) and not list(data.glob(".kd-tmp*"))
+
+    # The same sentences as stock fairseq-generate (beam 6, lenpen 1, BPE kept), by id.
+    plain = shutil.copytree(data, tmp_path / "plain", ignore=shutil.ignore_patterns("train1*"))
+    gen = run_cli("fairseq-generate", plain, "--path", postnorm_teacher, "--gen-subset", "train",
+                  "--beam", "6", "--lenpen", "1.0", "--max-len-a", "2", "--max-len-b", "10",
+                  "--required-batch-size-multiple", "1", "--cpu").stdout
+    reference = {int(line.split("\t")[0][2:]): line.split("\t")[2]
+                 for line in gen.splitlines() if line.startswith("H-")}
+    assert len(reference) == N_TRAIN
+    same = sum(reference[i] == hyps[i] for i in range(N_TRAIN))
+    assert same >= 0.97 * N_TRAIN, same  # batch composition may flip near-ties
+
+    # fairseq's translation task concatenates train and train1: every source twice
+    train = load_train(data)
+    assert len(train) == 2 * N_TRAIN
+    assert train[N_TRAIN + 5]["target"].tolist() == rows(data, "train1", "tgt")[5]
+    assert train[N_TRAIN + 5]["source"].tolist() == train[5]["source"].tolist()
+
+    # Rerun: nothing to do. Other settings: refused unless --overwrite.
+    stamp = os.stat(data / "train1.src-tgt.tgt.bin").st_mtime_ns
+    assert "up to date" in run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu").stdout
+    assert os.stat(data / "train1.src-tgt.tgt.bin").st_mtime_ns == stamp
+    proc = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu", "--beam", "2",
+                   check=False)
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr
+
+
+def test_resumes_after_interrupt_and_restarts_on_new_settings(data, postnorm_teacher, tmp_path,
+                                                              count_batches):
+    clean = shutil.copytree(data, tmp_path / "clean")
+    settings = dict(batch_size=16, save_every=16, cpu=True)
+    count_batches(None)
+    build_kd_split(str(clean), str(postnorm_teacher), **settings)
+
+    state = count_batches(5)
+    with pytest.raises(Interrupt):
+        build_kd_split(str(data), str(postnorm_teacher), **settings)
+    assert state["sentences"] == 4 * 16
+    assert len(list((data / "kd-train1").glob("part-*.tsv"))) == 4
+    assert not Split(str(data), "train1", "src", "tgt").visible()
+    assert len(load_train(data)) == N_TRAIN  # fairseq does not see a partial train1
+
+    state = count_batches(None)
+    build_kd_split(str(data), str(postnorm_teacher), **settings)
+    assert state["sentences"] == N_TRAIN - 4 * 16  # only the rest was decoded
+    assert rows(data, "train1", "tgt") == rows(clean, "train1", "tgt")
+    assert (data / "kd-train1" / "train1.tgt").read_text() == \
+        (clean / "kd-train1" / "train1.tgt").read_text()
+
+    # interrupted again, then rerun with another beam: the old shards are dropped
+    fresh = shutil.copytree(tmp_path / "clean", tmp_path / "fresh",
+                            ignore=shutil.ignore_patterns("train1*", "kd-train1"))
+    count_batches(3)
+    with pytest.raises(Interrupt):
+        build_kd_split(str(fresh), str(postnorm_teacher), **settings)
+    state = count_batches(None)
+    summary = build_kd_split(str(fresh), str(postnorm_teacher), beam=2, **settings)
+    assert state["sentences"] == N_TRAIN and summary["manifest"]["beam"] == 2
+
+
+def test_interrupted_write_leaves_no_visible_split(data, postnorm_teacher, monkeypatch,
+                                                   count_batches):
+    split = Split(str(data), "train1", "src", "tgt")
+    placed, original = [], os.replace
+
+    def replace(src, dst):
+        if str(dst) in split.files():
+            if len(placed) == 2:
+                raise Interrupt("killed while renaming")
+            placed.append(dst)
+        return original(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Interrupt):
+        build_kd_split(str(data), str(postnorm_teacher), cpu=True)
+    assert placed == split.files()[:2]  # target side in place, source side not yet
+    assert not split.visible() and len(load_train(data)) == N_TRAIN
+    monkeypatch.setattr(os, "replace", original)
+
+    state = count_batches(None)
+    build_kd_split(str(data), str(postnorm_teacher), cpu=True)
+    assert state["calls"] == 0  # every sentence was already saved
+    assert split.visible() and len(load_train(data)) == 2 * N_TRAIN
+    assert not list(data.glob(".kd-tmp*"))
+
+
+def test_overlong_and_empty_hypotheses_fall_back_to_the_reference(data, postnorm_teacher):
+    # a limit of one token: every hypothesis reaches it (the generator forces EOS there)
+    summary = build_kd_split(str(data), str(postnorm_teacher), max_len_a=0, max_len_b=1, cpu=True)
+    assert summary["counts"][OVERLONG] == N_TRAIN == summary["fallback_to_reference"]
+    assert rows(data, "train1", "tgt") == rows(data, "train", "tgt")
+
+    eos = 2
+    assert classify(torch.tensor([eos]), 10) == EMPTY
+    assert classify(torch.tensor([5, 6, eos]), 3) == OK
+    assert classify(torch.tensor([5, 6, 7, eos]), 3) == OVERLONG
+
+
+def test_mismatched_line_counts_are_refused(data, postnorm_teacher):
+    for ext in ("bin", "idx"):
+        shutil.copy(data / f"valid.src-tgt.tgt.{ext}", data / f"train.src-tgt.tgt.{ext}")
+    proc = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu", check=False)
+    assert proc.returncode != 0
+    assert "train.src-tgt.src has 200 sentences" in proc.stderr
+    assert "train.src-tgt.tgt has 60" in proc.stderr and "equal line counts" in proc.stderr
+    assert not Split(str(data), "train1", "src", "tgt").visible()
+
+
+def test_missing_split_and_teacher(data, postnorm_teacher, tmp_path):
+    with pytest.raises(WDSetupError, match="fairseq-preprocess"):
+        build_kd_split(str(tmp_path), str(postnorm_teacher))
+    with pytest.raises(WDSetupError, match="--teacher-path .*no such file"):
+        build_kd_split(str(data), str(tmp_path / "missing.pt"), cpu=True)

@@ -1,0 +1,162 @@
+"""End to end through the real entry points: stock teacher -> WD phase 1 (--user-dir)
+-> wd-materialize -> stock decoding and stock phase 2, without the plugin."""
+
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TRAIN_FLAGS, USER_DIR, run_cli, translation_task
+from fairseq import checkpoint_utils
+
+STUDENT_FLAGS = [
+    "--encoder-layers", "2", "--decoder-layers", "1", "--decoder-embed-dim", "16",
+    "--decoder-ffn-embed-dim", "24", "--decoder-attention-heads", "2",
+]
+
+
+def phase1(data, teacher, save_dir, *extra, updates=16):
+    return run_cli(
+        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "wd_transformer",
+        "--teacher-path", teacher, *STUDENT_FLAGS, *TRAIN_FLAGS,
+        "--max-update", updates, "--save-dir", save_dir, *extra,
+    )
+
+
+def hypotheses(generate_output: str):
+    return sorted(line.split("\t")[2] for line in generate_output.splitlines() if line.startswith("H-"))
+
+
+def generate(data, path, *extra):
+    proc = run_cli("fairseq-generate", data, "--path", path, "--beam", "3", "--batch-size", "16",
+                   "--gen-subset", "test", *extra)
+    hyps = hypotheses(proc.stdout)
+    assert hyps and len(hyps) == proc.stdout.count("\nS-") + proc.stdout.startswith("S-")
+    return hyps
+
+
+def decoder_outputs(path, data):
+    """Log-probs of a fixed batch (fp32, eval mode), loaded as fairseq loads checkpoints."""
+    import wd_fairseq  # noqa: F401  (phase-1 checkpoints need the plugin)
+
+    task = translation_task(data)
+    overrides = {"data": str(data)}
+    [model], _ = checkpoint_utils.load_model_ensemble([str(path)], arg_overrides=overrides, task=task)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, len(task.source_dictionary), (4, 7), generator=g)
+    prev = torch.randint(4, len(task.target_dictionary), (4, 6), generator=g)
+    with torch.no_grad():
+        out = model(src, torch.full((4,), 7), prev)
+        return model.get_normalized_probs(out, log_probs=True)
+
+
+@pytest.fixture(scope="module", params=["postnorm", "prenorm", "shared"])
+def run(request, tmp_path_factory):
+    """A phase-1 run and its materialised student, for each kind of teacher."""
+    data_fixture = "joined_data_bin" if request.param == "shared" else "data_bin"
+    data = request.getfixturevalue(data_fixture)
+    teacher = request.getfixturevalue(f"{request.param}_teacher")
+    work = tmp_path_factory.mktemp(f"wd-{request.param}")
+    extra = ["--share-decoder-input-output-embed"] if request.param == "prenorm" else []
+    phase1(data, teacher, work / "phase1", *extra)
+    materialized = run_cli("wd-materialize", work / "phase1" / "checkpoint_last.pt", work / "student.pt")
+    return dict(kind=request.param, data=data, work=work, phase1=work / "phase1" / "checkpoint_last.pt",
+                student=work / "student.pt", materialize_stdout=materialized.stdout)
+
+
+def test_materialised_student_has_the_phase1_outputs(run):
+    wd = decoder_outputs(run["phase1"], run["data"])
+    stock = decoder_outputs(run["student"], run["data"])
+    assert (wd - stock).abs().max().item() <= 1e-5
+
+
+def test_stock_decoding_gives_the_phase1_hypotheses(run):
+    with_plugin = generate(run["data"], run["phase1"], "--user-dir", USER_DIR)
+    without_plugin = generate(run["data"], run["student"])
+    assert with_plugin == without_plugin
+
+
+def test_student_checkpoint_loads_with_an_empty_allow_list(run):
+    """Plain data only: loads with weights_only and no allow-list (no plugin, no env var)."""
+    code = (
+        "import sys, torch\n"
+        "torch.serialization.clear_safe_globals()\n"
+        "state = torch.load(sys.argv[1], weights_only=True)\n"
+        "assert state['cfg']['model']['arch'] == 'transformer', state['cfg']['model']\n"
+        "assert state['cfg']['common']['user_dir'] is None\n"
+        "assert not any('parametrizations' in k or k.startswith('teacher.') for k in state['model'])\n"
+    )
+    subprocess.run([sys.executable, "-I", "-c", code, str(run["student"])], check=True)
+
+
+def test_stock_interactive_decodes_the_student(run, raw_corpus):
+    lines = (raw_corpus / "test.src").read_text().splitlines()[:5]
+    proc = subprocess.run(
+        [str(sys.executable).replace("python", "fairseq-interactive"), str(run["data"]),
+         "--path", str(run["student"]), "--source-lang", "src", "--target-lang", "tgt", "--beam", "2"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(hypotheses(proc.stdout)) == 5
+
+
+def test_phase2_from_the_printed_flags_is_stock_fairseq(run_postnorm_phase2):
+    data, phase2_dir, student = run_postnorm_phase2
+    # The phase-2 checkpoint loads with stock fairseq-generate: no --user-dir, no env var.
+    generate(data, phase2_dir / "checkpoint_last.pt")
+    state = torch.load(phase2_dir / "checkpoint_last.pt", weights_only=True)
+    assert state["cfg"]["model"].arch == "transformer"
+
+
+@pytest.fixture(scope="module")
+def run_postnorm_phase2(data_bin, postnorm_teacher, tmp_path_factory):
+    work = tmp_path_factory.mktemp("phase2")
+    phase1(data_bin, postnorm_teacher, work / "phase1", "--share-decoder-input-output-embed")
+    out = run_cli("wd-materialize", work / "phase1" / "checkpoint_last.pt", work / "student.pt").stdout
+    line = next(line for line in out.splitlines() if line.startswith("phase 2"))
+    flags = shlex.split(line.split("fairseq-train DATA", 1)[1].rsplit("--finetune-from-model", 1)[0])
+    assert "--share-decoder-input-output-embed" in flags and "--decoder-embed-dim" in flags
+    proc = run_cli(
+        "fairseq-train", data_bin, *flags, "--finetune-from-model", work / "student.pt",
+        *TRAIN_FLAGS, "--max-update", 8, "--save-dir", work / "phase2",
+    )
+    assert re.search(r"loaded checkpoint .*student\.pt", proc.stdout + proc.stderr, re.I)
+    return data_bin, work / "phase2", work / "student.pt"
+
+
+def test_phase1_checkpoint_is_self_contained(data_bin, postnorm_teacher, tmp_path):
+    """Resume, materialise and decode after the teacher file has been moved away."""
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(postnorm_teacher.read_bytes())
+    phase1(data_bin, teacher, tmp_path / "phase1", updates=8)
+    teacher.unlink()
+    resumed = phase1(data_bin, teacher, tmp_path / "phase1", updates=12)
+    log = resumed.stdout + resumed.stderr
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 8 updates\)", log)
+    assert "num_updates 12" in log
+    run_cli("wd-materialize", tmp_path / "phase1" / "checkpoint_last.pt", tmp_path / "student.pt")
+    assert generate(data_bin, tmp_path / "phase1" / "checkpoint_last.pt", "--user-dir", USER_DIR) == \
+        generate(data_bin, tmp_path / "student.pt")
+
+
+def test_hydra_train_with_common_user_dir(data_bin, postnorm_teacher, tmp_path):
+    (tmp_path / "wd.yaml").write_text(f"""
+common: {{user_dir: {USER_DIR}, seed: 1, no_progress_bar: true}}
+task: {{_name: translation, data: {data_bin}, source_lang: src, target_lang: tgt}}
+model: {{_name: wd_transformer_stu1, teacher_path: {postnorm_teacher}, decoder_embed_dim: 16,
+         decoder_ffn_embed_dim: 24, decoder_attention_heads: 2}}
+criterion: {{_name: label_smoothed_cross_entropy, label_smoothing: 0.1}}
+optimizer: {{_name: adam}}
+lr_scheduler: {{_name: inverse_sqrt, warmup_updates: 4}}
+optimization: {{lr: [0.005], max_update: 4}}
+dataset: {{max_tokens: 2000, num_workers: 0}}
+checkpoint: {{save_dir: {tmp_path / "ckpt"}, no_epoch_checkpoints: true}}
+""")
+    run_cli("fairseq-hydra-train", "--config-dir", tmp_path, "--config-name", "wd", cwd=tmp_path)
+    state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)
+    model = state["cfg"]["model"]
+    assert (model["_name"], model["decoder_layers"], model["decoder_embed_dim"]) == ("wd_transformer_stu1", 1, 16)
+    assert state["optimizer_history"][-1]["num_updates"] == 4

@@ -1,0 +1,250 @@
+"""``wd-evaluate``: BLEU, chrF and decoding speed of translation models, and the
+results table of a language pair (WD_SPEC section 6).
+
+* ``wd-evaluate score``: reads a ``fairseq-generate --remove-bpe`` log (``H-`` lines),
+  Moses-detokenizes the hypotheses, and scores them against raw references:
+  sacreBLEU with its signature, chrF, and tokenized BLEU after one of the
+  authors' conventions (:data:`CONVENTIONS`, multi-bleu.perl equivalent). The
+  log's timing line gives the decoding speed (sentences/s).
+* ``wd-evaluate speed``: records the speed of a separate timing run.
+* ``wd-evaluate table``: merges the records into one JSON and Markdown table with
+  each model's speed relative to the teacher's.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from sacrebleu.metrics import BLEU, CHRF
+from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
+
+_HYPOTHESIS = re.compile(r"^H-(\d+)\t[^\t]*\t(.*)$")
+_TIMING = re.compile(
+    r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
+    r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)"
+)
+
+
+class EvaluationError(ValueError):
+    """Scoring cannot proceed: the message names the file and the fix."""
+
+
+def read_generate_log(path: str) -> Tuple[List[str], Dict]:
+    """Top hypotheses of a fairseq-generate log in corpus order, and its timing.
+
+    Returns (hypotheses, {"sentences", "tokens", "seconds", "sentences_per_second",
+    "tokens_per_second"}).
+    """
+    hypotheses: Dict[int, str] = {}
+    timing = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            match = _HYPOTHESIS.match(line)
+            if match:
+                hypotheses.setdefault(int(match.group(1)), match.group(2))
+                continue
+            match = _TIMING.search(line)
+            if match:
+                values = [float(g.replace(",", "")) for g in match.groups()]
+                timing = dict(zip(("sentences", "tokens", "seconds", "sentences_per_second",
+                                   "tokens_per_second"), values))
+    if not hypotheses or timing is None:
+        raise EvaluationError(
+            f"{path}: no H- lines or no 'Translated ... sentences/s' line. Fix: pass the "
+            "complete stdout of fairseq-generate (did it fail or get interrupted?)"
+        )
+    if sorted(hypotheses) != list(range(len(hypotheses))):
+        raise EvaluationError(
+            f"{path}: hypothesis ids are not 0..{len(hypotheses) - 1}. Fix: rerun "
+            "fairseq-generate on the whole test split (no --skip-invalid-size-inputs-valid-test)"
+        )
+    return [hypotheses[i] for i in range(len(hypotheses))], timing
+
+
+def _atat(line: str) -> str:
+    """Split hyphenated compounds: ``a-b`` → ``a ##AT##-##AT## b``."""
+    return re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line)
+
+
+def _tokenizer(lang: str, normalize: bool, compounds: bool, lower: bool) -> Callable[[str], str]:
+    tokenizer = MosesTokenizer(lang)
+    normalizer = MosesPunctNormalizer(lang)
+
+    def tokenize(line: str) -> str:
+        if normalize:
+            line = normalizer.normalize(line)
+        line = tokenizer.tokenize(line, escape=False, return_str=True)
+        if compounds:
+            line = _atat(line)
+        return line.lower() if lower else line
+
+    return tokenize
+
+
+#: Tokenized-BLEU conventions: name -> (description, hypothesis and reference tokenizers).
+CONVENTIONS = {
+    "moses": ("Moses-tokenized, case-sensitive multi-bleu",
+              lambda lang: (_tokenizer(lang, False, False, False),) * 2),
+    "moses-lc": ("Moses-tokenized, case-insensitive multi-bleu -lc (NIST Zh-En)",
+                 lambda lang: (_tokenizer(lang, False, False, True),) * 2),
+    "ende-compound": ("normalised punctuation, Moses-tokenized, compounds split as "
+                      "##AT##-##AT##, case-sensitive multi-bleu (WMT14 En-De)",
+                      lambda lang: (_tokenizer(lang, True, True, False),
+                                    _tokenizer(lang, False, True, False))),
+}
+
+
+def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], lang: str,
+          convention: str) -> Dict:
+    """Scores of detokenized ``hypotheses`` (N) against raw ``references`` (R lists of N)."""
+    for i, ref in enumerate(references):
+        if len(ref) != len(hypotheses):
+            raise EvaluationError(
+                f"reference {i} has {len(ref)} lines but there are {len(hypotheses)} "
+                "hypotheses. Fix: pass the references of the decoded test set"
+            )
+    bleu = BLEU(trg_lang=lang)
+    chrf = CHRF()
+    description, make = CONVENTIONS[convention]
+    tok_hyp, tok_ref = make(lang)
+    tokenized = BLEU(tokenize="none", smooth_method="none", force=True)
+    tok_score = tokenized.corpus_score(
+        [tok_hyp(h) for h in hypotheses], [[tok_ref(r) for r in ref] for ref in references]
+    )
+    return {
+        "sacrebleu": round(bleu.corpus_score(list(hypotheses), [list(r) for r in references]).score, 2),
+        "sacrebleu_signature": str(bleu.get_signature()),
+        "chrf": round(chrf.corpus_score(list(hypotheses), [list(r) for r in references]).score, 2),
+        "chrf_signature": str(chrf.get_signature()),
+        "tokenized_bleu": round(tok_score.score, 2),
+        "tokenized_bleu_convention": f"{convention}: {description}",
+        "references": len(references),
+    }
+
+
+def read_lines(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path}: no such file. Fix: pass an existing text file")
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def cmd_score(args) -> Dict:
+    hypotheses, timing = read_generate_log(args.generate_log)
+    detok = MosesDetokenizer(args.lang)
+    hypotheses = [detok.detokenize(h.split()) for h in hypotheses]
+    references = [read_lines(path) for path in args.refs]
+    record = {"model": args.name, "test_set": args.test_set,
+              **score(hypotheses, references, args.lang, args.convention),
+              "sentences_per_second": timing["sentences_per_second"],
+              "speed_source": os.path.basename(args.generate_log)}
+    if args.hypotheses_out:
+        write_atomic(args.hypotheses_out, "".join(h + "\n" for h in hypotheses))
+    write_atomic(args.out, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def cmd_speed(args) -> Dict:
+    _, timing = read_generate_log(args.generate_log)
+    record = {"model": args.name, "test_set": args.test_set,
+              "sentences_per_second": timing["sentences_per_second"],
+              "speed_source": os.path.basename(args.generate_log)}
+    write_atomic(args.out, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def results_table(records: List[Dict], teacher: str, title: str) -> Tuple[Dict, str]:
+    """(JSON document, Markdown) of the records, with speed relative to ``teacher``."""
+    merged: Dict[Tuple[str, str], Dict] = {}
+    for record in records:
+        merged.setdefault((record["model"], record["test_set"]), {}).update(record)
+    rows = list(merged.values())
+    for row in rows:
+        base = merged.get((teacher, row["test_set"]), {}).get("sentences_per_second")
+        speed = row.get("sentences_per_second")
+        row["speedup_vs_teacher"] = round(speed / base, 2) if speed and base else None
+    columns = [("model", "model"), ("test_set", "test set"), ("sacrebleu", "sacreBLEU"),
+               ("tokenized_bleu", "tok. BLEU"), ("chrf", "chrF"),
+               ("sentences_per_second", "sent/s"), ("speedup_vs_teacher", "speed vs teacher")]
+    lines = [f"# {title}", "", "| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else (f"{value}x" if key == "speedup_vs_teacher"
+                                                    else str(value)))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = sorted({(r.get("sacrebleu_signature"), r.get("chrf_signature"),
+                     r.get("tokenized_bleu_convention")) for r in rows if "sacrebleu" in r})
+    lines.append("")
+    for sacre, chrf, tok in notes:
+        lines += [f"- sacreBLEU signature: `{sacre}`", f"- chrF signature: `{chrf}`",
+                  f"- tokenized BLEU: {tok}"]
+    speeds = sorted({r["speed_source"] for r in rows if "speed_source" in r})
+    if speeds:
+        lines.append(f"- speed: sentences/s of fairseq-generate ({', '.join(speeds)})")
+    return {"title": title, "teacher": teacher, "rows": rows}, "\n".join(lines) + "\n"
+
+
+def cmd_table(args):
+    records = []
+    for path in args.records:
+        with open(path, encoding="utf-8") as f:
+            records.append(json.load(f))
+        if "model" not in records[-1] or "test_set" not in records[-1]:
+            raise EvaluationError(f"{path}: not a wd-evaluate record. Fix: pass score/speed outputs")
+    document, markdown = results_table(records, args.teacher, args.title)
+    write_atomic(args.json, json.dumps(document, indent=2) + "\n")
+    write_atomic(args.markdown, markdown)
+    return markdown
+
+
+def cli_main(argv: Optional[List[str]] = None):
+    parser = argparse.ArgumentParser(prog="wd-evaluate", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("score", help="BLEU/chrF (+speed) of a fairseq-generate --remove-bpe log")
+    p.add_argument("--generate-log", required=True, help="stdout of fairseq-generate --remove-bpe")
+    p.add_argument("--refs", required=True, nargs="+", help="raw reference file(s), one per reference")
+    p.add_argument("--lang", required=True, help="target language (Moses and sacreBLEU rules)")
+    p.add_argument("--convention", choices=sorted(CONVENTIONS), default="moses",
+                   help="tokenized BLEU convention (default: moses)")
+    p.add_argument("--name", required=True, help="model name in the table (e.g. teacher)")
+    p.add_argument("--test-set", default="test", help="test set name in the table")
+    p.add_argument("--hypotheses-out", help="write the detokenized hypotheses here")
+    p.add_argument("--out", required=True, help="record (JSON) to write")
+    p.set_defaults(run=cmd_score)
+    p = sub.add_parser("speed", help="record the speed of a fairseq-generate timing run")
+    p.add_argument("--generate-log", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--test-set", default="test")
+    p.add_argument("--out", required=True, help="record (JSON) to write")
+    p.set_defaults(run=cmd_speed)
+    p = sub.add_parser("table", help="results table (JSON + Markdown) of records")
+    p.add_argument("records", nargs="+", help="records of score/speed (later ones win)")
+    p.add_argument("--teacher", default="teacher", help="model name speeds are relative to")
+    p.add_argument("--title", default="Results")
+    p.add_argument("--json", required=True)
+    p.add_argument("--markdown", required=True)
+    p.set_defaults(run=cmd_table)
+    args = parser.parse_args(argv)
+    try:
+        result = args.run(args)
+    except EvaluationError as e:
+        sys.exit(f"wd-evaluate {args.command}: error: {e}")
+    print(result if isinstance(result, str) else json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,167 @@
+"""``wd-export-ct2 STUDENT.pt OUTPUT_DIR``: a stock student checkpoint as a CTranslate2 model.
+
+The weights are mapped by CTranslate2's own fairseq converter
+(``ctranslate2.converters.FairseqConverter``), unchanged. That converter reads the
+legacy ``args`` Namespace of a checkpoint, while ``wd-materialize`` writes the config
+as plain containers (so that stock fairseq loads it with ``weights_only``): the
+student is handed to the converter as a temporary legacy-format copy whose Namespace
+joins the checkpoint's task and model configs.
+
+Accepted shapes (CTranslate2 4.8): any encoder/decoder depth, widths (a decoder
+narrower than the encoder, as in stu1, included), FFN widths and embedding sharing.
+The converter refuses different encoder and decoder attention-head counts (its
+``TransformerSpec`` takes one ``num_heads``) and, from the teacher's options, mixed
+pre-/post-norm, activations other than relu/gelu/swish and
+``--no-token-positional-embeddings``.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+from fairseq.data import Dictionary
+from fairseq.data.data_utils import infer_language_pair
+from omegaconf import OmegaConf
+
+from .teacher import WDSetupError, check_translation_transformer, model_args, read_checkpoint
+
+QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
+                 "float16", "bfloat16", "float32")
+
+
+def _ctranslate2():
+    try:
+        import ctranslate2
+        from ctranslate2.converters import FairseqConverter
+    except ImportError as e:
+        raise WDSetupError(
+            f"wd-export-ct2 needs the ctranslate2 package ({e}). Fix: "
+            "pip install 'wd_fairseq[deploy]'"
+        ) from e
+    return ctranslate2.__version__, FairseqConverter
+
+
+def converter_args(state: dict, path: str, data: Optional[str]) -> argparse.Namespace:
+    """The legacy ``args`` the converter reads: the checkpoint's task and model
+    configs in one Namespace, with ``data`` pointing at the dictionaries."""
+    args = model_args(state)
+    check_translation_transformer(args, path, "STUDENT")
+    task = OmegaConf.to_container(state["cfg"]["task"], resolve=True, enum_to_str=True)
+    data = data or task.get("data")
+    if not data or not os.path.isdir(data):
+        raise WDSetupError(
+            f"STUDENT {path}: the data-bin of the run ({data}) is missing. Fix: pass "
+            "--data with the data-bin holding the dictionaries the student was trained with"
+        )
+    src, tgt = task.get("source_lang"), task.get("target_lang")
+    if src is None or tgt is None:
+        src, tgt = infer_language_pair(data)
+    for side, lang in (("encoder", src), ("decoder", tgt)):
+        dict_path = os.path.join(data, f"dict.{lang}.txt")
+        if lang is None or not os.path.isfile(dict_path):
+            raise WDSetupError(
+                f"--data {data}: no dictionary {dict_path}. Fix: pass the data-bin "
+                "written by fairseq-preprocess for this student"
+            )
+        rows = state["model"][f"{side}.embed_tokens.weight"].shape[0]
+        if len(Dictionary.load(dict_path)) != rows:
+            raise WDSetupError(
+                f"--data {data}: {dict_path} has {len(Dictionary.load(dict_path))} "
+                f"entries but the student's {side} table has {rows} rows. Fix: pass the "
+                "data-bin the student (and its teacher) was trained with"
+            )
+    task_name = task.pop("_name")
+    return argparse.Namespace(**{**task, **args, "task": task_name, "data": data,
+                                 "source_lang": src, "target_lang": tgt})
+
+
+def check_heads(args: argparse.Namespace, path: str, version: str) -> None:
+    """The one shape of a WD student that the converter refuses."""
+    encoder, decoder = args.encoder_attention_heads, args.decoder_attention_heads
+    if encoder != decoder:
+        raise WDSetupError(
+            f"STUDENT {path}: {encoder} encoder and {decoder} decoder attention heads. "
+            f"CTranslate2 {version}'s fairseq converter needs equal counts (its "
+            f"TransformerSpec takes one num_heads). Fix: train the WD student with "
+            f"--decoder-attention-heads {encoder} (as the stu1/stu2 presets do), or serve "
+            "it with fairseq-generate"
+        )
+
+
+def _replace_dir(new: str, target: str, scratch: str) -> None:
+    """Move directory ``new`` to ``target``; an old ``target`` goes to ``scratch``."""
+    if os.path.exists(target):
+        os.rename(target, os.path.join(scratch, "previous"))
+    os.rename(new, target)
+
+
+def export(student: str, output: str, data: Optional[str] = None,
+           quantization: str = "int8", force: bool = False) -> str:
+    """Convert ``student`` (stock transformer checkpoint) to a CTranslate2 model
+    directory ``output``; return the CTranslate2 version used."""
+    version, FairseqConverter = _ctranslate2()
+    if quantization not in QUANTIZATIONS:
+        raise WDSetupError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
+    if os.path.exists(output) and not force:
+        raise WDSetupError(
+            f"OUTPUT_DIR {output} already exists. Fix: pass --force to replace it, "
+            "or choose another directory"
+        )
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise WDSetupError(
+            f"OUTPUT_DIR {output}: directory {parent} does not exist or is not writable. "
+            "Fix: create it or choose another output directory"
+        )
+    state = read_checkpoint(student, "STUDENT")  # also allow-lists Namespace for the converter
+    args = converter_args(state, student, data)
+    check_heads(args, student, version)
+    with tempfile.TemporaryDirectory(prefix=".wd-export-ct2-", dir=parent) as scratch:
+        legacy = os.path.join(scratch, "legacy.pt")
+        torch.save({"args": args, "cfg": None, "model": state["model"]}, legacy)
+        del state
+        model_dir = os.path.join(scratch, "model")
+        try:
+            FairseqConverter(legacy, args.data).convert(model_dir, quantization=quantization)
+        except ValueError as e:
+            if "not supported by CTranslate2" not in str(e):
+                raise
+            reasons = [line[2:] for line in str(e).splitlines() if line.startswith("- ")]
+            raise WDSetupError(
+                f"STUDENT {student}: CTranslate2 {version}'s fairseq converter refuses it: "
+                f"{'; '.join(reasons)}. A WD student inherits these options from its "
+                "teacher. Fix: serve this student with fairseq-generate"
+            ) from e
+        _replace_dir(model_dir, output, scratch)
+    return version
+
+
+def cli_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="wd-export-ct2",
+        description="Convert a stock fairseq transformer checkpoint (e.g. the output of "
+        "wd-materialize, or a phase-2 checkpoint) to a CTranslate2 model directory with "
+        "CTranslate2's fairseq converter.",
+    )
+    parser.add_argument("student", metavar="STUDENT.pt", help="stock transformer checkpoint")
+    parser.add_argument("output", metavar="OUTPUT_DIR", help="CTranslate2 model directory to write")
+    parser.add_argument("--data", help="data-bin with the dictionaries (default: the run's)")
+    parser.add_argument("--quantization", default="int8", choices=QUANTIZATIONS,
+                        help="weight type stored (default: int8; float16 runs as float32 "
+                        "on CPUs without fp16 support)")
+    parser.add_argument("--force", action="store_true", help="replace an existing OUTPUT_DIR")
+    args = parser.parse_args(argv)
+    try:
+        version = export(args.student, args.output, args.data, args.quantization, args.force)
+    except WDSetupError as e:
+        sys.exit(f"wd-export-ct2: error: {e}")
+    print(f"wrote {args.output} (CTranslate2 {version}, {args.quantization})")
+    print(f"usage: ctranslate2.Translator({args.output!r}).translate_batch("
+          "[source tokens as in the data-bin, BPE applied], beam_size=...)")
+
+
+if __name__ == "__main__":
+    cli_main()
