@@ -48,7 +48,7 @@ def load_train(data):
     task = TranslationTask.setup_task(TranslationConfig(
         data=str(data), source_lang="src", target_lang="tgt", train_subset="train",
         dataset_impl="mmap", required_seq_len_multiple=1, upsample_primary=1))
-    task.load_dataset("train")
+    task.load_dataset("train", combine=True)  # as fairseq-train does
     return task.dataset("train")
 
 

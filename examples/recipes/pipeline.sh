@@ -57,8 +57,9 @@
 #                       on fewer GPUs (e.g. 2 GPUs -> --update-freq 4)
 #   LR (7e-4) WARMUP (4000) PHASE2_WARMUP (1000) DROPOUT (0.1) SEED (1)
 #   TEACHER_UPDATES (100000) KD_UPDATES (30000) PHASE1_UPDATES (30000) PHASE2_UPDATES (30000)
-#   SAVE_INTERVAL_UPDATES (1000) AVG_LAST (5)   checkpoints averaged for the teacher, the
-#                       KD student and phase 2 (make the update counts multiples of the interval)
+#   SAVE_INTERVAL_UPDATES (1000) AVG_LAST (5)   the last AVG_LAST checkpoints (saved every
+#                       SAVE_INTERVAL_UPDATES updates and at epoch ends) are averaged for the
+#                       teacher, the KD student and phase 2
 #   FP16 (1)            --fp16 for training and decoding      CPU (0)  --cpu everywhere
 #   KD_ALPHA (0) KD_TEMPERATURE (1)   word-level KD (kd_label_smoothed_cross_entropy) in the
 #                       KD student and phase 1; 0 = the authors' label-smoothed CE only
@@ -300,7 +301,7 @@ common_train_flags() {
     --warmup-init-lr 1e-7 --weight-decay 0.0 --clip-norm 0.0 --dropout "$DROPOUT" \
     --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" --seed "$SEED" \
     --save-interval-updates "$SAVE_INTERVAL_UPDATES" --keep-interval-updates "$AVG_LAST" \
-    --no-epoch-checkpoints --no-progress-bar --log-format simple --log-interval 100 \
+    --keep-last-epochs "$AVG_LAST" --no-progress-bar --log-format simple --log-interval 100 \
     --num-workers 1 --skip-invalid-size-inputs-valid-test $(device_flags) $TRAIN_EXTRA
 }
 
@@ -329,11 +330,13 @@ criterion_flags() {
   fi
 }
 
-# Average the last AVG_LAST interval checkpoints of directory $1 into $1/checkpoint_avg.pt.
+# Average the last AVG_LAST checkpoints saved in directory $1 (every SAVE_INTERVAL_UPDATES
+# updates, and at epoch ends: fairseq names a save that falls on an epoch end checkpointN.pt)
+# into $1/checkpoint_avg.pt.
 average_last() {
   local ckpts
-  ckpts=$(ls "$1"/checkpoint_*_*.pt 2>/dev/null | sed 's/.*_\([0-9]*\)\.pt$/\1 &/' | sort -n | tail -n "$AVG_LAST" | cut -d' ' -f2)
-  [ -n "$ckpts" ] || die "$1: no checkpoint_EPOCH_UPDATES.pt to average. Fix: set the update counts to multiples of SAVE_INTERVAL_UPDATES"
+  ckpts=$(ls -t "$1"/checkpoint_*_*.pt "$1"/checkpoint[0-9]*.pt 2>/dev/null | head -n "$AVG_LAST" || true)
+  [ -n "$ckpts" ] || die "$1: no checkpoint to average. Fix: rerun the stage (it resumes)"
   "$PYTHON" "$TOOLS" average --out "$1/checkpoint_avg.pt" $ckpts
 }
 
