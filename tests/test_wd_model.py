@@ -276,3 +276,26 @@ def test_shared_teacher_and_student_tables(joined_data_bin, shared_teacher):
     assert isinstance(model.decoder.embed_tokens.parametrizations.weight[0], GeneratedTensor)
     assert isinstance(model, WDTransformerModel)
     assert isinstance(argparse.Namespace(**model.student_args), argparse.Namespace)
+
+
+def test_encoder_and_decoder_both_shrink_and_materialise_exactly(data_bin, prenorm_teacher):
+    """Depth and width of both sides shrink; the stock student built from the
+    generated state dict gives the phase-1 outputs."""
+    from fairseq.models.transformer import TransformerModel
+
+    torch.manual_seed(0)
+    flags = dict(encoder_layers=2, encoder_embed_dim=16, encoder_ffn_embed_dim=20,
+                 encoder_attention_heads=2, decoder_layers=2, decoder_embed_dim=8,
+                 decoder_ffn_embed_dim=12, decoder_attention_heads=2,
+                 share_decoder_input_output_embed=True)
+    model = build_wd(data_bin, prenorm_teacher, **flags)
+    k = model.decoder.layers[0].encoder_attn.k_proj.parametrizations.weight[0].generator
+    assert k.in_proj.shape == (32, 16) and model.decoder.layers[0].encoder_attn.k_proj.weight.shape == (8, 16)
+    assert model.encoder.embed_tokens.parametrizations.weight[0].generator.proj.shape == (32, 16)
+    assert model.encoder.layer_norm.weight.shape == (16,)  # pre-norm final norm, generated too
+    stock = TransformerModel.build_model(argparse.Namespace(**model.student_args), translation_task(data_bin))
+    stock.load_state_dict(model.student_state_dict(), strict=True)
+    model.eval(), stock.eval()
+    with torch.no_grad():
+        src, lengths, prev = batch(model, seed=3)
+        torch.testing.assert_close(stock(src, lengths, prev)[0], model(src, lengths, prev)[0], rtol=0, atol=1e-5)
