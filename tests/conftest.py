@@ -35,6 +35,7 @@ TRAIN_FLAGS = [
 def run_cli(tool: str, *args, env=None, check=True, cwd=None) -> subprocess.CompletedProcess:
     """Run a console script of this environment (fairseq-train, wd-materialize, ...)."""
     full_env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    full_env["OMP_NUM_THREADS"] = "1"  # tiny models: threads cost more than they give
     full_env.update(env or {})
     proc = subprocess.run(
         [str(BIN / tool), *map(str, args)],

@@ -30,6 +30,15 @@ STUDENT = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on shared cores: extra threads only add overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def task(data_bin):
     from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -198,10 +207,11 @@ def test_fairseq_train_kd_baseline_resumes(data_bin, postnorm_teacher, tmp_path)
     (tests/test_recipes.py trains phase 1 with this criterion through fairseq-train.)"""
     common = [data_bin, "--arch", "transformer", *STUDENT_FLAGS, *train_flags(), *KD_FLAGS,
               "--teacher-path", postnorm_teacher, "--save-dir", tmp_path]
-    run_cli("fairseq-train", *common, "--max-update", "3")
+    one_thread = {"OMP_NUM_THREADS": "1"}  # tiny model on shared cores
+    run_cli("fairseq-train", *common, "--max-update", "3", env=one_thread)
     state = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
     assert not state.get("criterion")
     assert all(k.startswith(("encoder.", "decoder.")) for k in state["model"])
-    out = run_cli("fairseq-train", *common, "--max-update", "5").stdout
+    out = run_cli("fairseq-train", *common, "--max-update", "5", env=one_thread).stdout
     assert "Loaded checkpoint" in out and "num_updates 5" in out and "kd_loss" in out
 

@@ -13,11 +13,19 @@ from conftest import preprocess, run_cli
 import wd_fairseq  # noqa: F401
 from fairseq.data import Dictionary, data_utils
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
-from wd_fairseq import kd_data
 from wd_fairseq.kd_data import EMPTY, OK, OVERLONG, Split, build_kd_split, classify
 from wd_fairseq.teacher import WDSetupError
 
-N_TRAIN = 200
+N_TRAIN = 120
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models on shared cores: threads only add overhead
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,8 @@ def count_batches(monkeypatch):
 
 
 def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
-    out = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu").stdout
+    out = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu",
+                  env=ONE_THREAD).stdout
     assert "wrote" in out
     for ext in ("bin", "idx"):  # source side: the original sources, byte for byte
         assert (data / f"train1.src-tgt.src.{ext}").read_bytes() == \
@@ -98,7 +107,7 @@ def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
     plain = shutil.copytree(data, tmp_path / "plain", ignore=shutil.ignore_patterns("train1*"))
     gen = run_cli("fairseq-generate", plain, "--path", postnorm_teacher, "--gen-subset", "train",
                   "--beam", "6", "--lenpen", "1.0", "--max-len-a", "2", "--max-len-b", "10",
-                  "--required-batch-size-multiple", "1", "--cpu").stdout
+                  "--required-batch-size-multiple", "1", "--cpu", env=ONE_THREAD).stdout
     reference = {int(line.split("\t")[0][2:]): line.split("\t")[2]
                  for line in gen.splitlines() if line.startswith("H-")}
     assert len(reference) == N_TRAIN
@@ -113,11 +122,10 @@ def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
 
     # Rerun: nothing to do. Other settings: refused unless --overwrite.
     stamp = os.stat(data / "train1.src-tgt.tgt.bin").st_mtime_ns
-    assert "up to date" in run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu").stdout
+    assert build_kd_split(str(data), str(postnorm_teacher)) == summary
     assert os.stat(data / "train1.src-tgt.tgt.bin").st_mtime_ns == stamp
-    proc = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu", "--beam", "2",
-                   check=False)
-    assert proc.returncode != 0 and "--overwrite" in proc.stderr
+    with pytest.raises(WDSetupError, match="train1.src-tgt.src.idx exists .* --overwrite"):
+        build_kd_split(str(data), str(postnorm_teacher), beam=2)
 
 
 def test_resumes_after_interrupt_and_restarts_on_new_settings(data, postnorm_teacher, tmp_path,
@@ -194,9 +202,10 @@ def test_overlong_and_empty_hypotheses_fall_back_to_the_reference(data, postnorm
 def test_mismatched_line_counts_are_refused(data, postnorm_teacher):
     for ext in ("bin", "idx"):
         shutil.copy(data / f"valid.src-tgt.tgt.{ext}", data / f"train.src-tgt.tgt.{ext}")
-    proc = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu", check=False)
+    proc = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu", check=False,
+                   env=ONE_THREAD)
     assert proc.returncode != 0
-    assert "train.src-tgt.src has 200 sentences" in proc.stderr
+    assert f"train.src-tgt.src has {N_TRAIN} sentences" in proc.stderr
     assert "train.src-tgt.tgt has 60" in proc.stderr and "equal line counts" in proc.stderr
     assert not Split(str(data), "train1", "src", "tgt").visible()
 

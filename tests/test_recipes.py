@@ -29,10 +29,10 @@ MODELS = ["teacher", "kd_student", "wd_phase1", "wd_student"]
 
 #: Tiny stand-ins for the real sizes; everything else is the pair script's.
 TINY = dict(
-    CPU="1", FP16="0", NUM_GPUS="1", MAX_TOKENS="2000", UPDATE_FREQ="1", WORKERS="1", BPE_MERGES="30",
+    CPU="1", FP16="0", NUM_GPUS="1", MAX_TOKENS="1000", UPDATE_FREQ="1", WORKERS="1", BPE_MERGES="30",
     BPE_VOCAB_THRESHOLD="1", TEACHER_LAYERS="2", TEACHER_DIM="32", TEACHER_FFN="64",
     TEACHER_HEADS="4", STUDENT_DEC_LAYERS="1", STUDENT_DEC_DIM="16", STUDENT_DEC_FFN="32",
-    STUDENT_DEC_HEADS="4", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="30",
+    STUDENT_DEC_HEADS="4", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="20",
     KD_UPDATES="10", PHASE1_UPDATES="10", PHASE2_UPDATES="10", SAVE_INTERVAL_UPDATES="10",
     AVG_LAST="2", KD_ALPHA="0.5", KD_TEMPERATURE="2", KD_MAX_TOKENS="2000",
     EVAL_BATCH_SIZE="64", SPEED_BATCH_SIZE="32", GENERATE_EXTRA="--max-len-a 1.5 --max-len-b 5",
@@ -44,6 +44,7 @@ def run_recipe(script, *args, env, check=True):
     full = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
     full["PATH"] = f"{Path(sys.executable).parent}:{full['PATH']}"
     full["PYTHON"] = sys.executable
+    full["OMP_NUM_THREADS"] = "1"  # tiny models on shared cores: threads only add overhead
     full.update(env)
     proc = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True,
                           env=full)
@@ -63,7 +64,7 @@ def raw_en_ro(directory: Path, n_train: int) -> Path:
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
     """One full tiny run of examples/wmt16_en_ro/run.sh on local text (RAW_DIR)."""
-    raw = raw_en_ro(tmp_path_factory.mktemp("raw-en-ro"), n_train=600)
+    raw = raw_en_ro(tmp_path_factory.mktemp("raw-en-ro"), n_train=300)
     work = tmp_path_factory.mktemp("work")
     env = dict(TINY, RAW_DIR=str(raw), WORK=str(work))
     proc = run_recipe("examples/wmt16_en_ro/run.sh", env=env)
@@ -83,7 +84,7 @@ def test_full_pipeline_runs_every_stage(recipe_run):
         str(work / "data-bin" / "valid.en-ro.ro.bin")
     for stage in ("kd_student", "wd_phase1", "wd_phase2"):
         log = (work / "logs" / f"{stage}.log").read_text()
-        assert "train1 en-ro 600 examples" in log, stage  # original + KD data
+        assert "train1 en-ro 300 examples" in log, stage  # original + KD data
         assert "'valid_subset': 'valid'" in log
     # word-level KD (KD_ALPHA=0.5): the KD baseline's teacher from --teacher-path, phase 1's
     # from inside the model; phase 2 is label-smoothed CE only (the authors')
@@ -99,7 +100,8 @@ def test_teacher_is_the_average_of_its_last_checkpoints(recipe_run):
              if p.stem not in ("checkpoint_last", "checkpoint_best", "checkpoint_avg")]
     saved = sorted(saved, key=lambda p: p.stat().st_mtime_ns)[-2:]  # AVG_LAST=2
     last = [torch.load(p, weights_only=True) for p in saved]
-    assert [s["optimizer_history"][-1]["num_updates"] for s in last] == [20, 30]
+    updates = [s["optimizer_history"][-1]["num_updates"] for s in last]
+    assert updates[0] < updates[1] == 20  # interval or epoch-end saves, the newest last
     avg = torch.load(work / "teacher" / "checkpoint_avg.pt", weights_only=True)["model"]
     key = "decoder.layers.0.fc1.weight"
     assert torch.allclose(avg[key], (last[0]["model"][key] + last[1]["model"][key]) / 2)
@@ -173,7 +175,8 @@ def test_prepare_downloads_checks_and_concatenates(tmp_path):
     env = dict(TINY, WORK=str(work), TRAIN_URLS=f"file://{archive}",
                TRAIN_PREFIXES="corpus/a b", CHECKSUMS=str(checksums))
     proc = run_recipe("examples/wmt16_en_ro/run.sh", "prepare", env=env, check=False)
-    assert proc.returncode != 0 and "expected 0000" in proc.stderr and "delete the file" in proc.stderr
+    assert proc.returncode != 0  # the stage's messages go to its log and stdout
+    assert "expected 0000" in proc.stdout and "delete the file" in proc.stdout
     checksums.write_text(f"{hashlib.sha256(archive.read_bytes()).hexdigest()}  train.tgz\n")
     run_recipe("examples/wmt16_en_ro/run.sh", "prepare", env=env)
     for lang in ("en", "ro"):
@@ -197,7 +200,8 @@ def test_tokenized_bleu_conventions():
     plain = score(["Das ist ein E-Mail Test ."], [["Das ist ein E-Mail-Test."]], "de", "moses")
     assert 0 < at["tokenized_bleu"] and at["tokenized_bleu"] != plain["tokenized_bleu"]
     # several references (NIST): the best-matching one counts
-    multi = score(["the cat sat"], [["a dog ran"], ["the cat sat"]], "en", "moses-lc")
+    multi = score(["the cat sat on the mat"], [["a dog ran over the road"], ["The cat sat on the mat"]],
+                  "en", "moses-lc")
     assert multi["references"] == 2 and multi["tokenized_bleu"] == 100.0
     with pytest.raises(EvaluationError, match="reference 0 has 1 lines"):
         score(["a", "b"], [["a"]], "en", "moses")

@@ -171,7 +171,6 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             metrics.log_scalar("kd_loss", kd_sum / ntokens / math.log(2), ntokens, round=3)
 
 
-
 class _FlagsWithoutTeacherPath(KDLabelSmoothedCrossEntropyCriterionConfig):
     """The criterion's flags for a parser where the model defines ``--teacher-path``."""
 

@@ -421,12 +421,13 @@ results_table() {
 
 stage_evaluate() {
   mkdir -p "$WORK/eval"
-  local entry name set
+  local entry name set refs
   for entry in $MODELS; do
     name=${entry%%:*}
     for set in $TEST_SETS; do
+      refs=$(references "$set")
       generate "${entry#*:}" "$set" "$WORK/eval/$name.$set.gen" --batch-size "$EVAL_BATCH_SIZE"
-      wd-evaluate score --generate-log "$WORK/eval/$name.$set.gen" --refs $(references "$set") \
+      wd-evaluate score --generate-log "$WORK/eval/$name.$set.gen" --refs $refs \
         --lang "$TGT" --convention "$BLEU_CONVENTION" --name "$name" --test-set "$set" \
         --hypotheses-out "$WORK/eval/$name.$set.hyp" --out "$WORK/eval/$name.$set.json" > /dev/null
     done

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 from multiprocessing import Pool
-from typing import List
+from typing import Iterator
 
 
 def _replace_into(path: str, lines) -> None:
@@ -25,9 +25,15 @@ def _replace_into(path: str, lines) -> None:
     os.replace(tmp, path)
 
 
-def _read(path: str) -> List[str]:
+def _lines(path: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+        for line in f:
+            yield line.rstrip("\n")
+
+
+def _count(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
 
 _TOKENIZER = None
@@ -49,30 +55,35 @@ def _moses_line(args) -> str:
 def tokenize(args) -> None:
     """``moses``: sacremoses normalisation + tokenization; ``none``: text that is already
     segmented (e.g. Chinese word-segmented with spaces): only whitespace is collapsed."""
-    lines = _read(args.input)
     if args.mode == "none":
-        out = [" ".join(line.split()) for line in lines]
-    else:
-        with Pool(args.workers) as pool:
-            out = pool.map(_moses_line, [(args.lang, line) for line in lines], chunksize=1000)
-    _replace_into(args.output, out)
+        _replace_into(args.output, (" ".join(line.split()) for line in _lines(args.input)))
+        return
+    with Pool(args.workers) as pool:
+        jobs = ((args.lang, line) for line in _lines(args.input))
+        _replace_into(args.output, pool.imap(_moses_line, jobs, chunksize=1000))
 
 
 def clean(args) -> None:
     """Drop training pairs that are empty, longer than --max-len tokens, or whose
     length ratio exceeds --ratio (Moses clean-corpus-n rules)."""
-    src, tgt = _read(args.src), _read(args.tgt)
-    if len(src) != len(tgt):
-        sys.exit(f"clean: {args.src} has {len(src)} lines but {args.tgt} has {len(tgt)}. "
+    n_src, n_tgt = _count(args.src), _count(args.tgt)
+    if n_src != n_tgt:
+        sys.exit(f"clean: {args.src} has {n_src} lines but {args.tgt} has {n_tgt}. "
                  "Fix: the two sides of a parallel corpus must be line-aligned")
-    keep = []
-    for s, t in zip(src, tgt):
-        ns, nt = len(s.split()), len(t.split())
-        if 1 <= ns <= args.max_len and 1 <= nt <= args.max_len and max(ns, nt) <= args.ratio * min(ns, nt):
-            keep.append((s, t))
-    _replace_into(f"{args.out_prefix}.{args.src_lang}", (s for s, _ in keep))
-    _replace_into(f"{args.out_prefix}.{args.tgt_lang}", (t for _, t in keep))
-    print(f"clean: kept {len(keep)} of {len(src)} pairs")
+    outputs = [f"{args.out_prefix}.{args.src_lang}", f"{args.out_prefix}.{args.tgt_lang}"]
+    kept = 0
+    with open(outputs[0] + ".tmp", "w", encoding="utf-8") as f_src, \
+            open(outputs[1] + ".tmp", "w", encoding="utf-8") as f_tgt:
+        for s, t in zip(_lines(args.src), _lines(args.tgt)):
+            ns, nt = len(s.split()), len(t.split())
+            if (1 <= ns <= args.max_len and 1 <= nt <= args.max_len
+                    and max(ns, nt) <= args.ratio * min(ns, nt)):
+                f_src.write(s + "\n")
+                f_tgt.write(t + "\n")
+                kept += 1
+    for path in outputs:
+        os.replace(path + ".tmp", path)
+    print(f"clean: kept {kept} of {n_src} pairs")
 
 
 def average(args) -> None:
