@@ -5,9 +5,10 @@ registers the ``wd_transformer`` model and its presets, and allows fairseq
 checkpoints to load under torch >= 2.6 with weights_only (see safe_loading).
 """
 
-from .safe_loading import allow_fairseq_checkpoints
+from .safe_loading import allow_fairseq_checkpoints, trust_rank0_broadcasts
 
 allow_fairseq_checkpoints()
+trust_rank0_broadcasts()
 
 from . import model  # noqa: E402,F401  (registers wd_transformer)
 from . import criterion  # noqa: E402,F401  (registers kd_label_smoothed_cross_entropy)

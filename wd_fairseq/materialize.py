@@ -110,28 +110,47 @@ def student_checkpoint(model, task, phase1_state: dict) -> dict:
     }
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file next to ``path``, then rename: no partial file."""
+def check_output(path: str) -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    if os.path.isdir(path):
+        raise WDSetupError(
+            f"STUDENT {path}: is a directory. Fix: give a file name, e.g. "
+            f"{os.path.join(path, 'student.pt')}"
+        )
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
         raise WDSetupError(
             f"STUDENT {path}: directory {directory} does not exist or is not writable. "
             "Fix: create it or choose another output path"
         )
-    fd, tmp = tempfile.mkstemp(prefix=".wd-materialize-", suffix=".pt", dir=directory)
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file next to ``path``, then rename: no partial file."""
+    check_output(path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=".wd-materialize-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path))
+        )
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise WDSetupError(
+            f"STUDENT {path}: writing failed ({e}); {path} was not written. "
+            "Fix: free disk space or choose another output path"
+        ) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
 def materialize(phase1: str, student: str, data: Optional[str] = None) -> List[str]:
     """Write the stock student of ``phase1`` to ``student``; return the phase-2 flags."""
+    check_output(student)
     model, task, state = load_phase1(phase1, data)
     with torch.no_grad():
         checkpoint = student_checkpoint(model, task, state)

@@ -72,3 +72,38 @@ def install_import_hook() -> None:
         allow_fairseq_checkpoints()
     elif not any(isinstance(f, _AllowAfterFairseqImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AllowAfterFairseqImport())
+
+
+def trust_rank0_broadcasts() -> None:
+    """Let distributed runs resume under torch >= 2.6 without extra flags.
+
+    fairseq 0.12 reads a checkpoint on rank 0 only and sends the loaded object to
+    the other ranks by ``torch.save`` to memory and ``torch.load``; with
+    weights_only the receivers refuse its config (a DictConfig). Those bytes are
+    made in memory by rank 0 of the same job, from a file rank 0 read with safe
+    loading, so the receivers unpickle them fully. Files are never loaded this way.
+    """
+    import io
+
+    import torch
+    from fairseq.distributed import utils as dist_utils
+
+    if getattr(dist_utils._broadcast_object_slow, "trusts_rank0", False):
+        return
+
+    def broadcast_object_slow(obj, src_rank, group, dist_device):
+        if dist_utils.get_rank(group) == src_rank:
+            payload = io.BytesIO()
+            torch.save(obj, payload)
+            data = torch.ByteTensor(payload.getbuffer()).to(dist_device)
+            dist_utils.broadcast(torch.LongTensor([len(data)]).to(dist_device), src=src_rank, group=group)
+            dist_utils.broadcast(data, src=src_rank, group=group)
+            return obj
+        size = torch.LongTensor([0]).to(dist_device)
+        dist_utils.broadcast(size, src=src_rank, group=group)
+        data = torch.ByteTensor(int(size.item())).to(dist_device)
+        dist_utils.broadcast(data, src=src_rank, group=group)
+        return torch.load(io.BytesIO(data.cpu().numpy()), map_location="cpu", weights_only=False)
+
+    broadcast_object_slow.trusts_rank0 = True
+    dist_utils._broadcast_object_slow = broadcast_object_slow

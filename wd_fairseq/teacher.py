@@ -47,12 +47,35 @@ def read_checkpoint(path: str, flag: str) -> dict:
 
 
 def _unreadable(path: str, flag: str, e: Exception) -> WDSetupError:
-    first_line = str(e).splitlines()[0] if str(e) else ""
+    keys = _keys_of_plain_torch_file(path)
+    if keys is not None:
+        return WDSetupError(
+            f"{flag} {path}: a torch file, but not a fairseq checkpoint (no model config "
+            f"'cfg' or 'args'; top-level keys: {keys}). Fix: pass a checkpoint .pt written "
+            "by fairseq-train (a bare state dict does not say which model it is)"
+        )
+    text = str(e)
+    # torch's weights_only errors open with generic advice; the cause follows this tag.
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+    reason = detail.group(1) if detail else (text.splitlines()[0] if text else "")
     return WDSetupError(
-        f"{flag} {path}: cannot be read as a fairseq checkpoint ({type(e).__name__}: "
-        f"{first_line}). Fix: the file is truncated, corrupt or not a torch checkpoint; "
-        "re-copy it or point to another one"
+        f"{flag} {path}: cannot be read as a fairseq checkpoint ({type(e).__name__}"
+        f"{': ' + reason if reason else ''}). Fix: the file is truncated, corrupt or not "
+        "a torch checkpoint; re-copy it or point to another one"
     )
+
+
+def _keys_of_plain_torch_file(path: str) -> Optional[str]:
+    """Top-level keys of a readable torch file holding a dict without a fairseq
+    config (e.g. a bare state dict); None for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(state, dict) or "cfg" in state or "args" in state:
+        return None
+    keys = [str(k) for k in list(state)[:4]]
+    return ", ".join(keys) + (", ..." if len(state) > 4 else "")
 
 
 def model_args(state: dict) -> dict:
