@@ -37,6 +37,9 @@ setup(
         # ctranslate2 is in "test" too: tests/test_ctranslate2.py runs the export.
         "test": ["pytest==9.2.0", "ctranslate2==4.8.5"],
         "deploy": ["ctranslate2==4.8.5"],
+        # examples/demo.sh and benchmark.sh plot their results (3.11 needs Python >= 3.11).
+        "demo": ["matplotlib==3.11.2; python_version >= '3.11'",
+                 "matplotlib==3.9.4; python_version < '3.11'"],
     },
     entry_points={
         "console_scripts": [

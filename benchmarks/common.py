@@ -16,6 +16,7 @@ reused by every script:
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-USER_DIR = REPO / "wd_fairseq"
+#: --user-dir: the wd_fairseq that this interpreter imports (the installed copy).
+USER_DIR = Path(importlib.util.find_spec("wd_fairseq").origin).parent
 BIN = Path(sys.executable).parent
 
 VOCAB = 32000
@@ -52,16 +54,17 @@ class BenchmarkError(RuntimeError):
 
 @dataclass
 class Run:
-    """A finished command: wall seconds, peak resident memory (MiB) and output."""
+    """A finished command: wall and CPU seconds, peak resident memory (MiB), output."""
 
     seconds: float
+    cpu_seconds: float
     peak_rss_mib: float
     stdout: str
     stderr: str
 
 
 def run(cmd: Sequence, env: Optional[Dict[str, str]] = None) -> Run:
-    """Run a command of this environment; measure its wall time and peak RSS
+    """Run a command of this environment; measure its wall and CPU time and peak RSS
     (``wait4`` rusage of that child alone)."""
     cmd = [str(c) for c in cmd]
     if not os.path.isabs(cmd[0]) and (BIN / cmd[0]).exists():
@@ -76,7 +79,8 @@ def run(cmd: Sequence, env: Optional[Dict[str, str]] = None) -> Run:
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        result = Run(seconds, usage.ru_maxrss / 1024, out.read(), err.read())
+        result = Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
+                     out.read(), err.read())
     if proc.returncode != 0:
         raise BenchmarkError(
             f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
@@ -95,7 +99,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="where shared assets and results go (default: work/bench)")
     parser.add_argument("--output", type=Path,
                         help="JSON results (default: WORKDIR/results/NAME[-quick].json)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per process (default 1: on a shared or busy "
+                        "machine more threads make timings erratic)")
     return parser
+
+
+def use_threads(threads: int) -> Dict[str, str]:
+    """Set this process's torch threads; return the environment for child processes."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def resolve_device(name: str) -> str:
@@ -266,7 +281,7 @@ def generation_seconds(log: str) -> Dict[str, float]:
     """Parse fairseq-generate's ``Translated N sentences (T tokens) in Xs`` line."""
     for line in log.splitlines():
         if "fairseq_cli.generate" in line and "Translated" in line:
-            words = line.split("Translated", 1)[1].replace("(", " ").split()
+            words = line.split("Translated", 1)[1].replace("(", " ").replace(",", "").split()
             return {"sentences": int(words[0]), "tokens": int(words[2]),
                     "seconds": float(words[5].rstrip("s"))}
     raise BenchmarkError("fairseq-generate printed no 'Translated ...' line:\n" + log[-3000:])

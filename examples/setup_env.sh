@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environment and install wd_fairseq into it.
+# Create (or reuse) the virtual environment and install wd_fairseq into it, with the
+# extras of the tests and the demo.
 # Usage: source examples/setup_env.sh   (or run it; it prints the venv path)
 # WD_VENV overrides the location (default: .venv at the repository root);
 # PYTHON picks the interpreter used to create it (default: python3).
@@ -13,5 +14,5 @@ fi
 # fairseq 0.12 metadata does not resolve with pip >= 24.1.
 "$WD_VENV/bin/python" -m pip install -q --disable-pip-version-check "pip<24.1"
 echo "[setup] installing wd_fairseq and its pinned dependencies (first time: fairseq compiles, ~3-5 min)"
-"$WD_VENV/bin/python" -m pip install -q --disable-pip-version-check "$WD_ROOT[test]"
+"$WD_VENV/bin/python" -m pip install -q --disable-pip-version-check "$WD_ROOT[test,demo]"
 export PATH="$WD_VENV/bin:$PATH"

@@ -50,11 +50,12 @@ def converter_args(state: dict, path: str, data: Optional[str]) -> argparse.Name
     args = model_args(state)
     check_translation_transformer(args, path, "STUDENT")
     task = OmegaConf.to_container(state["cfg"]["task"], resolve=True, enum_to_str=True)
+    source = "--data" if data else f"STUDENT {path}: its run's data-bin"
     data = data or task.get("data")
     if not data or not os.path.isdir(data):
         raise WDSetupError(
-            f"STUDENT {path}: the data-bin of the run ({data}) is missing. Fix: pass "
-            "--data with the data-bin holding the dictionaries the student was trained with"
+            f"{source} {data}: no such directory. Fix: pass --data with the data-bin "
+            "holding the dictionaries the student was trained with"
         )
     src, tgt = task.get("source_lang"), task.get("target_lang")
     if src is None or tgt is None:
@@ -67,10 +68,11 @@ def converter_args(state: dict, path: str, data: Optional[str]) -> argparse.Name
                 "written by fairseq-preprocess for this student"
             )
         rows = state["model"][f"{side}.embed_tokens.weight"].shape[0]
-        if len(Dictionary.load(dict_path)) != rows:
+        entries = len(Dictionary.load(dict_path))
+        if entries != rows:
             raise WDSetupError(
-                f"--data {data}: {dict_path} has {len(Dictionary.load(dict_path))} "
-                f"entries but the student's {side} table has {rows} rows. Fix: pass the "
+                f"--data {data}: {dict_path} has {entries} entries but the student's "
+                f"{side} table has {rows} rows. Fix: pass the "
                 "data-bin the student (and its teacher) was trained with"
             )
     task_name = task.pop("_name")

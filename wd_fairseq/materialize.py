@@ -81,6 +81,7 @@ def load_phase1(path: str, data: Optional[str] = None):
         ) from e
     model = task.build_model(cfg.model, from_checkpoint=True)
     model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    del state["model"]  # only the config is needed from here on
     return model.float().eval(), task, state
 
 
@@ -137,6 +138,9 @@ def save_atomic(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (mkstemp makes it 0600)
         os.replace(tmp, path)
     except OSError as e:
         raise WDSetupError(

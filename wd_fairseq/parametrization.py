@@ -42,15 +42,20 @@ class GeneratedTensor(nn.Module):
         return [self._teacher[0].get_parameter(name) for name in self.sources]
 
     def forward(self, placeholder: Tensor) -> Tensor:
-        teacher = self.teacher_tensors()
         if self.training or torch.is_grad_enabled():
             self._cache = None
-            return self.generator(*teacher).to(placeholder.dtype)
+            return self.generator(*self.teacher_tensors()).to(placeholder.dtype)
+        if self._cache is not None:
+            inputs, key, value = self._cache
+            if key == _versions(inputs, placeholder.dtype):
+                return value
+        teacher = self.teacher_tensors()
         inputs = teacher + list(self.generator.parameters())
-        key = (placeholder.dtype, tuple((t.data_ptr(), t._version) for t in inputs))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.generator(*teacher).to(placeholder.dtype))
-        return self._cache[1]
+        # requires_grad (harmless: only returned under no_grad) keeps torch's matmul
+        # folding (B*beam, 1, C) activations into one GEMM instead of a batched one.
+        value = self.generator(*teacher).to(placeholder.dtype).requires_grad_()
+        self._cache = (inputs, _versions(inputs, placeholder.dtype), value)
+        return value
 
     def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
         """Only the rows ``index`` of a generated table (TableGenerator only)."""
@@ -64,6 +69,15 @@ class GeneratedTensor(nn.Module):
     def train(self, mode: bool = True):
         self._cache = None
         return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None  # .to()/.half(): inputs are about to move
+        return super()._apply(fn, recurse)
+
+
+def _versions(tensors: List[Tensor], dtype: torch.dtype) -> tuple:
+    """What a cached result depends on: storage and in-place version of each input."""
+    return dtype, tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 class SameAs(nn.Module):
