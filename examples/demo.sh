@@ -14,65 +14,74 @@
 #
 # WORK (default: work/demo at the repository root) holds everything; logs/STAGE.log has
 # each stage's full output. The first run creates the virtual environment
-# (examples/setup_env.sh), which later runs reuse. Every setting below can be overridden
-# from the environment (examples/recipes/pipeline.sh documents them).
+# (examples/setup_env.sh), which later runs reuse. The model, training and decoding
+# settings below can be overridden from the environment (pipeline.sh documents them).
 set -euo pipefail
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIBLE=$REPO/examples/bible_es_en
-export WORK=${WORK:-$REPO/work/demo}
-MARKER=$WORK/.wd-demo
 
-case "${1:-}" in
-  "") ;;
-  --fresh)
-    if [ -e "$WORK" ]; then
-      [ -e "$MARKER" ] || { echo "demo.sh: $WORK was not made by demo.sh; not deleting it" >&2; exit 1; }
-      rm -rf "$WORK"
-    fi ;;
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-  *) echo "usage: bash examples/demo.sh [--fresh]" >&2; exit 2 ;;
-esac
+main() {
+  local repo bible marker start
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  bible=$repo/examples/bible_es_en
+  export WORK=${WORK:-$repo/work/demo}
+  marker=$WORK/.wd-demo
+  case "${1:-}" in
+    "") ;;
+    --fresh)
+      if [ -e "$WORK" ]; then
+        [ -e "$marker" ] || { echo "demo.sh: $WORK was not made by demo.sh; not deleting it" >&2; exit 1; }
+        rm -rf "$WORK"
+      fi ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "usage: bash examples/demo.sh [--fresh]" >&2; exit 2 ;;
+  esac
 
-source "$REPO/examples/setup_env.sh"
-export PYTHON=python
-mkdir -p "$WORK"
-touch "$MARKER"
+  source "$repo/examples/setup_env.sh"
+  export PYTHON=python
+  mkdir -p "$WORK"
+  touch "$marker"
 
-# Data: 8,000 training verse pairs of at most 30 words per side, 300 valid pairs (validation
-# loss only) and 500 of the 1,000 test pairs, each spread evenly over the whole Bible.
-export RAW_DIR=$WORK/corpus-demo
-# Text: a small joint BPE that keeps whole words frequent in this subset.
-export BPE_MERGES=${BPE_MERGES:-4000} BPE_VOCAB_THRESHOLD=${BPE_VOCAB_THRESHOLD:-10}
-# Models: teacher 3+3 layers x 128/512/4 heads; students (KD and WD) keep the teacher's
-# encoder, decoder 1 layer x 64/256/4 heads (the authors' stu1 shape, scaled down).
-export TEACHER_LAYERS=${TEACHER_LAYERS:-3} TEACHER_DIM=${TEACHER_DIM:-128}
-export TEACHER_FFN=${TEACHER_FFN:-512} TEACHER_HEADS=${TEACHER_HEADS:-4}
-export STUDENT_DEC_LAYERS=${STUDENT_DEC_LAYERS:-1} STUDENT_DEC_DIM=${STUDENT_DEC_DIM:-64}
-export STUDENT_DEC_FFN=${STUDENT_DEC_FFN:-256} STUDENT_DEC_HEADS=${STUDENT_DEC_HEADS:-4}
-# Training: CPU, fp32, 4096-token batches, few updates at a higher learning rate; both
-# students get the same number of updates (KD = WD phase 1 + phase 2).
-export CPU=1 FP16=0 NUM_GPUS=1 MAX_TOKENS=${MAX_TOKENS:-4096} UPDATE_FREQ=${UPDATE_FREQ:-1}
-export LR=${LR:-2e-3} WARMUP=${WARMUP:-150} PHASE2_WARMUP=${PHASE2_WARMUP:-50}
-export TEACHER_UPDATES=${TEACHER_UPDATES:-600} KD_UPDATES=${KD_UPDATES:-400}
-export PHASE1_UPDATES=${PHASE1_UPDATES:-300} PHASE2_UPDATES=${PHASE2_UPDATES:-100}
-export SAVE_INTERVAL_UPDATES=${SAVE_INTERVAL_UPDATES:-100} AVG_LAST=${AVG_LAST:-3}
-export TRAIN_EXTRA=${TRAIN_EXTRA:-"--log-interval 25"}
-export WORKERS=${WORKERS:-$(nproc)}
-# Decoding: KD data with beam 4; evaluation with the authors' beam 6; speed at batch 1.
-export KD_BEAM=${KD_BEAM:-4} BEAM=${BEAM:-6} SPEED_BATCH_SIZE=${SPEED_BATCH_SIZE:-1}
-export GENERATE_EXTRA=${GENERATE_EXTRA:-"--max-len-a 1.5 --max-len-b 10"}
+  # Data: 8,000 training verse pairs of at most 30 words per side, 300 valid pairs
+  # (validation loss only) and 500 of the 1,000 test pairs, each spread evenly over the Bible.
+  export RAW_DIR=$WORK/corpus-demo
+  # Text: a small joint BPE that keeps whole words frequent in this subset.
+  export BPE_MERGES=${BPE_MERGES:-4000} BPE_VOCAB_THRESHOLD=${BPE_VOCAB_THRESHOLD:-10}
+  # Models: teacher 3+3 layers x 128/512/4 heads; students (KD and WD) keep the teacher's
+  # encoder, decoder 1 layer x 64/256/4 heads (the authors' stu1 shape, scaled down).
+  export TEACHER_LAYERS=${TEACHER_LAYERS:-3} TEACHER_DIM=${TEACHER_DIM:-128}
+  export TEACHER_FFN=${TEACHER_FFN:-512} TEACHER_HEADS=${TEACHER_HEADS:-4}
+  export STUDENT_DEC_LAYERS=${STUDENT_DEC_LAYERS:-1} STUDENT_DEC_DIM=${STUDENT_DEC_DIM:-64}
+  export STUDENT_DEC_FFN=${STUDENT_DEC_FFN:-256} STUDENT_DEC_HEADS=${STUDENT_DEC_HEADS:-4}
+  # Training: CPU, fp32, 4096-token batches, few updates at a higher learning rate; both
+  # students get the same number of updates (KD = WD phase 1 + phase 2). Update counts are
+  # multiples of SAVE_INTERVAL_UPDATES (the saves are what a stage averages at its end).
+  export CPU=1 FP16=0 NUM_GPUS=1 MAX_TOKENS=${MAX_TOKENS:-4096} UPDATE_FREQ=${UPDATE_FREQ:-1}
+  export LR=${LR:-2e-3} WARMUP=${WARMUP:-150} PHASE2_WARMUP=${PHASE2_WARMUP:-50}
+  export TEACHER_UPDATES=${TEACHER_UPDATES:-600} KD_UPDATES=${KD_UPDATES:-400}
+  export PHASE1_UPDATES=${PHASE1_UPDATES:-300} PHASE2_UPDATES=${PHASE2_UPDATES:-100}
+  export SAVE_INTERVAL_UPDATES=${SAVE_INTERVAL_UPDATES:-100} AVG_LAST=${AVG_LAST:-3}
+  export TRAIN_EXTRA=${TRAIN_EXTRA:-"--log-interval 25"}
+  export WORKERS=${WORKERS:-$(nproc)}
+  # Decoding: KD data with beam 4; evaluation with the authors' beam 6; speed at batch 1.
+  export KD_BEAM=${KD_BEAM:-4} BEAM=${BEAM:-6} SPEED_BATCH_SIZE=${SPEED_BATCH_SIZE:-1}
+  export GENERATE_EXTRA=${GENERATE_EXTRA:-"--max-len-a 1.5 --max-len-b 10"}
 
-START=$SECONDS
-echo "[demo] work directory $WORK"
-if [ ! -s "$RAW_DIR/test.en" ]; then
-  python "$BIBLE/corpus.py" "$WORK/corpus" > /dev/null
-  python "$BIBLE/tools.py" subset --corpus "$WORK/corpus" --out "$RAW_DIR.tmp" \
-    --train 8000 --max-words 30 --valid 300 --test 500
-  rm -rf "$RAW_DIR"; mv "$RAW_DIR.tmp" "$RAW_DIR"
-fi
-STAGES_TAG=demo bash "$BIBLE/stages.sh"
-python "$BIBLE/tools.py" report --work "$WORK" --out-prefix "$WORK/demo_results" \
-  --title "WD demo: Bible Es-En, $(wc -l < "$RAW_DIR/train.es") training pairs, CPU" \
-  --note "speed: beam $BEAM, batch size $SPEED_BATCH_SIZE, one CPU thread"
-echo "[demo] finished in $(( (SECONDS - START) / 60 ))m$(printf '%02d' $(( (SECONDS - START) % 60 )))s (set-up not counted); results:"
-for ext in md json png; do echo "  $WORK/demo_results.$ext"; done
+  start=$SECONDS
+  echo "[demo] work directory $WORK"
+  if [ ! -s "$RAW_DIR/test.en" ]; then
+    python "$bible/corpus.py" "$WORK/corpus" > /dev/null
+    python "$bible/tools.py" subset --corpus "$WORK/corpus" --out "$RAW_DIR.tmp" \
+      --train 8000 --max-words 30 --valid 300 --test 500
+    rm -rf "$RAW_DIR"
+    mv "$RAW_DIR.tmp" "$RAW_DIR"
+  fi
+  STAGES_TAG=demo bash "$bible/stages.sh"
+  python "$bible/tools.py" report --work "$WORK" --out-prefix "$WORK/demo_results" \
+    --title "WD demo: Bible Es-En, $(wc -l < "$RAW_DIR/train.es") training pairs, CPU" \
+    --note "speed: beam $BEAM, batch size $SPEED_BATCH_SIZE, one CPU thread"
+  printf '[demo] finished in %dm%02ds (set-up not counted); results:\n' \
+    $(( (SECONDS - start) / 60 )) $(( (SECONDS - start) % 60 ))
+  for ext in md json png; do echo "  $WORK/demo_results.$ext"; done
+}
+
+# one line: bash has read all of it before running, so editing this file meanwhile is safe
+main "$@"; exit

@@ -40,12 +40,17 @@ run_side_by_side() {
   [ "$failed" = 0 ] || { say "a stage failed; see $WORK/logs/"; exit 1; }
 }
 
-run_one prepare
-run_one teacher
-run_one kd_data
-run_side_by_side kd_student wd_phase1
-run_one materialize
-run_one wd_phase2
-run_one evaluate
-run_one speed OMP_NUM_THREADS=1
-say "all stages done"
+main() {
+  run_one prepare
+  run_one teacher
+  run_one kd_data
+  run_side_by_side kd_student wd_phase1
+  run_one materialize
+  run_one wd_phase2
+  run_one evaluate
+  run_one speed OMP_NUM_THREADS=1
+  say "all stages done"
+}
+
+# one line: bash has read all of it before running, so editing this file meanwhile is safe
+main "$@"; exit
