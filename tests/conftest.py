@@ -81,6 +81,17 @@ def train_teacher(data: Path, save_dir: Path, *extra, updates: int = 60) -> Path
     return save_dir / "checkpoint_last.pt"
 
 
+@pytest.fixture
+def one_thread():
+    """In-process tiny models on shared cores: extra threads only add overhead."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def raw_corpus(tmp_path_factory) -> Path:
     raw = tmp_path_factory.mktemp("raw")

@@ -20,12 +20,7 @@ N_TRAIN = 120
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models on shared cores: threads only add overhead
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
