@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import build_wd, translation_task
 from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from wd_fairseq.generator import (
     ElementwiseGenerator,
@@ -134,6 +135,47 @@ def test_eval_mode_caches_generated_weights_and_never_goes_stale(data_bin, postn
     calls.clear()
     student_logits(model)
     assert len(calls) == n - 2  # all but the two token tables, which generate only rows
+
+
+def test_eval_reads_skip_torch_parametrization_and_copies_keep_their_own_cache(wd, monkeypatch):
+    from torch.nn.utils import parametrize
+
+    model = build_wd_copy(wd)
+    model.eval()
+    with torch.no_grad():
+        first = student_logits(model)
+        calls = []
+        forward = parametrize.ParametrizationList.forward
+        monkeypatch.setattr(parametrize.ParametrizationList, "forward",
+                            lambda self: calls.append(1) or forward(self))
+        torch.testing.assert_close(student_logits(model), first, rtol=0, atol=0)
+        assert not calls  # cached reads bypass torch's parametrization call
+        copy = build_wd_copy(model)  # shares the parametrized classes with ``model``
+        copy.decoder.layers[0].fc1.parametrizations.weight[0].generator.shift.add_(0.5)
+        assert not torch.allclose(student_logits(copy), first)
+        torch.testing.assert_close(student_logits(model), first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_prepare_for_inference_materialises_in_place(data_bin, postnorm_teacher, tied):
+    """fairseq-generate's prepare_for_inference_ leaves a plain student: same outputs,
+    no generators or teacher, tied tables still one Parameter, training refused."""
+    torch.manual_seed(0)
+    model = build_wd(data_bin, postnorm_teacher, share_decoder_input_output_embed=tied, **STUDENT)
+    model.eval()
+    with torch.no_grad():
+        before = student_logits(model)
+    args = options.parse_args_and_arch(options.get_generation_parser(), [str(data_bin)])
+    model.prepare_for_inference_(convert_namespace_to_omegaconf(args))
+    assert not hasattr(model, "teacher")
+    assert not any("parametrizations" in name for name, _ in model.named_parameters())
+    assert type(model.decoder.layers[0].fc1) is torch.nn.Linear
+    decoder = model.decoder
+    assert (decoder.output_projection.weight is decoder.embed_tokens.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(student_logits(model), before, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="cannot train"):
+        model.train()
 
 
 def test_training_generates_only_the_embedding_rows_in_the_batch(data_bin, postnorm_teacher, monkeypatch):

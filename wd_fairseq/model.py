@@ -22,6 +22,7 @@ from fairseq.models.transformer import TransformerModel
 from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf, open_dict
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .generator import (
     ElementwiseGenerator,
@@ -297,6 +298,34 @@ class WDTransformerModel(TransformerModel):
         """Optional init (``--wd-init slice``): the student starts as a slice of the teacher."""
         for _, _, generated in self.generated_tensors():
             generated.generator.start_as_slice(*generated.teacher_tensors())
+
+    # -- inference ----------------------------------------------------------------
+
+    def make_generation_fast_(self, **kwargs):
+        """fairseq-generate, fairseq-interactive and the hub reach this through
+        ``prepare_for_inference_``. fairseq's contract: the model is not trained
+        afterwards. So the student is first materialised in place, and decodes at the
+        materialised student's speed and memory."""
+        if not self._is_generation_fast:
+            self.materialize_in_place_()
+        super().make_generation_fast_(**kwargs)
+
+    @torch.no_grad()
+    def materialize_in_place_(self) -> None:
+        """Turn every generated tensor into a plain Parameter holding its current
+        value (tied tensors stay one Parameter) and drop the teacher and generators."""
+        training = self.training
+        self.eval()  # cached values: a tied tensor returns its owner's tensor object
+        values = [(module, name, getattr(module, name))
+                  for module in list(self.modules())
+                  for name in list(getattr(module, "parametrizations", {}))]
+        plain = {}
+        for module, name, value in values:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+            # a Parameter that requires grad, like a loaded student's (same matmul paths)
+            setattr(module, name, plain.setdefault(id(value), nn.Parameter(value.detach())))
+        del self.teacher
+        self.train(training)
 
     # -- materialisation ----------------------------------------------------------
 

@@ -45,17 +45,22 @@ class GeneratedTensor(nn.Module):
         if self.training or torch.is_grad_enabled():
             self._cache = None
             return self.generator(*self.teacher_tensors()).to(placeholder.dtype)
-        if self._cache is not None:
-            inputs, key, value = self._cache
-            if key == _versions(inputs, placeholder.dtype):
-                return value
-        teacher = self.teacher_tensors()
-        inputs = teacher + list(self.generator.parameters())
-        # requires_grad (harmless: only returned under no_grad) keeps torch's matmul
-        # folding (B*beam, 1, C) activations into one GEMM instead of a batched one.
-        value = self.generator(*teacher).to(placeholder.dtype).requires_grad_()
-        self._cache = (inputs, _versions(inputs, placeholder.dtype), value)
+        value = self.cached()
+        if value is None:
+            teacher = self.teacher_tensors()
+            inputs = teacher + list(self.generator.parameters())
+            # requires_grad (harmless: only returned under no_grad) keeps torch's matmul
+            # folding (B*beam, 1, C) activations into one GEMM instead of a batched one.
+            value = self.generator(*teacher).to(placeholder.dtype).requires_grad_()
+            self._cache = (inputs, _versions(inputs), value)
         return value
+
+    def cached(self) -> Optional[Tensor]:
+        """The eval-mode value if it is cached and still valid, else None."""
+        if self._cache is None or self.training or torch.is_grad_enabled():
+            return None
+        inputs, versions, value = self._cache
+        return value if versions == _versions(inputs) else None
 
     def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
         """Only the rows ``index`` of a generated table (TableGenerator only)."""
@@ -71,13 +76,13 @@ class GeneratedTensor(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):
-        self._cache = None  # .to()/.half(): inputs are about to move
+        self._cache = None  # .to()/.half(): inputs and dtype are about to change
         return super()._apply(fn, recurse)
 
 
-def _versions(tensors: List[Tensor], dtype: torch.dtype) -> tuple:
+def _versions(tensors: List[Tensor]) -> tuple:
     """What a cached result depends on: storage and in-place version of each input."""
-    return dtype, tuple((t.data_ptr(), t._version) for t in tensors)
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 class SameAs(nn.Module):
@@ -125,3 +130,21 @@ def generate(module: nn.Module, name: str, generator: nn.Module) -> None:
     """Replace ``module.<name>`` by what ``generator`` (a parametrization) computes."""
     parametrize.register_parametrization(module, name, generator, unsafe=True)
     module.parametrizations[name].original.requires_grad_(False)
+    if isinstance(generator, GeneratedTensor):
+        _read_cache_first(module, name)
+
+
+def _read_cache_first(module: nn.Module, name: str) -> None:
+    """Reads of ``module.<name>`` return a valid eval-mode cached value directly.
+
+    torch's parametrization call costs several microseconds a read, and incremental
+    decoding reads every weight at every step. ``register_parametrization`` gave the
+    module a class of its own with a property for ``name``; this wraps that property.
+    """
+    torch_property = getattr(type(module), name)
+
+    def read(self) -> Tensor:
+        value = self.parametrizations[name][0].cached()
+        return torch_property.fget(self) if value is None else value
+
+    setattr(type(module), name, property(read, torch_property.fset))
