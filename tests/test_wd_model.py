@@ -78,18 +78,26 @@ def test_generator_kinds_follow_shapes_and_groups(wd):
     assert wd.decoder.layers[0].encoder_attn.k_proj.weight.shape == (16, 32)
 
 
-def test_teacher_is_frozen_and_unchanged_by_training(data_bin, postnorm_teacher):
+@pytest.mark.parametrize("student", [STUDENT, dict(encoder_layers=2, decoder_layers=1)],
+                         ids=["narrower", "teacher-width"])
+def test_teacher_is_frozen_and_unchanged_by_training(data_bin, postnorm_teacher, student):
+    """Also across validation (eval mode), and at the teacher's width, where the output
+    projection is the teacher's tensor as is."""
     torch.manual_seed(0)
-    model = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    model = build_wd(data_bin, postnorm_teacher, **student)
     before_teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     before_student = {k: v.clone() for k, v in model.student_state_dict().items()}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
     for step in range(3):
+        model.train()
         optimizer.zero_grad()
         student_logits(model, seed=step).logsumexp(-1).mean().backward()
         assert all(p.grad is None for p in model.teacher.parameters())
         optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            student_logits(model)
+        assert not any(p.requires_grad for p in model.teacher.parameters())
     for k, v in model.teacher.state_dict().items():
         assert torch.equal(v, before_teacher[k]), k
     after = model.student_state_dict()

@@ -50,8 +50,9 @@ class GeneratedTensor(nn.Module):
             teacher = self.teacher_tensors()
             inputs = teacher + list(self.generator.parameters())
             # requires_grad (harmless: only returned under no_grad) keeps torch's matmul
-            # folding (B*beam, 1, C) activations into one GEMM instead of a batched one.
-            value = self.generator(*teacher).to(placeholder.dtype).requires_grad_()
+            # folding (B*beam, 1, C) activations into one GEMM instead of a batched one;
+            # detach first: a generator may return a teacher tensor itself.
+            value = self.generator(*teacher).to(placeholder.dtype).detach().requires_grad_()
             self._cache = (inputs, _versions(inputs), value)
         return value
 
