@@ -8,6 +8,7 @@ import torch
 from conftest import build_wd, translation_task
 from fairseq import options
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.models.transformer import TransformerModel
 
 from wd_fairseq.generator import (
     ElementwiseGenerator,
@@ -162,6 +163,33 @@ def test_eval_reads_skip_torch_parametrization_and_copies_keep_their_own_cache(w
         copy.decoder.layers[0].fc1.parametrizations.weight[0].generator.shift.add_(0.5)
         assert not torch.allclose(student_logits(copy), first)
         torch.testing.assert_close(student_logits(model), first, rtol=0, atol=0)
+
+
+def test_beam_search_in_eval_mode_matches_the_materialised_model(data_bin, wd):
+    """Beam search reorders the incremental state of every attention module; the
+    phase-1 decoder skips only the parametrization modules when it does."""
+    from fairseq import search
+    from fairseq.sequence_generator import SequenceGenerator
+    from torch.nn.utils import parametrize
+
+    task = translation_task(data_bin)
+    src, lengths, _ = batch(wd, seed=3, bsz=4)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+
+    def beam_search(model):
+        generator = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_b=8,
+                                      search_strategy=search.BeamSearch(task.target_dictionary))
+        return [[h["tokens"].tolist() for h in hypos] for hypos in generator.generate([model], sample)]
+
+    stock = TransformerModel.build_model(argparse.Namespace(**wd.student_args), task)
+    stock.load_state_dict(wd.student_state_dict())
+    expected = beam_search(stock)
+    assert beam_search(build_wd_copy(wd)) == expected
+    args = options.parse_args_and_arch(options.get_generation_parser(), [str(data_bin)])
+    materialised = build_wd_copy(wd)
+    materialised.prepare_for_inference_(convert_namespace_to_omegaconf(args))
+    assert beam_search(materialised) == expected
+    assert parametrize.is_parametrized(wd.decoder.layers[0].fc1)  # copies are independent
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -18,7 +18,7 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
-from fairseq.models.transformer import TransformerModel
+from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf, open_dict
 from torch import nn
@@ -179,6 +179,27 @@ def _teacher_config_from_resume(cfg) -> Optional[str]:
     return model.get("teacher_config")
 
 
+class WDTransformerDecoder(TransformerDecoderBase):
+    """The stock decoder, except that reordering the incremental state (every beam
+    search step) skips the parametrization modules: they keep no state, and
+    visiting them costs more than the decoder's own modules do."""
+
+    def reorder_incremental_state_scripting(self, incremental_state, new_order):
+        for module in _without_parametrizations(self):
+            if hasattr(module, "reorder_incremental_state"):
+                result = module.reorder_incremental_state(incremental_state, new_order)
+                if result is not None:
+                    incremental_state = result
+
+
+def _without_parametrizations(module: nn.Module):
+    """``module`` and its submodules, except those inside ``parametrizations``."""
+    yield module
+    for name, child in module.named_children():
+        if name != "parametrizations":
+            yield from _without_parametrizations(child)
+
+
 @register_model("wd_transformer", dataclass=WDTransformerConfig)
 class WDTransformerModel(TransformerModel):
     """Phase-1 WD model: a stock Transformer student whose tensors are generated
@@ -212,6 +233,11 @@ class WDTransformerModel(TransformerModel):
         if loaded and safe_getattr(cfg, "wd_init", "faithful") == "slice":
             model.start_as_slice()
         return model
+
+    @classmethod
+    def build_decoder(cls, args, tgt_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(args)
+        return WDTransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
 
     # -- generators ---------------------------------------------------------------
 
@@ -316,14 +342,17 @@ class WDTransformerModel(TransformerModel):
         value (tied tensors stay one Parameter) and drop the teacher and generators."""
         training = self.training
         self.eval()  # cached values: a tied tensor returns its owner's tensor object
-        values = [(module, name, getattr(module, name))
-                  for module in list(self.modules())
-                  for name in list(getattr(module, "parametrizations", {}))]
+        values = {module: {name: getattr(module, name) for name in module.parametrizations}
+                  for module in self.modules() if parametrize.is_parametrized(module)}
         plain = {}
-        for module, name, value in values:
-            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-            # a Parameter that requires grad, like a loaded student's (same matmul paths)
-            setattr(module, name, plain.setdefault(id(value), nn.Parameter(value.detach())))
+        for module, tensors in values.items():
+            # what parametrize.remove_parametrizations does, except deleting the
+            # properties of the module's parametrized class: deep copies share it
+            del module.parametrizations
+            module.__class__ = type(module).__bases__[0]
+            for name, value in tensors.items():
+                # a Parameter that requires grad, like a loaded student's (same matmul paths)
+                module.register_parameter(name, plain.setdefault(id(value), nn.Parameter(value.detach())))
         del self.teacher
         self.train(training)
 
