@@ -135,6 +135,14 @@ def test_rerun_skips_finished_stages_and_names_unknown_ones(recipe_run):
     assert "prepare teacher kd_data" in proc.stderr
 
 
+def test_update_counts_without_a_final_save_are_refused_before_any_work(tmp_path):
+    env = dict(TINY, WORK=str(tmp_path), TEACHER_UPDATES="25")
+    proc = run_recipe("examples/wmt16_en_ro/run.sh", env=env, check=False)
+    assert proc.returncode != 0
+    assert "TEACHER_UPDATES=25 is not a multiple of SAVE_INTERVAL_UPDATES=10" in proc.stderr
+    assert "start prepare" not in proc.stdout and not (tmp_path / "done").exists()
+
+
 def test_pair_scripts_configure_the_shared_pipeline(tmp_path):
     env = {"WORK": str(tmp_path), "NUM_GPUS": "2"}
     cfg = {}

@@ -59,7 +59,8 @@
 #   TEACHER_UPDATES (100000) KD_UPDATES (30000) PHASE1_UPDATES (30000) PHASE2_UPDATES (30000)
 #   SAVE_INTERVAL_UPDATES (1000) AVG_LAST (5)   the last AVG_LAST checkpoints (saved every
 #                       SAVE_INTERVAL_UPDATES updates and at epoch ends) are averaged for the
-#                       teacher, the KD student and phase 2
+#                       teacher, the KD student and phase 2, whose update counts must
+#                       be multiples of SAVE_INTERVAL_UPDATES (checked before any stage)
 #   FP16 (1)            --fp16 for training and decoding      CPU (0)  --cpu everywhere
 #   KD_ALPHA (0) KD_TEMPERATURE (1)   word-level KD (kd_label_smoothed_cross_entropy) in the
 #                       KD student and phase 1; 0 = the authors' label-smoothed CE only
@@ -480,10 +481,21 @@ run_stage() {
   log "done $stage"
 }
 
+# The stages that average their last saves need a save at their final update.
+check_update_counts() {
+  local v
+  for v in TEACHER_UPDATES KD_UPDATES PHASE2_UPDATES; do
+    [ $(( ${!v} % SAVE_INTERVAL_UPDATES )) = 0 ] || die "$v=${!v} is not a multiple of \
+SAVE_INTERVAL_UPDATES=$SAVE_INTERVAL_UPDATES, so the stage's last updates would be left out \
+of the checkpoint average. Fix: make $v a multiple of SAVE_INTERVAL_UPDATES (or change the interval)"
+  done
+}
+
 main() {
   if [ "${1:-}" = config ]; then show_config; return; fi
   local stages=("$@") stage
   [ ${#stages[@]} -gt 0 ] || stages=("${STAGES[@]}")
+  check_update_counts
   for stage in "${stages[@]}"; do
     declare -F "stage_$stage" > /dev/null || die "unknown stage '$stage'. Stages: ${STAGES[*]} (or config)"
   done
@@ -491,4 +503,5 @@ main() {
   for stage in "${stages[@]}"; do run_stage "$stage"; done
 }
 
-main "$@"
+# one line: bash has read all of it before running, so editing this file meanwhile is safe
+main "$@"; exit
