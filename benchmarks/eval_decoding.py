@@ -10,7 +10,7 @@ Two ways a phase-1 checkpoint is decoded, each against the materialised student:
 All three are loaded and decoded with fairseq-generate's own code path
 (``checkpoint_utils.load_model_ensemble``, ``task.build_generator``,
 ``task.inference_step``) on the same batches with the same beam; batches rotate
-between them. Every hypothesis is pinned to the same length
+between them (each goes first in turn). Every hypothesis is pinned to the same length
 (``--min-len L --max-len-b L``), so all do the same number of decoder steps. The
 one-time set-up (in-place materialisation, or the cache fill) is timed on its
 own; ratios are reported in steady state and amortised over the test set.
@@ -122,8 +122,8 @@ def main():
             samples = batches(setups["student"][0], split, batch_size, limit, device)
             times = {name: [] for name in VARIANTS}
             tokens = {name: 0 for name in VARIANTS}
-            for sample in samples:
-                for name in VARIANTS:
+            for i, sample in enumerate(samples):
+                for name in VARIANTS[i % 3:] + VARIANTS[:i % 3]:  # rotate who goes first
                     task, models, generator = setups[name]
                     wall, cpu, hypos = timed(
                         lambda: task.inference_step(generator, models, sample), device)

@@ -61,7 +61,7 @@ class GeneratedTensor(nn.Module):
         if self._cache is None or self.training or torch.is_grad_enabled():
             return None
         inputs, versions, value = self._cache
-        return value if versions == _versions(inputs) else None
+        return value if _versions(inputs) == versions else None
 
     def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
         """Only the rows ``index`` of a generated table (TableGenerator only)."""
@@ -81,9 +81,9 @@ class GeneratedTensor(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def _versions(tensors: List[Tensor]) -> tuple:
+def _versions(tensors: List[Tensor]) -> list:
     """What a cached result depends on: storage and in-place version of each input."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    return [(t.data_ptr(), t._version) for t in tensors]
 
 
 class SameAs(nn.Module):
@@ -145,7 +145,8 @@ def _read_cache_first(module: nn.Module, name: str) -> None:
     torch_property = getattr(type(module), name)
 
     def read(self) -> Tensor:
-        value = self.parametrizations[name][0].cached()
+        # self.parametrizations[name][0], without nn.Module's attribute fallbacks
+        value = self._modules["parametrizations"]._modules[name]._modules["0"].cached()
         return torch_property.fget(self) if value is None else value
 
     setattr(type(module), name, property(read, torch_property.fset))
