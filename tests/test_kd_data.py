@@ -84,7 +84,7 @@ def count_batches(monkeypatch):
 def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
     out = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu",
                   env=ONE_THREAD).stdout
-    assert "wrote" in out
+    assert "wrote" in out and f"decoded {N_TRAIN}/{N_TRAIN} sentences" in out  # progress
     for ext in ("bin", "idx"):  # source side: the original sources, byte for byte
         assert (data / f"train1.src-tgt.src.{ext}").read_bytes() == \
             (data / f"train.src-tgt.src.{ext}").read_bytes()

@@ -42,6 +42,8 @@ from .teacher import WDSetupError, load_teacher
 logger = logging.getLogger("wd_fairseq.kd_data")
 
 OK, EMPTY, OVERLONG, SOURCE_TOO_LONG = "ok", "empty", "overlong", "source-too-long"
+#: A progress line at most this often (and once at the end).
+PROGRESS_SECONDS = 30
 
 
 def infer_langs(data: str, split: str) -> Tuple[str, str]:
@@ -167,7 +169,7 @@ def decode(teacher, task, source, todo: np.ndarray, store: ShardStore, gen: Gene
     rows = [(int(i), SOURCE_TOO_LONG, "") for i in too_long]
     batches = dataset.batch_by_size(ordered, max_tokens=max_tokens, max_sentences=batch_size)
     generator = task.build_generator([teacher], gen)
-    start, done = time.time(), 0
+    start, done, reported = time.time(), 0, time.time()
     for batch in batches:
         sample = dataset.collater([dataset[i] for i in batch])
         sample = utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
@@ -182,8 +184,10 @@ def decode(teacher, task, source, todo: np.ndarray, store: ShardStore, gen: Gene
         if len(rows) >= save_every:
             store.save(rows)
             rows = []
+        if time.time() - reported >= PROGRESS_SECONDS or done == len(ordered):
+            reported = time.time()
             logger.info("decoded %d/%d sentences (%.1f sentences/s)",
-                        done, len(ordered), done / (time.time() - start))
+                        done, len(ordered), done / (reported - start))
     if rows:
         store.save(rows)
 
