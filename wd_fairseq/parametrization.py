@@ -28,7 +28,8 @@ class GeneratedTensor(nn.Module):
             group, in order).
 
     In eval mode with grad disabled the result is cached and reused until the
-    mode changes or any input tensor changes (version counter or storage).
+    mode changes, the module moves (``_apply``) or any input tensor changes in
+    place (version counter).
     """
 
     def __init__(self, generator: ParameterGenerator, teacher: nn.Module, sources: List[str]):
@@ -82,8 +83,9 @@ class GeneratedTensor(nn.Module):
 
 
 def _versions(tensors: List[Tensor]) -> list:
-    """What a cached result depends on: storage and in-place version of each input."""
-    return [(t.data_ptr(), t._version) for t in tensors]
+    """What a cached result depends on: the in-place version of each input
+    (``.to()``/``.half()`` replace storage through ``_apply``, which clears the cache)."""
+    return [t._version for t in tensors]
 
 
 class SameAs(nn.Module):
