@@ -169,7 +169,8 @@ def decode(teacher, task, source, todo: np.ndarray, store: ShardStore, gen: Gene
     rows = [(int(i), SOURCE_TOO_LONG, "") for i in too_long]
     batches = dataset.batch_by_size(ordered, max_tokens=max_tokens, max_sentences=batch_size)
     generator = task.build_generator([teacher], gen)
-    start, done, reported = time.time(), 0, time.time()
+    start = reported = time.time()
+    done = 0
     for batch in batches:
         sample = dataset.collater([dataset[i] for i in batch])
         sample = utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
