@@ -13,6 +13,9 @@ reused by every script:
 - ``phase1-stuN.pt``: ``fairseq-train --arch wd_transformer_stuN`` after one update;
 - ``stuN.pt``: ``wd-materialize`` of it; ``ct2-NAME-QUANT/``: ``wd-export-ct2`` of a
   stock checkpoint.
+
+``--assets tiny`` builds the same files at toy size (default work directory
+``work/bench-tiny``): a dry run of a script in seconds, whose numbers mean nothing.
 """
 
 import argparse
@@ -34,9 +37,40 @@ REPO = Path(__file__).resolve().parent.parent
 USER_DIR = Path(importlib.util.find_spec("wd_fairseq").origin).parent
 BIN = Path(sys.executable).parent
 
-VOCAB = 32000
-SPLITS = {"train": 512, "valid": 48, "test": 480}
-STUDENTS = {"stu1": "wd_transformer_stu1", "stu2": "wd_transformer_stu2"}
+STUDENTS = ("stu1", "stu2")
+
+
+@dataclass(frozen=True)
+class AssetSize:
+    """Vocabulary, sentences per split, and the model flags of the teacher and of each
+    phase-1 student."""
+
+    vocab: int
+    splits: Dict[str, int]
+    teacher: List[str]
+    students: Dict[str, List[str]]
+
+
+ASSET_SIZES = {
+    # The authors' teacher (6+6 x 512/2048/8) and students.
+    "authors": AssetSize(
+        vocab=32000, splits={"train": 512, "valid": 48, "test": 480},
+        teacher=["--arch", "transformer_wmt_en_de"],
+        students={"stu1": ["--arch", "wd_transformer_stu1"],
+                  "stu2": ["--arch", "wd_transformer_stu2"]}),
+    # A dry run: the same files and code paths in seconds.
+    "tiny": AssetSize(
+        vocab=200, splits={"train": 64, "valid": 6, "test": 12},
+        teacher=["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2",
+                 "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+                 "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+                 "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
+        students={student: ["--arch", "wd_transformer", "--decoder-layers", str(layers),
+                            "--decoder-embed-dim", str(width),
+                            "--decoder-ffn-embed-dim", str(2 * width),
+                            "--decoder-attention-heads", "4"]
+                  for student, layers, width in (("stu1", 1, 32), ("stu2", 1, 64))}),
+}
 #: One update of the authors' optimiser set-up: only the checkpoint format matters.
 TRAIN_FLAGS = [
     "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "7e-4",
@@ -95,14 +129,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(once the shared assets exist)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda (with fp16) when a GPU is visible, else cpu")
-    parser.add_argument("--workdir", type=Path, default=REPO / "work" / "bench",
-                        help="where shared assets and results go (default: work/bench)")
+    parser.add_argument("--assets", choices=sorted(ASSET_SIZES), default="authors",
+                        help="authors: the authors' model sizes (default); tiny: toy sizes "
+                        "for a dry run of the script (its numbers mean nothing)")
+    parser.add_argument("--workdir", type=Path,
+                        help="where shared assets and results go (default: work/bench, "
+                        "work/bench-tiny with --assets tiny)")
     parser.add_argument("--output", type=Path,
                         help="JSON results (default: WORKDIR/results/NAME[-quick].json)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per process (default 1: on a shared or busy "
                         "machine more threads make timings erratic)")
     return parser
+
+
+def assets_of(args) -> "Assets":
+    """The shared assets that ``args`` (see :func:`add_common_args`) ask for; fills in
+    ``args.workdir``."""
+    if args.workdir is None:
+        args.workdir = REPO / "work" / ("bench" if args.assets == "authors" else "bench-tiny")
+    return Assets(args.workdir, args.assets)
 
 
 def use_threads(threads: int) -> Dict[str, str]:
@@ -190,11 +236,24 @@ def mib(path: Path) -> float:
 
 
 class Assets:
-    """Builds (once, atomically) and returns the shared assets of ``workdir``."""
+    """Builds (once, atomically) and returns the shared assets of ``workdir``, at the
+    size ``ASSET_SIZES[size]``."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, size: str = "authors"):
         self.root = Path(workdir)
+        self.size = ASSET_SIZES[size]
         self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / "asset-size.txt"
+        if not marker.exists():
+            marker.write_text(size + "\n")
+        elif marker.read_text().strip() != size:
+            raise BenchmarkError(
+                f"{self.root} holds assets of size {marker.read_text().strip()!r}, not "
+                f"{size!r}. Fix: pass another --workdir, or the matching --assets")
+
+    def student_flags(self, student: str) -> List[str]:
+        """The phase-1 model flags of ``student`` (``stu1`` or ``stu2``)."""
+        return self.size.students[student]
 
     def _log(self, what: str) -> None:
         print(f"[assets] building {what} (once; reused from {self.root})", flush=True)
@@ -204,13 +263,14 @@ class Assets:
         dest = self.root / "data"
         if dest.is_dir():
             return dest
-        self._log("data-bin with a 32k vocabulary")
+        vocab = self.size.vocab
+        self._log(f"data-bin with a {vocab}-symbol vocabulary")
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
             tmp = Path(tmp)
-            words = [f"w{i}" for i in range(VOCAB)]
-            (tmp / "dict.txt").write_text("".join(f"{w} {VOCAB - i}\n" for i, w in enumerate(words)))
+            words = [f"w{i}" for i in range(vocab)]
+            (tmp / "dict.txt").write_text("".join(f"{w} {vocab - i}\n" for i, w in enumerate(words)))
             rng = random.Random(1)
-            for split, n in SPLITS.items():
+            for split, n in self.size.splits.items():
                 for lang in ("src", "tgt"):
                     lines = (" ".join(rng.choices(words, k=rng.randint(10, 40))) for _ in range(n))
                     (tmp / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
@@ -231,17 +291,17 @@ class Assets:
     def teacher(self) -> Path:
         path = self.root / "teacher.pt"
         if not path.exists():
-            self._log("the teacher (transformer_wmt_en_de, random weights)")
-            self._train(path.name, "--arch", "transformer_wmt_en_de")
+            self._log(f"the teacher ({' '.join(self.size.teacher)}, random weights)")
+            self._train(path.name, *self.size.teacher)
         return path
 
     def phase1(self, student: str) -> Path:
         path = self.root / f"phase1-{student}.pt"
         if not path.exists():
             teacher = self.teacher()
-            self._log(f"the phase-1 WD model {STUDENTS[student]}")
-            self._train(path.name, "--user-dir", USER_DIR, "--arch", STUDENTS[student],
-                        "--teacher-path", teacher)
+            flags = self.student_flags(student)
+            self._log(f"the phase-1 WD model {' '.join(flags)}")
+            self._train(path.name, "--user-dir", USER_DIR, *flags, "--teacher-path", teacher)
         return path
 
     def student(self, student: str) -> Path:

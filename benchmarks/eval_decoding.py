@@ -27,7 +27,7 @@ import torch
 from fairseq import checkpoint_utils, options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from common import (STUDENTS, USER_DIR, Assets, add_common_args, environment,
+from common import (STUDENTS, USER_DIR, assets_of, add_common_args, environment,
                     print_table, resolve_device, use_threads, write_results)
 
 TARGET = 1.05
@@ -110,7 +110,7 @@ def main():
                else [(6, 16, 480), (6, 64, 480), (1, 1, 96), (1, 16, 480)])
     primary = "cpu" if device == "cpu" and args.threads == 1 else "wall"
     column = ("wall", "cpu").index(primary)
-    assets = Assets(args.workdir)
+    assets = assets_of(args)
     data = assets.data()
     rows = []
     for student in STUDENTS:

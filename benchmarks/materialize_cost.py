@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from wd_fairseq.materialize import load_phase1, save_atomic, student_checkpoint
 
-from common import (STUDENTS, Assets, add_common_args, environment, mib, print_table,
+from common import (STUDENTS, assets_of, add_common_args, environment, mib, print_table,
                     run, use_threads, write_results)
 
 
@@ -46,7 +46,7 @@ def main():
         parser.error("--device cuda: wd-materialize evaluates the generators on the CPU (fp32)")
     env = use_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
-    assets = Assets(args.workdir)
+    assets = assets_of(args)
     teacher = assets.teacher()
     startup = min((run([sys.executable, "-c", "import wd_fairseq.materialize"], env=env)
                    for _ in range(repeats)), key=lambda r: r.seconds)

@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from wd_fairseq.materialize import phase2_flags
 
-from common import (STUDENTS, USER_DIR, Assets, add_common_args, environment,
-                    fairseq_device_flags, print_table, resolve_device, run,
-                    use_threads, write_results)
+from common import (STUDENTS, USER_DIR, assets_of, add_common_args, environment,
+                    fairseq_device_flags, print_table, resolve_device, run, use_threads,
+                    write_results)
 
 TARGET = 1.15
 OPTIM = [
@@ -94,6 +94,8 @@ def generator_seconds(model) -> float:
                    if not isinstance(m, torch.nn.Embedding)]
         tensors = [t for t in tensors if t.requires_grad]  # not an untrained copy
         torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+    if tensors and tensors[0].is_cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     return seconds
@@ -146,11 +148,12 @@ def main():
                 else {"max_tokens": 4096, "warmup": 2, "steps": 8})
     # One thread on CPU: CPU time is the work done, whatever else runs on the machine.
     primary = "update_cpu_ratio" if device == "cpu" and args.threads == 1 else "update_wall_ratio"
-    assets = Assets(args.workdir)
+    assets = assets_of(args)
     data, teacher = assets.data(), assets.teacher()
     rows = []
-    for student, arch in STUDENTS.items():
-        wd_flags = ["--user-dir", str(USER_DIR), "--arch", arch, "--teacher-path", str(teacher)]
+    for student in STUDENTS:
+        wd_flags = ["--user-dir", str(USER_DIR), *assets.student_flags(student),
+                    "--teacher-path", str(teacher)]
         wd, task, wd_model = build_trainer(data, wd_flags, settings["max_tokens"], device)
         plain_flags = phase2_flags(wd_model.student_args)
         plain, _, plain_model = build_trainer(data, plain_flags, settings["max_tokens"], device)

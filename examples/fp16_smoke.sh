@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# fp16 smoke test on a GPU, one command: a tiny teacher (fairseq-train --fp16), a few WD
-# phase-1 updates with --fp16, then wd-materialize, on a generated toy corpus. Fails
-# unless each run made all its updates with finite losses and really trained in fp16.
+# fp16 smoke test on a GPU, one command: a tiny teacher (fairseq-train --fp16), WD phase-1
+# updates with --fp16, then wd-materialize, on a generated toy corpus. Fails unless each
+# run made all its updates with finite losses and really trained in that precision.
 #
 #   bash examples/fp16_smoke.sh [WORK_DIR]     (default: a new directory under $TMPDIR)
+#
+# Settings (environment): FP16_SMOKE_PRECISION=fp16 (default) | bf16 | amp picks the
+# fairseq flag (--fp16, --bf16, --amp); FP16_SMOKE_TEACHER_UPDATES (default 40) and
+# FP16_SMOKE_PHASE1_UPDATES (default 10) the update counts.
 #
 # Needs the environment of examples/setup_env.sh (fairseq-train and wd-materialize on
 # PATH) and a CUDA GPU (about a minute). Without a GPU it says so and exits with status 2
@@ -13,11 +17,22 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 PYTHON=${PYTHON:-python}
+TEACHER_UPDATES=${FP16_SMOKE_TEACHER_UPDATES:-40}
+PHASE1_UPDATES=${FP16_SMOKE_PHASE1_UPDATES:-10}
 
 if [ "${FP16_SMOKE_CPU:-0}" = 1 ]; then
-  PRECISION=(--cpu)
-  EXPECT=()
+  PRECISION=fp32
+  FLAGS=(--cpu)
 else
+  PRECISION=${FP16_SMOKE_PRECISION:-fp16}
+  case "$PRECISION" in
+    fp16 | bf16 | amp) FLAGS=("--$PRECISION") ;;
+    *)
+      echo "fp16_smoke.sh: FP16_SMOKE_PRECISION=$PRECISION is not one of fp16, bf16, amp." \
+        "Fix: set it to one of those (or unset it for fp16)" >&2
+      exit 1
+      ;;
+  esac
   if ! device=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "none")' 2>/dev/null | tail -n 1); then
     echo "fp16_smoke.sh: '$PYTHON' cannot import torch. Fix: source examples/setup_env.sh first" >&2
     exit 1
@@ -28,8 +43,6 @@ else
       "training, which needs a GPU: run it on a GPU machine. Nothing was run." >&2
     exit 2
   fi
-  PRECISION=(--fp16)
-  EXPECT=(--fp16)
 fi
 
 WORK=${1:-$(mktemp -d "${TMPDIR:-/tmp}/wd-fp16-smoke.XXXXXX")}
@@ -51,10 +64,8 @@ COMMON=(
   --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt
   --warmup-updates 10 --criterion label_smoothed_cross_entropy --label-smoothing 0.1
   --max-tokens 4096 --seed 1 --no-progress-bar --log-format json --log-interval 1
-  --disable-validation --no-epoch-checkpoints --num-workers 0 "${PRECISION[@]}"
+  --disable-validation --no-epoch-checkpoints --num-workers 0 "${FLAGS[@]}"
 )
-TEACHER_UPDATES=40
-PHASE1_UPDATES=10
 
 run corpus "$PYTHON" "$HERE/fp16_smoke_tools.py" corpus "$WORK/raw"
 run preprocess fairseq-preprocess --source-lang src --target-lang tgt \
@@ -66,14 +77,16 @@ run teacher fairseq-train "$WORK/data-bin" --arch transformer \
   --encoder-attention-heads 4 --decoder-attention-heads 4 \
   "${COMMON[@]}" --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher"
 "$PYTHON" "$HERE/fp16_smoke_tools.py" check-log "$WORK/teacher.log" \
-  --updates "$TEACHER_UPDATES" "${EXPECT[@]}"
+  --updates "$TEACHER_UPDATES" --precision "$PRECISION" \
+  --checkpoint "$WORK/teacher/checkpoint_last.pt"
 run phase1 fairseq-train "$WORK/data-bin" --user-dir "$REPO/wd_fairseq" \
   --arch wd_transformer --teacher-path "$WORK/teacher/checkpoint_last.pt" \
   --decoder-layers 1 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 \
   --decoder-attention-heads 4 \
   "${COMMON[@]}" --max-update "$PHASE1_UPDATES" --save-dir "$WORK/phase1"
 "$PYTHON" "$HERE/fp16_smoke_tools.py" check-log "$WORK/phase1.log" \
-  --updates "$PHASE1_UPDATES" "${EXPECT[@]}"
+  --updates "$PHASE1_UPDATES" --precision "$PRECISION" \
+  --checkpoint "$WORK/phase1/checkpoint_last.pt"
 run materialize wd-materialize "$WORK/phase1/checkpoint_last.pt" "$WORK/student.pt"
-echo "[fp16-smoke] passed: ${PRECISION[*]} teacher and WD phase 1 trained with finite losses;" \
+echo "[fp16-smoke] passed: $PRECISION teacher and WD phase 1 trained with finite losses;" \
   "student: $WORK/student.pt"

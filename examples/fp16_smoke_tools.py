@@ -1,7 +1,10 @@
-"""Helpers of fp16_smoke.sh: a toy parallel corpus, and the loss check of a fairseq log.
+"""Helpers of fp16_smoke.sh: a toy parallel corpus, and the check of a training run.
 
     python fp16_smoke_tools.py corpus RAW_DIR
-    python fp16_smoke_tools.py check-log LOG --updates N [--fp16]
+    python fp16_smoke_tools.py check-log LOG --updates N [--precision P] [--checkpoint CKPT]
+
+check-log prints one JSON line: updates made, first and last loss, the number of
+updates fp16 loss scaling skipped (gradient overflow), the checkpoint's dtypes.
 """
 
 import argparse
@@ -34,9 +37,33 @@ def training_stats(log: str):
             yield found.group(1), json.loads(found.group(2))
 
 
-def check_log(path: Path, updates: int, fp16: bool) -> str:
-    """Raise SystemExit unless the run did ``updates`` updates with finite losses."""
-    stats = list(training_stats(path.read_text(errors="replace")))
+#: What each fairseq precision flag leaves behind: loss scaling in the log (fp16, amp),
+#: and the dtype of the model's floating tensors in the checkpoint (amp keeps fp32).
+LOSS_SCALED = {"fp16", "amp"}
+MODEL_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "amp": "float32"}
+
+
+def checkpoint_dtypes(checkpoint: Path) -> dict:
+    """{dtype name: number of floating tensors} of the checkpoint's model state."""
+    import torch
+    from wd_fairseq.safe_loading import allow_fairseq_checkpoints
+
+    allow_fairseq_checkpoints()
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    counts = {}
+    for tensor in state.values():
+        if torch.is_tensor(tensor) and tensor.is_floating_point():
+            name = str(tensor.dtype).replace("torch.", "")
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def check_log(path: Path, updates: int, precision: str = "fp32",
+              checkpoint: Path = None) -> dict:
+    """Raise SystemExit unless the run did ``updates`` updates with finite losses in
+    ``precision``; return its summary."""
+    text = path.read_text(errors="replace")
+    stats = list(training_stats(text))
     if not stats:
         sys.exit(f"{path}: no training statistics found (did fairseq-train run?)")
     losses = [float(s["loss"]) for _, s in stats if "loss" in s]
@@ -45,9 +72,18 @@ def check_log(path: Path, updates: int, fp16: bool) -> str:
     done = max(int(s.get("num_updates", 0)) for _, s in stats)
     if done < updates:
         sys.exit(f"{path}: only {done} of {updates} updates were made")
-    if fp16 and not any("loss_scale" in s for _, s in stats):
-        sys.exit(f"{path}: no loss_scale in the log: the run was not in fp16")
-    return f"{path.name}: {done} updates, losses finite ({losses[0]:.3f} -> {losses[-1]:.3f})"
+    if precision in LOSS_SCALED and not any("loss_scale" in s for _, s in stats):
+        sys.exit(f"{path}: no loss_scale in the log: the run was not in {precision}")
+    summary = {"log": path.name, "precision": precision, "updates": done,
+               "first_loss": losses[0], "last_loss": losses[-1],
+               "overflow_skips": text.count("gradient overflow detected")}
+    if checkpoint is not None:
+        dtypes = checkpoint_dtypes(checkpoint)
+        if set(dtypes) != {MODEL_DTYPE[precision]}:
+            sys.exit(f"{checkpoint}: model tensors are {dtypes}, expected only "
+                     f"{MODEL_DTYPE[precision]} for a {precision} run")
+        summary["checkpoint_dtypes"] = dtypes
+    return summary
 
 
 def main(argv=None):
@@ -57,12 +93,15 @@ def main(argv=None):
     check = sub.add_parser("check-log")
     check.add_argument("log", type=Path)
     check.add_argument("--updates", type=int, required=True)
-    check.add_argument("--fp16", action="store_true")
+    check.add_argument("--precision", choices=sorted(MODEL_DTYPE), default="fp32")
+    check.add_argument("--checkpoint", type=Path,
+                       help="the run's checkpoint: its model tensors must have the "
+                       "precision's dtype")
     args = parser.parse_args(argv)
     if args.command == "corpus":
         write_corpus(args.raw)
     else:
-        print(check_log(args.log, args.updates, args.fp16))
+        print(json.dumps(check_log(args.log, args.updates, args.precision, args.checkpoint)))
 
 
 if __name__ == "__main__":
