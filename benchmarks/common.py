@@ -54,7 +54,7 @@ class AssetSize:
 ASSET_SIZES = {
     # The authors' teacher (6+6 x 512/2048/8) and students.
     "authors": AssetSize(
-        vocab=32000, splits={"train": 512, "valid": 48, "test": 480},
+        vocab=32000, splits={"train": 2048, "valid": 48, "test": 480},
         teacher=["--arch", "transformer_wmt_en_de"],
         students={"stu1": ["--arch", "wd_transformer_stu1"],
                   "stu2": ["--arch", "wd_transformer_stu2"]}),
@@ -243,13 +243,14 @@ class Assets:
         self.root = Path(workdir)
         self.size = ASSET_SIZES[size]
         self.root.mkdir(parents=True, exist_ok=True)
-        marker = self.root / "asset-size.txt"
+        marker, spec = self.root / "asset-size.json", json.dumps(
+            {"size": size, **self.size.__dict__}, sort_keys=True)
         if not marker.exists():
-            marker.write_text(size + "\n")
-        elif marker.read_text().strip() != size:
+            marker.write_text(spec + "\n")
+        elif marker.read_text().strip() != spec:
             raise BenchmarkError(
-                f"{self.root} holds assets of size {marker.read_text().strip()!r}, not "
-                f"{size!r}. Fix: pass another --workdir, or the matching --assets")
+                f"{self.root} holds assets built with other settings ({marker}). Fix: pass "
+                "another --workdir (or the matching --assets), or delete that directory")
 
     def student_flags(self, student: str) -> List[str]:
         """The phase-1 model flags of ``student`` (``stu1`` or ``stu2``)."""
@@ -338,11 +339,13 @@ def read_split(data_dir: Path, split: str, lang: str) -> List[List[str]]:
 
 
 def generation_seconds(log: str) -> Dict[str, float]:
-    """Parse fairseq-generate's ``Translated N sentences (T tokens) in Xs`` line."""
+    """Parse fairseq-generate's ``Translated N sentences (T tokens) in Xs (S
+    sentences/s, R tokens/s)`` line; seconds from T / R (X has one decimal)."""
     for line in log.splitlines():
         if "fairseq_cli.generate" in line and "Translated" in line:
             words = line.split("Translated", 1)[1].replace("(", " ").replace(",", "").split()
-            return {"sentences": int(words[0]), "tokens": int(words[2]),
-                    "seconds": float(words[5].rstrip("s"))}
+            tokens, rate = int(words[2]), float(words[8])
+            return {"sentences": int(words[0]), "tokens": tokens,
+                    "seconds": tokens / rate if rate > 0 else float(words[5].rstrip("s"))}
     raise BenchmarkError("fairseq-generate printed no 'Translated ...' line:\n" + log[-3000:])
 

@@ -5,9 +5,10 @@
 #
 #   bash examples/fp16_smoke.sh [WORK_DIR]     (default: a new directory under $TMPDIR)
 #
-# Settings (environment): FP16_SMOKE_PRECISION=fp16 (default) | bf16 | amp picks the
-# fairseq flag (--fp16, --bf16, --amp); FP16_SMOKE_TEACHER_UPDATES (default 40) and
-# FP16_SMOKE_PHASE1_UPDATES (default 10) the update counts.
+# Settings (environment): FP16_SMOKE_PRECISION=fp16 (default) | amp picks the fairseq
+# flag (--fp16, --amp); FP16_SMOKE_TEACHER_UPDATES (default 40) and
+# FP16_SMOKE_PHASE1_UPDATES (default 10) the update counts. (fairseq 0.12's --bf16 sets
+# --tpu: it trains on TPUs only, so it has no GPU smoke test.)
 #
 # Needs the environment of examples/setup_env.sh (fairseq-train and wd-materialize on
 # PATH) and a CUDA GPU (about a minute). Without a GPU it says so and exits with status 2
@@ -26,9 +27,15 @@ if [ "${FP16_SMOKE_CPU:-0}" = 1 ]; then
 else
   PRECISION=${FP16_SMOKE_PRECISION:-fp16}
   case "$PRECISION" in
-    fp16 | bf16 | amp) FLAGS=("--$PRECISION") ;;
+    fp16 | amp) FLAGS=("--$PRECISION") ;;
+    bf16)
+      echo "fp16_smoke.sh: FP16_SMOKE_PRECISION=bf16: fairseq 0.12's --bf16 sets --tpu and" \
+        "trains on TPUs only (on a GPU its Trainer fails in get_tpu_device). Fix: use fp16" \
+        "or amp" >&2
+      exit 1
+      ;;
     *)
-      echo "fp16_smoke.sh: FP16_SMOKE_PRECISION=$PRECISION is not one of fp16, bf16, amp." \
+      echo "fp16_smoke.sh: FP16_SMOKE_PRECISION=$PRECISION is not one of fp16, amp." \
         "Fix: set it to one of those (or unset it for fp16)" >&2
       exit 1
       ;;

@@ -40,7 +40,7 @@ def training_stats(log: str):
 #: What each fairseq precision flag leaves behind: loss scaling in the log (fp16, amp),
 #: and the dtype of the model's floating tensors in the checkpoint (amp keeps fp32).
 LOSS_SCALED = {"fp16", "amp"}
-MODEL_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "amp": "float32"}
+MODEL_DTYPE = {"fp32": "float32", "fp16": "float16", "amp": "float32"}
 
 
 def checkpoint_dtypes(checkpoint: Path) -> dict:
