@@ -84,16 +84,14 @@ run teacher fairseq-train "$WORK/data-bin" --arch transformer \
   --encoder-attention-heads 4 --decoder-attention-heads 4 \
   "${COMMON[@]}" --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher"
 "$PYTHON" "$HERE/fp16_smoke_tools.py" check-log "$WORK/teacher.log" \
-  --updates "$TEACHER_UPDATES" --precision "$PRECISION" \
-  --checkpoint "$WORK/teacher/checkpoint_last.pt"
+  --updates "$TEACHER_UPDATES" --precision "$PRECISION"
 run phase1 fairseq-train "$WORK/data-bin" --user-dir "$REPO/wd_fairseq" \
   --arch wd_transformer --teacher-path "$WORK/teacher/checkpoint_last.pt" \
   --decoder-layers 1 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 \
   --decoder-attention-heads 4 \
   "${COMMON[@]}" --max-update "$PHASE1_UPDATES" --save-dir "$WORK/phase1"
 "$PYTHON" "$HERE/fp16_smoke_tools.py" check-log "$WORK/phase1.log" \
-  --updates "$PHASE1_UPDATES" --precision "$PRECISION" \
-  --checkpoint "$WORK/phase1/checkpoint_last.pt"
+  --updates "$PHASE1_UPDATES" --precision "$PRECISION"
 run materialize wd-materialize "$WORK/phase1/checkpoint_last.pt" "$WORK/student.pt"
 echo "[fp16-smoke] passed: $PRECISION teacher and WD phase 1 trained with finite losses;" \
   "student: $WORK/student.pt"
