@@ -127,6 +127,9 @@ def smoke(args, work: Path, logs: Path) -> dict:
         checks = [json.loads(line) for line in log.read_text().splitlines()
                   if line.startswith("{")]
         results[name]["runs"] = checks  # teacher, then phase 1
+        results[name]["aborted_at_exit"] = [  # fp16_smoke.sh's exit status 3
+            line.split("WARNING: ", 1)[1].split(" aborted", 1)[0]
+            for line in log.read_text().splitlines() if "aborted at process exit" in line]
         for stage_log in Path(cmd[-1]).glob("*.log"):  # each stage's own log
             stage_log.replace(logs / f"smoke-{name}-{stage_log.name}")
     if not args.dry_run:

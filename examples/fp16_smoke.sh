@@ -12,7 +12,8 @@
 #
 # Needs the environment of examples/setup_env.sh (fairseq-train and wd-materialize on
 # PATH) and a CUDA GPU (about a minute). Without a GPU it says so and exits with status 2
-# before doing anything. FP16_SMOKE_CPU=1 runs the same commands in fp32 on CPU: that
+# before doing anything. Exit status 3: every check passed, but a training process
+# aborted at exit after saving its checkpoint (seen with --fp16 on torch 2.11 + CUDA 13). FP16_SMOKE_CPU=1 runs the same commands in fp32 on CPU: that
 # checks the script itself, not fp16.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -56,15 +57,26 @@ WORK=${1:-$(mktemp -d "${TMPDIR:-/tmp}/wd-fp16-smoke.XXXXXX")}
 mkdir -p "$WORK"
 echo "[fp16-smoke] work directory: $WORK"
 
+ABORTED_AT_EXIT=()
 run() {  # run STAGE COMMAND...: output to $WORK/STAGE.log, its tail on failure
-  local stage=$1
+  local stage=$1 status=0
   shift
   echo "[fp16-smoke] $stage"
-  if ! "$@" > "$WORK/$stage.log" 2>&1; then
-    tail -n 40 "$WORK/$stage.log" >&2
-    echo "fp16_smoke.sh: stage '$stage' failed; full log: $WORK/$stage.log" >&2
-    exit 1
+  "$@" > "$WORK/$stage.log" 2>&1 || status=$?
+  [ "$status" = 0 ] && return 0
+  # A training run that aborted (SIGABRT) only after fairseq-train reported it had
+  # finished: its checkpoint is saved. Noted, the later stages still run, and the
+  # script fails at the end (status 3).
+  if [ "$status" = 134 ] && grep -q "fairseq_cli.train | done training in" "$WORK/$stage.log"; then
+    echo "[fp16-smoke] WARNING: $stage aborted at process exit, after it finished" \
+      "training and saved its checkpoint ($(grep -m1 -o 'terminate called.*' \
+      "$WORK/$stage.log" || echo SIGABRT)); log: $WORK/$stage.log" >&2
+    ABORTED_AT_EXIT+=("$stage")
+    return 0
   fi
+  tail -n 40 "$WORK/$stage.log" >&2
+  echo "fp16_smoke.sh: stage '$stage' failed; full log: $WORK/$stage.log" >&2
+  exit 1
 }
 
 COMMON=(
@@ -93,5 +105,10 @@ run phase1 fairseq-train "$WORK/data-bin" --user-dir "$REPO/wd_fairseq" \
 "$PYTHON" "$HERE/fp16_smoke_tools.py" check-log "$WORK/phase1.log" \
   --updates "$PHASE1_UPDATES" --precision "$PRECISION"
 run materialize wd-materialize "$WORK/phase1/checkpoint_last.pt" "$WORK/student.pt"
+if [ ${#ABORTED_AT_EXIT[@]} -gt 0 ]; then
+  echo "fp16_smoke.sh: $PRECISION teacher and WD phase 1 trained with finite losses, but" \
+    "these processes aborted at exit: ${ABORTED_AT_EXIT[*]}" >&2
+  exit 3
+fi
 echo "[fp16-smoke] passed: $PRECISION teacher and WD phase 1 trained with finite losses;" \
   "student: $WORK/student.pt"
