@@ -163,7 +163,7 @@ def benchmark(script: str, args, logs: Path, name: str, *flags) -> dict:
 
 
 def phase1(args, logs: Path) -> dict:
-    tokens = [] if args.dry_run else ["--max-tokens", "4096,16384"]
+    tokens = ["--max-tokens", "512,1024" if args.dry_run else "4096,16384"]
     status = benchmark("phase1_update.py", args, logs, "phase1_update", *tokens)
     if status["ok"]:
         status["summary"] = {

@@ -56,10 +56,11 @@ def build_trainer(data, model_flags, max_tokens: int, device: str):
 
 
 def fixed_batch(task, max_tokens: int) -> dict:
-    """The batch with the most target tokens among the train split's batches."""
+    """The batch with the most target tokens among the train split's batches of
+    ``max_tokens`` (fairseq caches one iterator per dataset: not reused here)."""
     itr = task.get_batch_iterator(
         dataset=task.dataset("train"), max_tokens=max_tokens,
-        required_batch_size_multiple=1, seed=1,
+        required_batch_size_multiple=1, seed=1, disable_iterator_cache=True,
     ).next_epoch_itr(shuffle=False)
     return max(itr, key=lambda sample: sample["ntokens"])
 

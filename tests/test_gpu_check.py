@@ -43,7 +43,11 @@ def test_gpu_check_dry_run_runs_every_part_through_the_same_scripts(tmp_path):
     teacher, phase1 = parts["smoke"]["fp32"]["runs"]
     assert (teacher["updates"], phase1["updates"]) == (4, 2)
     assert parts["smoke"]["assets"]["ok"]
-    assert set(parts["phase1"]["summary"]) == {"stu1 at 1024 tokens", "stu2 at 1024 tokens"}
+    assert set(parts["phase1"]["summary"]) == {
+        f"{student} at {tokens} tokens" for student in ("stu1", "stu2") for tokens in (512, 1024)}
+    batches = {row["max_tokens"]: row["target_tokens"]
+               for row in parts["phase1"]["results"]["rows"]}
+    assert batches[512] < batches[1024] <= 1024  # each size really gets its own batch
     rows = json.loads((out / "decoding_speed_valid.json").read_text())["rows"]
     assert {(r["model"], r["engine"]) for r in rows} >= {
         ("teacher", "fairseq"), ("stu1", "fairseq"), ("stu2", "fairseq")}
