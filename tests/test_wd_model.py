@@ -146,6 +146,31 @@ def test_eval_mode_caches_generated_weights_and_never_goes_stale(data_bin, postn
     assert len(calls) == n - 2  # all but the two token tables, which generate only rows
 
 
+def test_eval_cache_sees_optimizer_steps_and_assigned_state_dicts(data_bin, postnorm_teacher):
+    """A custom loop that stays in eval mode: fairseq's Adam writes ``p.data`` (no version
+    counter moves), ``load_state_dict(assign=True)`` replaces the parameters."""
+    from fairseq.optim.adam import Adam
+
+    torch.manual_seed(0)
+    model = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    model.eval()
+    with torch.no_grad():
+        before = student_logits(model)  # fills the cache
+    optimizer = Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    student_logits(model).sum().backward()
+    optimizer.step()
+    reference = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    with torch.no_grad():
+        after = student_logits(model)
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(after, student_logits(reference), rtol=0, atol=0)
+        other = build_wd(data_bin, postnorm_teacher, **STUDENT).eval()
+        torch.nn.Module.load_state_dict(model, other.state_dict(), assign=True)
+        torch.testing.assert_close(student_logits(model), student_logits(other), rtol=0, atol=0)
+
+
 def test_eval_reads_skip_torch_parametrization_and_copies_keep_their_own_cache(wd, monkeypatch):
     from torch.nn.utils import parametrize
 

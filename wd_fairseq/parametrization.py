@@ -13,8 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .generator import ParameterGenerator, TableGenerator
+
+#: Optimizer steps taken in this process. Optimizers write parameters through ``p.data``
+#: (fairseq's Adam, its fp16 optimizers), which bumps no version counter, so an
+#: eval-mode cached value is also dropped after any step.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class GeneratedTensor(nn.Module):
@@ -28,8 +41,9 @@ class GeneratedTensor(nn.Module):
             group, in order).
 
     In eval mode with grad disabled the result is cached and reused until the
-    mode changes, the module moves (``_apply``) or any input tensor changes in
-    place (version counter).
+    mode changes, the module moves (``_apply``), a state dict is loaded into it
+    (``assign=True`` too), an optimizer takes a step, or any input tensor changes
+    in place (version counter).
     """
 
     def __init__(self, generator: ParameterGenerator, teacher: nn.Module, sources: List[str]):
@@ -38,6 +52,7 @@ class GeneratedTensor(nn.Module):
         self.sources = list(sources)
         self._teacher = [teacher]
         self._cache = None
+        self.register_load_state_dict_post_hook(GeneratedTensor._drop_cache)
 
     def teacher_tensors(self) -> List[Tensor]:
         return [self._teacher[0].get_parameter(name) for name in self.sources]
@@ -54,15 +69,21 @@ class GeneratedTensor(nn.Module):
             # folding (B*beam, 1, C) activations into one GEMM instead of a batched one;
             # detach first: a generator may return a teacher tensor itself.
             value = self.generator(*teacher).to(placeholder.dtype).detach().requires_grad_()
-            self._cache = (inputs, _versions(inputs), value)
+            self._cache = (inputs, _versions(inputs), _optimizer_steps[0], value)
         return value
 
     def cached(self) -> Optional[Tensor]:
         """The eval-mode value if it is cached and still valid, else None."""
         if self._cache is None or self.training or torch.is_grad_enabled():
             return None
-        inputs, versions, value = self._cache
-        return value if _versions(inputs) == versions else None
+        inputs, versions, steps, value = self._cache
+        if steps != _optimizer_steps[0] or _versions(inputs) != versions:
+            return None
+        return value
+
+    @staticmethod
+    def _drop_cache(module: "GeneratedTensor", incompatible_keys) -> None:
+        module._cache = None  # load_state_dict may have replaced the inputs (assign=True)
 
     def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
         """Only the rows ``index`` of a generated table (TableGenerator only)."""
