@@ -8,7 +8,8 @@ from setuptools.command.build_py import build_py
 
 class BuildWithStartupHook(build_py):
     """Also install ``wd_fairseq.pth`` into site-packages: it lets stock fairseq
-    commands load fairseq checkpoints under torch >= 2.6 (see safe_loading.py)."""
+    commands load fairseq checkpoints under torch >= 2.6 (see safe_loading.py) and
+    silences their known library noise (see quiet_logs.py)."""
 
     def run(self):
         super().run()
