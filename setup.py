@@ -48,6 +48,7 @@ setup(
             "wd-export-ct2 = wd_fairseq.export_ctranslate2:cli_main",
             "wd-kd-data = wd_fairseq.kd_data:cli_main",
             "wd-evaluate = wd_fairseq.evaluation:cli_main",
+            "wd-train = wd_fairseq.launch:cli_main",
         ],
     },
 )
