@@ -5,6 +5,7 @@
 #   examples/wmt14_en_de/run.sh                 # all stages, in $WORK (default ./wmt14_en_de)
 #   examples/wmt14_en_de/run.sh kd_data         # one stage (resumes when run again)
 #   NUM_GPUS=4 examples/wmt14_en_de/run.sh      # --update-freq 2 keeps 8 GPUs x 4096 tokens
+#   examples/wmt14_en_de/run.sh plan            # every command, the batch, disk, differences
 #
 # Data: Europarl v7 + Common Crawl + News Commentary v9 (~4.5M pairs), newstest2013 (valid)
 # and newstest2014 "full" (test, 3003 sentences), both fetched by sacrebleu. Joint BPE with
