@@ -457,6 +457,7 @@ stage_wd_phase1() {
 stage_materialize() {
   act mkdir -p "$WORK/wd_phase2"
   run wd-materialize "$WORK/wd_phase1/checkpoint_last.pt" "$WD_INIT_CKPT" --data "$DATA_KD"
+  act rm -f "$WORK/wd_phase2/flags"  # (a redo must not keep an earlier student's flags)
   produce "$WORK/wd_phase2/flags" "$PYTHON" "$TOOLS" phase2-flags "$WD_INIT_CKPT"
 }
 

@@ -423,9 +423,11 @@ def review(args) -> None:
           f"(BATCH_TOKENS={int(settings['BATCH_TOKENS']):,}; authors: 32,768)")
     print(f"dropout {settings['DROPOUT']}, attention dropout {settings['ATTENTION_DROPOUT']}, "
           f"activation dropout {settings['ACTIVATION_DROPOUT']} (every training stage)")
-    print(f"averaging: teacher: last {settings['AVG_LAST']} {settings['TEACHER_AVERAGE']}; "
-          f"kd_student, wd_phase2: last {settings['AVG_LAST']} {settings['STUDENT_AVERAGE']} "
-          f"(saves every {settings['SAVE_INTERVAL_UPDATES']} updates)")
+    rule = {"epochs": "epoch checkpoints",
+            "updates": f"saves, {settings['SAVE_INTERVAL_UPDATES']} updates apart"}
+    print(f"averaging: teacher: last {settings['AVG_LAST']} {rule[settings['TEACHER_AVERAGE']]}; "
+          f"kd_student, wd_phase2: last {settings['AVG_LAST']} "
+          f"{rule[settings['STUDENT_AVERAGE']]}")
     lines, total = disk_estimate(settings, args.data)
     print(f"disk (estimate, checkpoints kept at the peak of each stage): {total:.0f} GB")
     print("\n".join(lines))

@@ -13,6 +13,10 @@
 # both sides of tokenized BLEU: ş ţ (cedilla) -> ș ț (comma below), Moses punctuation
 # normalisation (so „” quotes match); RO_DIACRITICS=remove also strips ă â î ș ț (and
 # reports tokenized BLEU in that convention, ro-nodiac).
+# Checksums: downloads are checked against SHA256SUMS in this directory (none shipped yet).
+# A first run prints "WARNING: no checksum for FILE" and appends each sum to
+# $WORK/downloads/SHA256SUMS.recorded; once verified, copy that file here as SHA256SUMS (or
+# point CHECKSUMS at it) and later runs stop on any mismatch (examples/recipes/README.md).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export SRC=${SRC:-en} TGT=${TGT:-ro}
