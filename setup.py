@@ -8,7 +8,8 @@ from setuptools.command.build_py import build_py
 
 class BuildWithStartupHook(build_py):
     """Also install ``wd_fairseq.pth`` into site-packages: it lets stock fairseq
-    commands load fairseq checkpoints under torch >= 2.6 (see safe_loading.py)."""
+    commands load fairseq checkpoints under torch >= 2.6 (see safe_loading.py) and
+    silences their known library noise (see quiet_logs.py)."""
 
     def run(self):
         super().run()
@@ -47,6 +48,7 @@ setup(
             "wd-export-ct2 = wd_fairseq.export_ctranslate2:cli_main",
             "wd-kd-data = wd_fairseq.kd_data:cli_main",
             "wd-evaluate = wd_fairseq.evaluation:cli_main",
+            "wd-train = wd_fairseq.launch:cli_main",
         ],
     },
 )

@@ -11,8 +11,8 @@ if [ ! -x "$WD_VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $WD_VENV"
   "${PYTHON:-python3}" -m venv "$WD_VENV"
 fi
-# fairseq 0.12 metadata does not resolve with pip >= 24.1.
-"$WD_VENV/bin/python" -m pip install -q --disable-pip-version-check "pip<24.1"
+# No pip pin: fairseq-fixed 0.12.3.1 (hydra-core 1.3, omegaconf 2.3) resolves and installs
+# with current pip (checked with pip 26.3); only fairseq 0.12.2's omegaconf<2.1 needed pip<24.1.
 echo "[setup] installing wd_fairseq and its pinned dependencies (first time: fairseq compiles, ~3-5 min)"
 "$WD_VENV/bin/python" -m pip install -q --disable-pip-version-check "$WD_ROOT[test,demo]"
 export PATH="$WD_VENV/bin:$PATH"

@@ -1,10 +1,13 @@
 """The recipe machinery: examples/recipes/pipeline.sh driven through a pair's run.sh on a
-tiny local corpus (every stage but the download, the same flags, tiny sizes, CPU), the
+tiny local corpus (every stage but the download, the same flags, tiny sizes, CPU; paths
+with spaces and raw text with \\r, \\x85, \\u2028 and form feeds inside lines), the
 download/checksum path on a local archive, and wd-evaluate's scoring conventions."""
 
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,13 +18,18 @@ import torch
 
 from conftest import REPO, write_toy_corpus
 
+sys.path.insert(0, str(REPO / "examples" / "recipes"))
+import recipe_tools  # noqa: E402
+
 import wd_fairseq  # noqa: F401
-from wd_fairseq.evaluation import (
+from wd_fairseq.evaluation import (  # noqa: E402
     EvaluationError,
     read_generate_log,
+    read_lines,
     results_table,
     score,
 )
+from wd_fairseq.materialize import phase2_flags  # noqa: E402
 
 STAGES = ["prepare", "teacher", "kd_data", "kd_student", "wd_phase1", "materialize",
           "wd_phase2", "evaluate", "speed"]
@@ -29,11 +37,12 @@ MODELS = ["teacher", "kd_student", "wd_phase1", "wd_student"]
 
 #: Tiny stand-ins for the real sizes; everything else is the pair script's.
 TINY = dict(
-    CPU="1", FP16="0", NUM_GPUS="1", MAX_TOKENS="1000", UPDATE_FREQ="1", WORKERS="1", BPE_MERGES="30",
+    CPU="1", FP16="0", NUM_GPUS="1", MAX_TOKENS="1000", UPDATE_FREQ="1", BATCH_TOKENS="1000",
+    WORKERS="1", BPE_MERGES="30",
     BPE_VOCAB_THRESHOLD="1", TEACHER_LAYERS="2", TEACHER_DIM="32", TEACHER_FFN="64",
     TEACHER_HEADS="4", STUDENT_DEC_LAYERS="1", STUDENT_DEC_DIM="16", STUDENT_DEC_FFN="32",
     STUDENT_DEC_HEADS="4", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="20",
-    KD_UPDATES="10", PHASE1_UPDATES="10", PHASE2_UPDATES="10", SAVE_INTERVAL_UPDATES="10",
+    KD_UPDATES="10", PHASE1_UPDATES="10", PHASE2_UPDATES="10", SAVE_INTERVAL_UPDATES="5",
     AVG_LAST="2", KD_ALPHA="0.5", KD_TEMPERATURE="2", KD_MAX_TOKENS="2000",
     EVAL_BATCH_SIZE="64", SPEED_BATCH_SIZE="32", GENERATE_EXTRA="--max-len-a 1.5 --max-len-b 5",
     TRAIN_EXTRA="--validate-interval 100",
@@ -47,7 +56,7 @@ def run_recipe(script, *args, env, check=True):
     full["OMP_NUM_THREADS"] = "1"  # tiny models on shared cores: threads only add overhead
     full.update(env)
     proc = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True,
-                          env=full)
+                          env=full)  # (REPO / an absolute path) is that path
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -61,13 +70,41 @@ def raw_en_ro(directory: Path, n_train: int) -> Path:
     return directory
 
 
+#: Characters that end a line for Python's str.splitlines (and, \\r, for its default
+#: text mode) but not for the recipes: raw WMT text holds them inside lines.
+INLINE_BREAKS = ["\r", "\x85", "\u2028", "\x0c", "\u2029"]
+
+
+def add_inline_breaks(raw: Path) -> None:
+    """Put a line-break-like character inside some lines (in place of a space), on one
+    side only, and drop the final newline of one file: line counts must not change."""
+    for name in ("train.en", "train.ro", "test.ro", "valid.en"):
+        lines = (raw / name).read_text(encoding="utf-8").split("\n")[:-1]
+        for i, char in zip(range(3, len(lines), 7), INLINE_BREAKS * 2):
+            lines[i] = lines[i].replace(" ", char, 1)
+        end = "" if name == "train.ro" else "\n"
+        (raw / name).write_bytes(("\n".join(lines) + end).encode("utf-8"))
+
+
+def copy_of_the_repo(directory: Path) -> Path:
+    """The recipes and the plugin, as a user's clone at ``directory`` has them."""
+    for part in ("examples", "wd_fairseq"):
+        shutil.copytree(REPO / part, directory / part,
+                        ignore=shutil.ignore_patterns("__pycache__", "corpus", "benchmark"))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
-    """One full tiny run of examples/wmt16_en_ro/run.sh on local text (RAW_DIR)."""
-    raw = raw_en_ro(tmp_path_factory.mktemp("raw-en-ro"), n_train=300)
-    work = tmp_path_factory.mktemp("work")
+    """One full tiny run of examples/wmt16_en_ro/run.sh on local text (RAW_DIR), from a
+    clone and into a work directory whose paths contain spaces, on raw text with \\r etc."""
+    base = tmp_path_factory.mktemp("recipe run")
+    raw = raw_en_ro(base / "raw en-ro", n_train=300)
+    add_inline_breaks(raw)
+    repo = copy_of_the_repo(base / "my clone")
+    work = base / "work dir"
     env = dict(TINY, RAW_DIR=str(raw), WORK=str(work))
-    proc = run_recipe("examples/wmt16_en_ro/run.sh", env=env)
+    proc = run_recipe(repo / "examples/wmt16_en_ro/run.sh", env=env)
     return work, env, proc
 
 
@@ -94,17 +131,76 @@ def test_full_pipeline_runs_every_stage(recipe_run):
     assert "--arch transformer" in (work / "wd_phase2" / "flags").read_text()
 
 
-def test_teacher_is_the_average_of_its_last_checkpoints(recipe_run):
+def test_raw_text_with_inline_line_breaks_keeps_its_lines(recipe_run):
+    """\\r, \\x85, \\u2028, form feeds inside lines and a missing final newline
+    (add_inline_breaks): every set keeps its line count, in every file the recipe writes."""
     work = recipe_run[0]
-    saved = [p for p in (work / "teacher").glob("checkpoint*.pt")
-             if p.stem not in ("checkpoint_last", "checkpoint_best", "checkpoint_avg")]
-    saved = sorted(saved, key=lambda p: p.stat().st_mtime_ns)[-2:]  # AVG_LAST=2
-    last = [torch.load(p, weights_only=True) for p in saved]
-    updates = [s["optimizer_history"][-1]["num_updates"] for s in last]
-    assert updates[0] < updates[1] == 20  # interval or epoch-end saves, the newest last
+    counts = {"train": 300, "valid": 60, "test": 60}
+    for name, n in counts.items():
+        for lang in ("en", "ro"):
+            assert (work / "tok" / f"{name}.{lang}").read_bytes().count(b"\n") == n
+            text = (work / "bpe" / f"{name}.{lang}").read_text(encoding="utf-8")
+            assert len(text.splitlines()) == n, (name, lang)  # nothing left that splits
+    assert "en-ro 300 examples" in (work / "logs" / "teacher.log").read_text()
+
+
+def test_every_training_stage_logs_its_batch_and_trains_with_the_dropout(recipe_run):
+    work = recipe_run[0]
+    for stage in ("teacher", "kd_student", "wd_phase1", "wd_phase2"):
+        log = (work / "logs" / f"{stage}.log").read_text()
+        assert ("batch: 1 GPU process(es) x 1000 tokens x update-freq 1 = 1000 tokens per "
+                "update (target BATCH_TOKENS=1000)") in log, stage
+        # fairseq's resolved config: dropout 0.1 for attention and activation too
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            assert re.search(rf"(?<![a-z_]){name}'?(: |=)0\.1\b", log), (stage, name)
+        assert "'distributed_world_size': 1" in log, stage
+    flags = (work / "wd_phase2" / "flags").read_text().split()
+    for flag in ("--dropout", "--attention-dropout", "--activation-dropout"):
+        assert flags[flags.index(flag) + 1] == "0.1"  # phase 2 rebuilds the student's dropout
+
+
+def test_averages_follow_their_rules_and_only_what_they_need_is_kept(recipe_run):
+    """Teacher: the last AVG_LAST=2 epoch checkpoints (the authors' rule); students: the
+    last 2 saves. Phase 1 keeps no epoch checkpoints, the teacher one interval save."""
+    work = recipe_run[0]
+
+    def epoch_saves(directory):
+        return sorted(directory.glob("checkpoint[0-9]*.pt"), key=lambda p: int(p.stem[10:]))
+
+    def average_of(paths, key="decoder.layers.0.fc1.weight"):
+        states = [torch.load(p, weights_only=True)["model"][key] for p in paths]
+        return sum(states) / len(states)
+
+    teacher = epoch_saves(work / "teacher")
+    assert len(teacher) == 2  # --keep-last-epochs 2
+    assert len(list((work / "teacher").glob("checkpoint_*_*.pt"))) <= 1
     avg = torch.load(work / "teacher" / "checkpoint_avg.pt", weights_only=True)["model"]
-    key = "decoder.layers.0.fc1.weight"
-    assert torch.allclose(avg[key], (last[0]["model"][key] + last[1]["model"][key]) / 2)
+    assert torch.allclose(avg["decoder.layers.0.fc1.weight"], average_of(teacher))
+    saves = [p for p in (work / "kd_student").glob("checkpoint*.pt")
+             if p.stem not in ("checkpoint_last", "checkpoint_best", "checkpoint_avg")]
+    last = sorted(saves, key=lambda p: p.stat().st_mtime_ns)[-2:]
+    updates = [torch.load(p, weights_only=True)["optimizer_history"][-1]["num_updates"]
+               for p in last]
+    assert updates[0] < updates[1] == 10
+    avg = torch.load(work / "kd_student" / "checkpoint_avg.pt", weights_only=True)["model"]
+    assert torch.allclose(avg["decoder.layers.0.fc1.weight"], average_of(last))
+    assert not epoch_saves(work / "wd_phase1")
+    assert len(list((work / "wd_phase1").glob("checkpoint_*_*.pt"))) <= 1
+    notes = json.loads((work / "results.json").read_text())["notes"]
+    assert "teacher: average of the last 2 epoch checkpoints" in notes
+    assert "kd_student, wd_student: average of the last 2 saves, 5 updates apart" in notes
+    assert "- teacher: average of the last 2 epoch checkpoints" in (work / "results.md").read_text()
+
+
+def test_stage_logs_show_progress_not_library_noise(recipe_run):
+    """No tensorboardX hint, no hydra deprecation warnings, no hydra DEBUG lines in any
+    stage's log (wd_fairseq/quiet_logs.py); the progress and results are still there."""
+    work = recipe_run[0]
+    for stage in STAGES:
+        log = (work / "logs" / f"{stage}.log").read_text()
+        for noise in ("tensorboardX", "UserWarning", "deprecat", "DEBUG:hydra"):
+            assert noise not in log, (stage, noise)
+    assert "num_updates" in (work / "logs" / "teacher.log").read_text()
 
 
 def test_results_table(recipe_run):
@@ -136,21 +232,38 @@ def test_rerun_skips_finished_stages_and_names_unknown_ones(recipe_run):
 
 
 def test_update_counts_without_a_final_save_are_refused_before_any_work(tmp_path):
-    env = dict(TINY, WORK=str(tmp_path), TEACHER_UPDATES="25")
+    env = dict(TINY, WORK=str(tmp_path), KD_UPDATES="24")
     proc = run_recipe("examples/wmt16_en_ro/run.sh", env=env, check=False)
     assert proc.returncode != 0
-    assert "TEACHER_UPDATES=25 is not a multiple of SAVE_INTERVAL_UPDATES=10" in proc.stderr
+    assert "KD_UPDATES=24 is not a multiple of SAVE_INTERVAL_UPDATES=5" in proc.stderr
     assert "start prepare" not in proc.stdout and not (tmp_path / "done").exists()
 
 
+def gpu_box(directory: Path, n: int) -> str:
+    """A PATH whose stand-in ``nvidia-smi -L`` lists ``n`` GPUs (as on an n-GPU server)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    smi = directory / "nvidia-smi"
+    lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i}a2b3c4d-0000-1111-2222-33334444555{i})\\n"
+                    for i in range(n))
+    smi.write_text(f"#!/bin/sh\n[ \"$1\" = -L ] || exit 2\nprintf '{lines}'\n")
+    smi.chmod(0o755)
+    return f"{directory}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+
+
+def config(pair, env):
+    """``run.sh config``'s settings (the lines before the review)."""
+    out = run_recipe(f"examples/{pair}/run.sh", "config", env=env).stdout
+    settings = out.split("\n\n", 1)[0]
+    return dict(line.split("=", 1) for line in settings.splitlines()), out
+
+
 def test_pair_scripts_configure_the_shared_pipeline(tmp_path):
-    env = {"WORK": str(tmp_path), "NUM_GPUS": "2"}
-    cfg = {}
-    for pair in ("wmt16_en_ro", "wmt14_en_de"):
-        out = run_recipe(f"examples/{pair}/run.sh", "config", env=env).stdout
-        cfg[pair] = dict(line.split("=", 1) for line in out.splitlines())
+    env = {"WORK": str(tmp_path), "NUM_GPUS": "2", "PATH": gpu_box(tmp_path / "bin", 8)}
+    cfg = {pair: config(pair, env)[0] for pair in ("wmt16_en_ro", "wmt14_en_de")}
     assert cfg["wmt16_en_ro"]["TGT"] == "ro" and cfg["wmt14_en_de"]["TGT"] == "de"
     assert cfg["wmt14_en_de"]["BLEU_CONVENTION"] == "ende-compound"
+    assert cfg["wmt16_en_ro"]["BLEU_CONVENTION"] == "ro"
+    assert config("wmt16_en_ro", dict(env, RO_DIACRITICS="remove"))[0]["BLEU_CONVENTION"] == "ro-nodiac"
     assert cfg["wmt14_en_de"]["UPDATE_FREQ"] == "4"  # 8 GPUs x 4096 tokens on 2 GPUs
     assert cfg["wmt16_en_ro"]["FP16"] == "1" and cfg["wmt16_en_ro"]["LR"] == "7e-4"
     proc = run_recipe("examples/nist12_zh_en/run.sh", "config", env=env, check=False)
@@ -159,6 +272,127 @@ def test_pair_scripts_configure_the_shared_pipeline(tmp_path):
                      env=dict(env, NIST_DIR=str(tmp_path))).stdout
     assert "TEST_SETS=mt02 mt03 mt04 mt05 mt08" in out and "VALID_SET=mt06" in out
     assert "TOKENIZE_SRC=none" in out and "BLEU_CONVENTION=moses-lc" in out
+
+
+# -- GPUs, the batch and the plan ---------------------------------------------------------
+
+@pytest.mark.parametrize("visible, num_gpus, world, update_freq", [
+    (None, None, 8, 1),        # all 8 GPUs
+    ("0,1", None, 2, 4),       # CUDA_VISIBLE_DEVICES narrows what fairseq sees
+    ("0,1,2,3", None, 4, 2),
+    (None, "2", 2, 4),         # fewer processes than visible GPUs: fairseq must be told
+    ("", None, 1, 8),          # no GPU visible: one process
+])
+def test_world_size_is_the_one_the_update_frequency_assumes(tmp_path, visible, num_gpus, world,
+                                                             update_freq):
+    """nvidia-smi -L lists 8 GPUs; fairseq trains on --distributed-world-size processes,
+    and GPUs x 4096 tokens x update-freq must be the authors' 32,768."""
+    env = {"WORK": str(tmp_path), "PATH": gpu_box(tmp_path / "bin", 8)}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    if num_gpus is not None:
+        env["NUM_GPUS"] = num_gpus
+    settings, out = config("wmt14_en_de", env)
+    assert (settings["NUM_GPUS"], settings["UPDATE_FREQ"]) == (str(world), str(update_freq))
+    assert settings["EFFECTIVE_TOKENS"] == "32768"
+    assert f"batch: {world} x 4096 tokens x update-freq {update_freq} = 32,768 tokens per update" in out
+    plan = run_recipe("examples/wmt14_en_de/run.sh", "plan", env=env).stdout
+    trains = training_commands(plan)
+    assert len(trains) == 4
+    for line in trains:
+        launch = "  fairseq-train " if world == 1 else \
+            f"  torchrun --standalone --nproc_per_node {world} --no-python wd-train "
+        assert line.startswith(launch)
+        assert f"--distributed-world-size {world} " in line
+        assert f"--update-freq {update_freq} " in line
+
+
+def training_commands(plan):
+    """The training launches of a plan (one process: fairseq-train; more: torchrun)."""
+    return [line for line in plan.splitlines()
+            if line.startswith("  fairseq-train ") or line.startswith("  torchrun ")]
+
+
+def test_batches_that_miss_the_authors_are_refused_or_flagged(tmp_path):
+    env = {"WORK": str(tmp_path), "PATH": gpu_box(tmp_path / "bin", 8)}
+    proc = run_recipe("examples/wmt14_en_de/run.sh", "config", env=dict(env, NUM_GPUS="3"),
+                      check=False)
+    assert proc.returncode != 0
+    assert "3 GPU(s) x MAX_TOKENS=4096 x update-freq 3 = 36,864 tokens per update, not " \
+           "BATCH_TOKENS=32,768" in proc.stderr and "ALLOW_BATCH_MISMATCH=1" in proc.stderr
+    _, out = config("wmt14_en_de", dict(env, NUM_GPUS="3", ALLOW_BATCH_MISMATCH="1"))
+    assert "EFFECTIVE_TOKENS=36864" in out and "EFFECTIVE_TOKENS=36864 (authors: 32768)" in out
+    proc = run_recipe("examples/wmt14_en_de/run.sh", "teacher",
+                      env=dict(env, NUM_GPUS="4", CUDA_VISIBLE_DEVICES="0,1"), check=False)
+    assert proc.returncode != 0 and "NUM_GPUS=4 but 2 GPU(s) are visible" in proc.stderr
+    assert not (tmp_path / "done").exists()  # refused before any stage
+
+
+def test_visible_gpus_follows_cuda_rules():
+    from recipe_tools import visible_gpus
+
+    listing = "".join(f"GPU {i}: NVIDIA A100 (UUID: GPU-{i}{i}{i}-abc)\n" for i in range(4))
+    assert visible_gpus(listing, None) == 4
+    assert visible_gpus(listing, "") == 0
+    assert visible_gpus(listing, "2") == 1
+    assert visible_gpus(listing, "0,3") == 2
+    assert visible_gpus(listing, "1,7,2") == 1  # CUDA stops at the first invalid entry
+    assert visible_gpus(listing, "-1") == 0
+    assert visible_gpus(listing, "GPU-222,GPU-000-abc") == 2  # UUIDs and their prefixes
+    assert visible_gpus("", None) == 0
+
+
+#: The authors' settings (WD_SPEC section 1), independent of the code under test.
+AUTHORS_FLAGS = {
+    "--optimizer": "adam", "--adam-betas": "(0.9,0.98)", "--lr": "7e-4",
+    "--lr-scheduler": "inverse_sqrt", "--warmup-init-lr": "1e-7", "--weight-decay": "0.0",
+    "--clip-norm": "0.0", "--dropout": "0.1", "--attention-dropout": "0.1",
+    "--activation-dropout": "0.1", "--criterion": "label_smoothed_cross_entropy",
+    "--label-smoothing": "0.1", "--seed": "1",
+}
+AUTHORS_STAGES = {  # --warmup-updates, --max-update (the teacher's is the pair's)
+    "kd_student": ("4000", "30000"), "wd_phase1": ("4000", "30000"), "wd_phase2": ("1000", "30000"),
+}
+AUTHORS_TEACHER = {"--encoder-layers": "6", "--encoder-embed-dim": "512",
+                   "--encoder-ffn-embed-dim": "2048", "--encoder-attention-heads": "8"}
+
+
+@pytest.mark.parametrize("pair", ["wmt14_en_de", "wmt16_en_ro", "nist12_zh_en"])
+@pytest.mark.parametrize("gpus, visible", [(8, None), (4, "0,1,2,3"), (1, None)])
+def test_plan_is_the_authors_setting(tmp_path, pair, gpus, visible):
+    """``run.sh plan`` on an 8-GPU box (4 of them visible; a 1-GPU box): every training
+    stage's resolved command has 32,768 tokens per update and the authors' flags."""
+    env = {"WORK": str(tmp_path / "w"), "NIST_DIR": str(tmp_path),
+           "PATH": gpu_box(tmp_path / "bin", 8 if gpus > 1 else 1)}
+    if visible:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    plan = run_recipe(f"examples/{pair}/run.sh", "plan", env=env).stdout
+    assert "differences from the authors' settings (WD_SPEC section 1): none" in plan
+    assert f"training processes: {gpus} (--distributed-world-size {gpus})" in plan
+    assert "= 32,768 tokens per update" in plan
+    assert re.search(r"^disk \(estimate.*\): \d+ GB$", plan, re.M)
+    stages = dict(re.findall(r"^== (\w+)\n(.*?)(?=^== |\Z)", plan, re.M | re.S))
+    assert list(stages) == STAGES
+    for stage in ("teacher", "kd_student", "wd_phase1", "wd_phase2"):
+        [line] = training_commands(stages[stage])
+        args = line.split()
+        flag = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+        for name, value in AUTHORS_FLAGS.items():
+            assert flag[name].replace("\\", "") == value, (stage, name)
+        world, tokens, freq = (int(flag[f]) for f in
+                               ("--distributed-world-size", "--max-tokens", "--update-freq"))
+        assert (world, world * tokens * freq) == (gpus, 32768), stage
+        assert "--fp16" in args, stage
+        if stage != "teacher":
+            assert (flag["--warmup-updates"], flag["--max-update"]) == AUTHORS_STAGES[stage]
+        if stage in ("teacher", "kd_student"):
+            assert all(flag[k] == v for k, v in AUTHORS_TEACHER.items()), stage
+        if stage != "teacher":  # stu1: a 1-layer 256/1024/8 decoder
+            if stage != "wd_phase2":  # (phase 2 takes the materialised student's flags)
+                assert args[-args[::-1].index("--decoder-layers")] == "1"
+    assert "--rule epochs --last 5" in stages["teacher"]  # the authors' teacher average
+    for stage in ("kd_data", "evaluate"):
+        assert "--beam 6 --lenpen 1.0" in stages[stage]
 
 
 def test_prepare_downloads_checks_and_concatenates(tmp_path):
@@ -242,3 +476,167 @@ def test_results_table_relative_speed():
     student = document["rows"][1]
     assert student["speedup_vs_teacher"] == 3.0 and student["sacrebleu"] == 39.5
     assert "| wd_student | mt02 | 39.5 | - | - | 30.0 | 3.0x |" in markdown
+
+
+# -- text: "\\n" is the only line end --------------------------------------------------------
+
+def test_text_tools_split_lines_on_newline_only(tmp_path):
+    """tokenize (both modes), clean, concat, check-aligned and wd-evaluate's reference
+    reader keep a line with \\r, \\x85, \\u2028, \\u2029 or a form feed inside as one line,
+    and count a last line without \\n."""
+    src = ["a b\rc", "d\x85e f", "g\u2028h", "i\x0cj k", "l\u2029m", "last line"]
+    tgt = ["x y z", "u v", "p q", "r s t", "n o", "final"]
+    (tmp_path / "c.en").write_bytes("\n".join(src).encode())  # no final newline
+    (tmp_path / "c.ro").write_bytes(("\n".join(tgt) + "\n").encode())
+    recipe_tools.main(["check-aligned", str(tmp_path / "c.en"), str(tmp_path / "c.ro")])
+    recipe_tools.main(["concat", "--src-lang", "en", "--tgt-lang", "ro", "--out-prefix",
+                       str(tmp_path / "all"), str(tmp_path / "c"), str(tmp_path / "c")])
+    joined = (tmp_path / "all.en").read_bytes().decode("utf-8")
+    assert joined.split("\n")[:-1] == src + src  # the unterminated last line stays apart
+    for mode in ("moses", "none"):
+        out = tmp_path / f"tok.{mode}"
+        recipe_tools.main(["tokenize", "--lang", "en", "--mode", mode, "--workers", "1",
+                           str(tmp_path / "c.en"), str(out)])
+        lines = out.read_text(encoding="utf-8").splitlines()  # splits at every break kind
+        assert lines == ["a b c", "d e f", "g h", "i j k", "l m", "last line"], mode
+    recipe_tools.main(["clean", "--src", str(tmp_path / "c.en"), "--tgt", str(tmp_path / "c.ro"),
+                       "--out-prefix", str(tmp_path / "clean"), "--src-lang", "en",
+                       "--tgt-lang", "ro", "--ratio", "9"])
+    assert (tmp_path / "clean.ro").read_text().split("\n")[:-1] == tgt
+    assert read_lines(str(tmp_path / "c.en")) == src
+    with pytest.raises(SystemExit, match="has 6 lines but .*short.ro has 5"):
+        (tmp_path / "short.ro").write_text("\n".join(tgt[:5]) + "\n")
+        recipe_tools.main(["check-aligned", str(tmp_path / "c.en"), str(tmp_path / "short.ro")])
+
+
+# -- reference ceilings: the reference through the recipe's preprocessing and back ----------
+
+def round_trip(lines, lang, tmp_path, *flags):
+    """The reference as a perfect system outputs it: the recipe's tokenize (training
+    text), then wd-evaluate's detokenization of hypotheses."""
+    from sacremoses import MosesDetokenizer
+
+    raw, tok = tmp_path / f"ref.{lang}", tmp_path / f"tok.{lang}"
+    raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recipe_tools.main(["tokenize", "--lang", lang, "--mode", "moses", "--workers", "1",
+                       *flags, str(raw), str(tok)])
+    detok = MosesDetokenizer(lang)
+    return [detok.detokenize(line.split()) for line in tok.read_text(encoding="utf-8").splitlines()]
+
+
+GERMAN = ["„Das ist ein E-Mail-Test“ – sagte er, ‚nicht wahr‘?",
+          "Die Preise stiegen um 3,5 % (auf 1.200 Euro) – so der Bericht.",
+          "«Schön», sagt sie: „Gut… “"]
+ROMANIAN = ["Ştiinţa şi ţara „bună” – spune el.",
+            "Preşedintele a declarat: „Ţara noastră îşi respectă angajamentele”.",
+            "În 2016, România a găzduit «summitul» – cu 3,5 % mai mult."]
+
+
+def test_en_de_reference_ceiling_is_100(tmp_path):
+    """A perfect German output („“ and – normalised as in training) scores 100 in the
+    authors' En-De convention: both sides are normalised."""
+    hypotheses = round_trip(GERMAN, "de", tmp_path)
+    assert hypotheses != GERMAN  # the quotes and dashes did change
+    for convention in ("ende-compound", "moses", "moses-lc"):
+        assert score(hypotheses, [GERMAN], "de", convention)["tokenized_bleu"] == 100.0
+
+
+def test_romanian_is_normalised_and_its_reference_ceiling_is_100(tmp_path):
+    hypotheses = round_trip(ROMANIAN, "ro", tmp_path)
+    assert "ş" not in "".join(hypotheses) and "Ştiinţa" not in hypotheses[0]
+    assert hypotheses[0].startswith("Știința și țara")
+    assert score(hypotheses, [ROMANIAN], "ro", "ro")["tokenized_bleu"] == 100.0
+    plain = round_trip(ROMANIAN, "ro", tmp_path, "--remove-diacritics")
+    assert plain[0].startswith("Stiinta si tara")
+    assert score(plain, [ROMANIAN], "ro", "ro-nodiac")["tokenized_bleu"] == 100.0
+    # cedilla and comma-below spellings of one word are the same word in both conventions
+    for convention in ("ro", "ro-nodiac"):
+        assert score(["Ştiinţa şi ţara sunt aici ."], [["Știința și țara sunt aici ."]], "ro",
+                     convention)["tokenized_bleu"] == 100.0
+    assert score(plain, [ROMANIAN], "ro", "ro")["tokenized_bleu"] < 100  # diacritics count
+
+
+# -- phase 2 flags, averaging rules -------------------------------------------------------
+
+def test_phase2_flags_carry_the_students_dropout():
+    args = {"dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1,
+            "encoder_layers": 6, "decoder_layers": 1, "share_all_embeddings": False}
+    flags = phase2_flags(args)
+    for name in ("--dropout", "--attention-dropout", "--activation-dropout"):
+        assert flags[flags.index(name) + 1] == "0.1"
+
+
+def test_checkpoints_to_average_by_rule(tmp_path):
+    names = ["checkpoint1.pt", "checkpoint_1_1000.pt", "checkpoint2.pt", "checkpoint_2_2000.pt",
+             "checkpoint10.pt", "checkpoint_10_3000.pt", "checkpoint_last.pt", "checkpoint_best.pt"]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, ns=(i * 10**9, i * 10**9))
+    pick = recipe_tools.checkpoints_to_average
+    assert [Path(p).name for p in pick(str(tmp_path), "epochs", 2)] == \
+        ["checkpoint2.pt", "checkpoint10.pt"]  # by epoch number, not name or time
+    assert [Path(p).name for p in pick(str(tmp_path), "updates", 3)] == \
+        ["checkpoint_2_2000.pt", "checkpoint10.pt", "checkpoint_10_3000.pt"]
+    with pytest.raises(SystemExit, match="3 epoch-end checkpoints .*, 4 to average"):
+        pick(str(tmp_path), "epochs", 4)
+
+
+# -- training-pair filter ----------------------------------------------------------------
+
+def test_clean_reports_what_each_rule_drops_and_warns_on_a_tight_ratio(tmp_path, capsys):
+    """Word-segmented Chinese against English: English often has ~1.6x the tokens; a 1.5
+    ratio would drop those pairs wholesale, and clean says so."""
+    zh = ["我们 今天 去 北京", "他 说", "", "经济 增长 很 快"]
+    en = ["we are going to Beijing today .", "he said it .", "empty", "the economy grows fast"]
+    (tmp_path / "t.zh").write_text("\n".join(zh) + "\n", encoding="utf-8")
+    (tmp_path / "t.en").write_text("\n".join(en) + "\n", encoding="utf-8")
+    args = ["clean", "--src", str(tmp_path / "t.zh"), "--tgt", str(tmp_path / "t.en"),
+            "--out-prefix", str(tmp_path / "c"), "--src-lang", "zh", "--tgt-lang", "en"]
+    recipe_tools.main(args + ["--ratio", "1.5"])
+    out = capsys.readouterr().out
+    assert "kept 1 of 4 pairs; dropped 1 with an empty side, 0 longer than 250 tokens, " \
+           "2 with a length ratio above 1.5" in out
+    assert "WARNING: the length-ratio rule dropped 50.0% of the pairs" in out and "CLEAN_RATIO" in out
+    recipe_tools.main(args + ["--ratio", "3"])
+    assert "kept 3 of 4 pairs" in capsys.readouterr().out
+
+
+def test_zh_en_recipe_filters_with_a_ratio_fit_for_word_segmented_chinese(tmp_path):
+    settings, _ = config("nist12_zh_en", {"WORK": str(tmp_path), "NIST_DIR": str(tmp_path),
+                                          "PATH": gpu_box(tmp_path / "bin", 1)})
+    assert settings["CLEAN_RATIO"] == "3"
+    assert config("wmt14_en_de", {"WORK": str(tmp_path), "PATH": gpu_box(tmp_path / "bin", 1)}
+                  )[0]["CLEAN_RATIO"] == "1.5"
+
+
+# -- the multi-GPU launch, on CPU ----------------------------------------------------------
+
+def test_multi_process_launch_trains_and_resumes_through_the_recipe(tmp_path):
+    """NUM_GPUS=2 with CPU=1: the recipe's own teacher stage launches the way it does on 2
+    GPUs (torchrun, one wd-train per device, --distributed-world-size 2), over gloo; stopped
+    after 4 updates, the stage resumes from checkpoint_last.pt on both ranks to 8."""
+    raw = raw_en_ro(tmp_path / "raw", n_train=300)
+    work = tmp_path / "work dir"
+    env = dict(TINY, RAW_DIR=str(raw), WORK=str(work), NUM_GPUS="2", BATCH_TOKENS="2000",
+               TEACHER_UPDATES="4", SAVE_INTERVAL_UPDATES="2", TRAIN_EXTRA="--log-interval 1")
+    run_recipe("examples/wmt16_en_ro/run.sh", "prepare", "teacher", env=env)
+    run_recipe("examples/wmt16_en_ro/run.sh", "teacher", env=dict(env, TEACHER_UPDATES="8", FORCE="1"))
+    log = (work / "logs" / "teacher.log").read_text()
+    assert log.count("batch: 2 GPU process(es) x 1000 tokens x update-freq 1 = 2000 tokens") == 2
+    assert "distributed init (rank 0)" in log and "distributed init (rank 1)" in log
+    assert "'distributed_world_size': 2" in log
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 4 updates\)", log)
+    state = torch.load(work / "teacher" / "checkpoint_last.pt", weights_only=True)
+    assert state["optimizer_history"][-1]["num_updates"] == 8
+    assert (work / "teacher" / "checkpoint_avg.pt").is_file()
+
+
+def test_torchrun_workers_get_their_rank_and_device():
+    from wd_fairseq.launch import torchrun_flags
+
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    assert torchrun_flags(["data", "--cpu"], env) == [
+        "--distributed-init-method", "env://", "--distributed-no-spawn", "--distributed-rank",
+        "1", "--device-id", "1", "--distributed-backend", "gloo"]
+    assert torchrun_flags(["data"], env)[-2:] == ["--device-id", "1"]  # GPUs: nccl, fairseq's
+    assert torchrun_flags(["data"], {}) == [] == torchrun_flags(["data"], {"WORLD_SIZE": "1", "RANK": "0"})

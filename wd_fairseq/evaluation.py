@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from sacrebleu.metrics import BLEU, CHRF
 from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
 
+from .romanian import normalize_romanian
+
 _HYPOTHESIS = re.compile(r"^H-(\d+)\t[^\t]*\t(.*)$")
 _TIMING = re.compile(
     r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
@@ -40,7 +42,7 @@ def read_generate_log(path: str) -> Tuple[List[str], Dict]:
     """
     hypotheses: Dict[int, str] = {}
     timing = None
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="\n") as f:
         for line in f:
             line = line.rstrip("\n")
             match = _HYPOTHESIS.match(line)
@@ -70,13 +72,22 @@ def _atat(line: str) -> str:
     return re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line)
 
 
-def _tokenizer(lang: str, normalize: bool, compounds: bool, lower: bool) -> Callable[[str], str]:
+def _tokenizer(lang: str, compounds: bool = False, lower: bool = False,
+               remove_diacritics: bool = False) -> Callable[[str], str]:
+    """Tokenizer of one side of tokenized BLEU; the same for hypotheses and references.
+
+    Both sides get what the recipes do to training text (examples/recipes/recipe_tools.py
+    tokenize): punctuation normalisation, Romanian ş ţ -> ș ț (optionally no diacritics),
+    Moses tokens; then the convention's compound splitting and lowercasing. A hypothesis
+    equal to the reference's own preprocessed text therefore scores 100.
+    """
     tokenizer = MosesTokenizer(lang)
     normalizer = MosesPunctNormalizer(lang)
 
     def tokenize(line: str) -> str:
-        if normalize:
-            line = normalizer.normalize(line)
+        line = normalizer.normalize(" ".join(line.split()))
+        if lang == "ro":
+            line = normalize_romanian(line, remove_diacritics)
         line = tokenizer.tokenize(line, escape=False, return_str=True)
         if compounds:
             line = _atat(line)
@@ -85,16 +96,20 @@ def _tokenizer(lang: str, normalize: bool, compounds: bool, lower: bool) -> Call
     return tokenize
 
 
-#: Tokenized-BLEU conventions: name -> (description, hypothesis and reference tokenizers).
+#: Tokenized-BLEU conventions: name -> (description, tokenizer of both sides by language).
 CONVENTIONS = {
-    "moses": ("Moses-tokenized, case-sensitive multi-bleu",
-              lambda lang: (_tokenizer(lang, False, False, False),) * 2),
-    "moses-lc": ("Moses-tokenized, case-insensitive multi-bleu -lc (NIST Zh-En)",
-                 lambda lang: (_tokenizer(lang, False, False, True),) * 2),
+    "moses": ("normalised punctuation, Moses-tokenized, case-sensitive multi-bleu",
+              lambda lang: _tokenizer(lang)),
+    "moses-lc": ("normalised punctuation, Moses-tokenized, case-insensitive multi-bleu -lc "
+                 "(NIST Zh-En)", lambda lang: _tokenizer(lang, lower=True)),
     "ende-compound": ("normalised punctuation, Moses-tokenized, compounds split as "
                       "##AT##-##AT##, case-sensitive multi-bleu (WMT14 En-De)",
-                      lambda lang: (_tokenizer(lang, True, True, False),
-                                    _tokenizer(lang, False, True, False))),
+                      lambda lang: _tokenizer(lang, compounds=True)),
+    "ro": ("normalised punctuation, Romanian ş ţ -> ș ț, Moses-tokenized, case-sensitive "
+           "multi-bleu (WMT16 En-Ro)", lambda lang: _tokenizer(lang)),
+    "ro-nodiac": ("normalised punctuation, Romanian diacritics removed, Moses-tokenized, "
+                  "case-sensitive multi-bleu (WMT16 En-Ro without diacritics)",
+                  lambda lang: _tokenizer(lang, remove_diacritics=True)),
 }
 
 
@@ -110,10 +125,10 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], lang: 
     bleu = BLEU(trg_lang=lang)
     chrf = CHRF()
     description, make = CONVENTIONS[convention]
-    tok_hyp, tok_ref = make(lang)
+    tok = make(lang)
     tokenized = BLEU(tokenize="none", smooth_method="none", force=True)
     tok_score = tokenized.corpus_score(
-        [tok_hyp(h) for h in hypotheses], [[tok_ref(r) for r in ref] for ref in references]
+        [tok(h) for h in hypotheses], [[tok(r) for r in ref] for ref in references]
     )
     return {
         "sacrebleu": round(bleu.corpus_score(list(hypotheses), [list(r) for r in references]).score, 2),
@@ -129,13 +144,17 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], lang: 
 def read_lines(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise EvaluationError(f"{path}: no such file. Fix: pass an existing text file")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    with open(path, encoding="utf-8", newline="\n") as f:
+        text = f.read()
+    # "\n" only: a reference may hold \r, \x85 or \u2028 inside a line (str.splitlines
+    # and Python's default newline mode would split there); a last line needs no "\n"
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
     os.replace(tmp, path)
 
@@ -164,8 +183,10 @@ def cmd_speed(args) -> Dict:
     return record
 
 
-def results_table(records: List[Dict], teacher: str, title: str) -> Tuple[Dict, str]:
-    """(JSON document, Markdown) of the records, with speed relative to ``teacher``."""
+def results_table(records: List[Dict], teacher: str, title: str,
+                  notes: Sequence[str] = ()) -> Tuple[Dict, str]:
+    """(JSON document, Markdown) of the records, with speed relative to ``teacher``;
+    ``notes`` (how the models were made) end the Markdown and go into the JSON."""
     merged: Dict[Tuple[str, str], Dict] = {}
     for record in records:
         merged.setdefault((record["model"], record["test_set"]), {}).update(record)
@@ -186,16 +207,18 @@ def results_table(records: List[Dict], teacher: str, title: str) -> Tuple[Dict, 
             cells.append("-" if value is None else (f"{value}x" if key == "speedup_vs_teacher"
                                                     else str(value)))
         lines.append("| " + " | ".join(cells) + " |")
-    notes = sorted({(r.get("sacrebleu_signature"), r.get("chrf_signature"),
-                     r.get("tokenized_bleu_convention")) for r in rows if "sacrebleu" in r})
+    signatures = sorted({(r.get("sacrebleu_signature"), r.get("chrf_signature"),
+                          r.get("tokenized_bleu_convention")) for r in rows if "sacrebleu" in r})
     lines.append("")
-    for sacre, chrf, tok in notes:
+    for sacre, chrf, tok in signatures:
         lines += [f"- sacreBLEU signature: `{sacre}`", f"- chrF signature: `{chrf}`",
                   f"- tokenized BLEU: {tok}"]
     speeds = sorted({r["speed_source"] for r in rows if "speed_source" in r})
     if speeds:
         lines.append(f"- speed: sentences/s of fairseq-generate ({', '.join(speeds)})")
-    return {"title": title, "teacher": teacher, "rows": rows}, "\n".join(lines) + "\n"
+    lines += [f"- {note}" for note in notes]
+    document = {"title": title, "teacher": teacher, "rows": rows, "notes": list(notes)}
+    return document, "\n".join(lines) + "\n"
 
 
 def cmd_table(args):
@@ -205,7 +228,7 @@ def cmd_table(args):
             records.append(json.load(f))
         if "model" not in records[-1] or "test_set" not in records[-1]:
             raise EvaluationError(f"{path}: not a wd-evaluate record. Fix: pass score/speed outputs")
-    document, markdown = results_table(records, args.teacher, args.title)
+    document, markdown = results_table(records, args.teacher, args.title, args.note)
     write_atomic(args.json, json.dumps(document, indent=2) + "\n")
     write_atomic(args.markdown, markdown)
     return markdown
@@ -237,6 +260,8 @@ def cli_main(argv: Optional[List[str]] = None):
     p.add_argument("--title", default="Results")
     p.add_argument("--json", required=True)
     p.add_argument("--markdown", required=True)
+    p.add_argument("--note", action="append", default=[],
+                   help="a line on how the models were made (repeatable)")
     p.set_defaults(run=cmd_table)
     args = parser.parse_args(argv)
     try:

@@ -21,8 +21,9 @@ from omegaconf import OmegaConf, open_dict
 
 from .teacher import WDSetupError, model_args, read_checkpoint
 
-#: Flags phase 2 needs to rebuild exactly the materialised student.
+#: Flags phase 2 needs to rebuild exactly the materialised student (shape, dropout, ...).
 PHASE2_FLAGS = (
+    "dropout", "attention_dropout", "activation_dropout",
     "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads",
     "decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
     "encoder_normalize_before", "decoder_normalize_before", "activation_fn",

@@ -40,6 +40,12 @@ main() {
   export STUDENT_DEC_LAYERS=${STUDENT_DEC_LAYERS:-1} STUDENT_DEC_DIM=${STUDENT_DEC_DIM:-128}
   export STUDENT_DEC_FFN=${STUDENT_DEC_FFN:-512} STUDENT_DEC_HEADS=${STUDENT_DEC_HEADS:-4}
   export CPU=1 FP16=0 NUM_GPUS=1 MAX_TOKENS=${MAX_TOKENS:-4096} UPDATE_FREQ=${UPDATE_FREQ:-1}
+  # one process: BATCH_TOKENS is this batch. The README's numbers were measured with no
+  # attention/activation dropout and the teacher averaged over saves (not the authors'
+  # dropout 0.1 and epoch averaging, the recipes' defaults), so those stay pinned here.
+  export BATCH_TOKENS=${BATCH_TOKENS:-$((MAX_TOKENS * UPDATE_FREQ))}
+  export ATTENTION_DROPOUT=${ATTENTION_DROPOUT:-0} ACTIVATION_DROPOUT=${ACTIVATION_DROPOUT:-0}
+  export TEACHER_AVERAGE=${TEACHER_AVERAGE:-updates}
   export LR=${LR:-1e-3} WARMUP=${WARMUP:-400} PHASE2_WARMUP=${PHASE2_WARMUP:-100}
   export TEACHER_UPDATES=${TEACHER_UPDATES:-2000} KD_UPDATES=${KD_UPDATES:-1600}
   export PHASE1_UPDATES=${PHASE1_UPDATES:-1200} PHASE2_UPDATES=${PHASE2_UPDATES:-400}

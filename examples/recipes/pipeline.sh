@@ -2,11 +2,13 @@
 # The Weight Distillation pipeline (WD_SPEC section 1) for one language pair.
 #
 #   pipeline.sh [STAGE ...]        run the given stages (default: all, in order)
-#   pipeline.sh config             print the resolved settings and exit
+#   pipeline.sh plan               print the review (GPUs, batch, disk, differences from the
+#                                  authors) and every command of every stage; run nothing
+#   pipeline.sh config             print the resolved settings and the review
 #
 # Stages, in order:
 #   prepare     raw text (download or RAW_DIR) -> Moses tokens -> BPE -> fairseq-preprocess
-#   teacher     train the teacher, average its last AVG_LAST checkpoints
+#   teacher     train the teacher, average its last AVG_LAST epoch checkpoints
 #   kd_data     decode the training source with the teacher (wd-kd-data) -> split train1
 #               of $WORK/data-bin-kd (links to data-bin + train1; data-bin stays original)
 #   kd_student  KD baseline: the student's shape, from scratch, on original + KD data
@@ -40,7 +42,9 @@
 #   Text processing:
 #   TOKENIZE_SRC, TOKENIZE_TGT   moses (normalise punctuation + Moses tokenization with
 #                       aggressive dash splitting, via sacremoses) or none (input already
-#                       segmented, e.g. word-segmented Chinese: only whitespace is collapsed)
+#                       segmented, e.g. word-segmented Chinese: only whitespace is collapsed).
+#                       Lines end at \n only; \r, \x85, \u2028, form feeds become spaces.
+#   RO_DIACRITICS (keep)  Romanian text: ş ţ -> ș ț always; remove: also ă â î ș ț -> a a i s t
 #   BPE_MERGES (32000)  subword-nmt merges       JOINT_BPE (1)  one BPE for both languages
 #   BPE_VOCAB_THRESHOLD (50)  subword-nmt apply-bpe --vocabulary-threshold
 #   JOINED_DICT (0)     fairseq-preprocess --joined-dictionary
@@ -52,15 +56,25 @@
 #   WD_INIT (faithful)  --wd-init of phase 1 (faithful or slice)
 #   Training (authors: 8 GPUs x 4096 tokens, Adam (0.9,0.98), lr 7e-4, inverse_sqrt,
 #   warmup 4000 / phase 2 1000, label smoothing 0.1, dropout 0.1, no clipping, seed 1, fp16):
-#   NUM_GPUS (visible GPUs, else 1)   MAX_TOKENS (4096)
-#   UPDATE_FREQ         default 8*4096/(NUM_GPUS*MAX_TOKENS): the authors' 32k-token batch
-#                       on fewer GPUs (e.g. 2 GPUs -> --update-freq 4)
-#   LR (7e-4) WARMUP (4000) PHASE2_WARMUP (1000) DROPOUT (0.1) SEED (1)
+#   NUM_GPUS            training processes (default: the GPUs nvidia-smi -L lists, filtered
+#                       by CUDA_VISIBLE_DEVICES; 1 without GPUs or with CPU=1). Passed to
+#                       fairseq as --distributed-world-size; more than the visible GPUs is
+#                       refused. NUM_GPUS > 1 launches torchrun (one wd-train per GPU; with
+#                       CPU=1, per gloo process)
+#   MAX_TOKENS (4096)   BATCH_TOKENS (32768: the authors' 8 GPUs x 4096)
+#   UPDATE_FREQ         default BATCH_TOKENS/(NUM_GPUS*MAX_TOKENS) (e.g. 2 GPUs -> 4). A
+#                       product NUM_GPUS x MAX_TOKENS x UPDATE_FREQ other than BATCH_TOKENS
+#                       (3, 5, 6, 7 GPUs) is refused unless ALLOW_BATCH_MISMATCH=1
+#   LR (7e-4) WARMUP (4000) PHASE2_WARMUP (1000) SEED (1) LABEL_SMOOTHING (0.1)
+#   DROPOUT ATTENTION_DROPOUT ACTIVATION_DROPOUT (0.1 each, every training stage)
 #   TEACHER_UPDATES (100000) KD_UPDATES (30000) PHASE1_UPDATES (30000) PHASE2_UPDATES (30000)
-#   SAVE_INTERVAL_UPDATES (1000) AVG_LAST (5)   the last AVG_LAST checkpoints (saved every
-#                       SAVE_INTERVAL_UPDATES updates and at epoch ends) are averaged for the
-#                       teacher, the KD student and phase 2, whose update counts must
-#                       be multiples of SAVE_INTERVAL_UPDATES (checked before any stage)
+#   SAVE_INTERVAL_UPDATES (1000) AVG_LAST (5)
+#   TEACHER_AVERAGE (epochs) STUDENT_AVERAGE (updates)   what the teacher and the KD student
+#                       and phase 2 average: their last AVG_LAST epoch checkpoints (epochs,
+#                       the authors' teacher) or last AVG_LAST saves, SAVE_INTERVAL_UPDATES
+#                       apart (updates: the stage's update count must be a multiple of
+#                       SAVE_INTERVAL_UPDATES, checked before any stage). fairseq keeps only
+#                       the checkpoints the rule needs (phase 1: its last save)
 #   FP16 (1)            --fp16 for training and decoding      CPU (0)  --cpu everywhere
 #   KD_ALPHA (0) KD_TEMPERATURE (1)   word-level KD (kd_label_smoothed_cross_entropy) in the
 #                       KD student and phase 1; 0 = the authors' label-smoothed CE only
@@ -75,9 +89,12 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
-TOOLS="$HERE/recipe_tools.py"
+TOOLS=$HERE/recipe_tools.py
 PYTHON=${PYTHON:-python}
+# --user-dir: the plugin as installed in this environment, the copy its console scripts
+# (wd-train, wd-materialize, ...) import; a second copy in one process is refused by fairseq
+WD_USER_DIR=$("$PYTHON" -I -c 'import importlib.util as u; print(u.find_spec("wd_fairseq").submodule_search_locations[0])' 2>/dev/null) \
+  || { echo "pipeline.sh: error: wd_fairseq is not installed for PYTHON=$PYTHON. Fix: source examples/setup_env.sh (or pip install the repository)" >&2; exit 1; }
 
 : "${SRC:?set SRC (source language code)}" "${TGT:?set TGT (target language code)}"
 : "${WORK:?set WORK (work directory)}"
@@ -92,6 +109,7 @@ VALID_SET=${VALID_SET:-valid}
 TEST_SETS=${TEST_SETS:-test}
 TOKENIZE_SRC=${TOKENIZE_SRC:-moses}
 TOKENIZE_TGT=${TOKENIZE_TGT:-moses}
+RO_DIACRITICS=${RO_DIACRITICS:-keep}
 BPE_MERGES=${BPE_MERGES:-32000}
 JOINT_BPE=${JOINT_BPE:-1}
 BPE_VOCAB_THRESHOLD=${BPE_VOCAB_THRESHOLD:-50}
@@ -107,16 +125,25 @@ STUDENT_DEC_DIM=${STUDENT_DEC_DIM:-256}
 STUDENT_DEC_FFN=${STUDENT_DEC_FFN:-1024}
 STUDENT_DEC_HEADS=${STUDENT_DEC_HEADS:-8}
 WD_INIT=${WD_INIT:-faithful}
-if [ -z "${NUM_GPUS:-}" ]; then
-  NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-  [ "$NUM_GPUS" -ge 1 ] 2>/dev/null || NUM_GPUS=1
-fi
+FP16=${FP16:-1}
+CPU=${CPU:-0}
 MAX_TOKENS=${MAX_TOKENS:-4096}
-UPDATE_FREQ=${UPDATE_FREQ:-$(( (8 * 4096 + NUM_GPUS * MAX_TOKENS - 1) / (NUM_GPUS * MAX_TOKENS) ))}
+BATCH_TOKENS=${BATCH_TOKENS:-32768}
+ALLOW_BATCH_MISMATCH=${ALLOW_BATCH_MISMATCH:-0}
+# GPUs fairseq would see (nvidia-smi -L, filtered by CUDA_VISIBLE_DEVICES), the number of
+# training processes and the update frequency: see recipe_tools.py batch.
+VISIBLE_GPUS=$("$PYTHON" "$TOOLS" gpus) || exit 1
+BATCH=$("$PYTHON" "$TOOLS" batch --visible "$VISIBLE_GPUS" --cpu "$CPU" --num-gpus "${NUM_GPUS:-}" \
+  --max-tokens "$MAX_TOKENS" --update-freq "${UPDATE_FREQ:-}" --batch-tokens "$BATCH_TOKENS" \
+  --allow-mismatch "$ALLOW_BATCH_MISMATCH") || exit 1
+read -r NUM_GPUS UPDATE_FREQ EFFECTIVE_TOKENS <<< "$BATCH"
 LR=${LR:-7e-4}
 WARMUP=${WARMUP:-4000}
 PHASE2_WARMUP=${PHASE2_WARMUP:-1000}
 DROPOUT=${DROPOUT:-0.1}
+ATTENTION_DROPOUT=${ATTENTION_DROPOUT:-0.1}
+ACTIVATION_DROPOUT=${ACTIVATION_DROPOUT:-0.1}
+LABEL_SMOOTHING=${LABEL_SMOOTHING:-0.1}
 SEED=${SEED:-1}
 TEACHER_UPDATES=${TEACHER_UPDATES:-100000}
 KD_UPDATES=${KD_UPDATES:-30000}
@@ -124,8 +151,8 @@ PHASE1_UPDATES=${PHASE1_UPDATES:-30000}
 PHASE2_UPDATES=${PHASE2_UPDATES:-30000}
 SAVE_INTERVAL_UPDATES=${SAVE_INTERVAL_UPDATES:-1000}
 AVG_LAST=${AVG_LAST:-5}
-FP16=${FP16:-1}
-CPU=${CPU:-0}
+TEACHER_AVERAGE=${TEACHER_AVERAGE:-epochs}
+STUDENT_AVERAGE=${STUDENT_AVERAGE:-updates}
 KD_ALPHA=${KD_ALPHA:-0}
 KD_TEMPERATURE=${KD_TEMPERATURE:-1}
 TRAIN_EXTRA=${TRAIN_EXTRA:-}
@@ -140,6 +167,7 @@ BLEU_CONVENTION=${BLEU_CONVENTION:-moses}
 SPEED_BATCH_SIZE=${SPEED_BATCH_SIZE:-1}
 GENERATE_EXTRA=${GENERATE_EXTRA:-}
 FORCE=${FORCE:-0}
+PLAN=0
 
 STAGES=(prepare teacher kd_data kd_student wd_phase1 materialize wd_phase2 evaluate speed)
 DATA=$WORK/data-bin
@@ -148,19 +176,39 @@ TEACHER=$WORK/teacher/checkpoint_avg.pt
 KD_STUDENT=$WORK/kd_student/checkpoint_avg.pt
 WD_INIT_CKPT=$WORK/wd_phase2/init.pt
 WD_STUDENT=$WORK/wd_phase2/checkpoint_avg.pt
-# name:checkpoint of every evaluated model (wd_phase1 = materialised, before phase 2)
-MODELS="teacher:$TEACHER kd_student:$KD_STUDENT wd_phase1:$WD_INIT_CKPT wd_student:$WD_STUDENT"
+# every evaluated model and its checkpoint (wd_phase1 = materialised, before phase 2)
+MODEL_NAMES=(teacher kd_student wd_phase1 wd_student)
+MODEL_CKPTS=("$TEACHER" "$KD_STUDENT" "$WD_INIT_CKPT" "$WD_STUDENT")
+# user-given extra flags: split on whitespace, as on a command line
+read -r -a TRAIN_EXTRA_ARGS <<< "$TRAIN_EXTRA"
+read -r -a GENERATE_EXTRA_ARGS <<< "$GENERATE_EXTRA"
+read -r -a TEST_SET_NAMES <<< "$TEST_SETS"
 
 log() { echo "[$(date '+%F %T')] [$PAIR_NAME] $*"; }
 die() { echo "pipeline.sh: error: $*" >&2; exit 1; }
 flag_if() { [ "$1" = 1 ] && echo "$2" || true; }
 device_flags() { flag_if "$FP16" --fp16; flag_if "$CPU" --cpu; }
 
+# Run a command; in plan mode (pipeline.sh plan) print it, shell-quoted, instead (to fd 3,
+# the plan's stdout, even where the command's own output is redirected).
+exec 3>&1
+run() {
+  if [ "$PLAN" = 1 ]; then
+    { printf '  '; printf '%q ' "$@"; printf '\n'; } >&3
+  else
+    "$@"
+  fi
+}
+
+# Run a command unless in plan mode (file housekeeping that plan does not list).
+act() { [ "$PLAN" = 1 ] || "$@"; }
+
 # -- prepare ------------------------------------------------------------------------
 
 # Write "$1" from the stdout of the remaining command, atomically; skip if it exists.
 produce() {
   local out=$1; shift
+  if [ "$PLAN" = 1 ]; then run "$@"; echo "    > $out" >&3; return 0; fi
   [ -s "$out" ] && return 0
   "$@" > "$out.tmp"
   mv "$out.tmp" "$out"
@@ -181,9 +229,13 @@ check_sum() {
 
 download_train() {
   local dl=$WORK/downloads url name
-  mkdir -p "$dl/extracted"
+  act mkdir -p "$dl/extracted"
   for url in $TRAIN_URLS; do
     name=$(basename "${url%%\?*}")
+    if [ "$PLAN" = 1 ]; then
+      run curl -fL --retry 3 -o "$dl/$name" "$url"
+      continue
+    fi
     if [ ! -s "$dl/$name" ]; then
       log "downloading $url"
       curl -fL --retry 3 -o "$dl/$name.part" "$url" || die "download of $url failed. Fix: check the network or the URL, then rerun"
@@ -200,80 +252,80 @@ download_train() {
       touch "$dl/extracted/.$name.done"
     fi
   done
-  local prefix side
-  : > "$WORK/raw/train.$SRC.tmp"; : > "$WORK/raw/train.$TGT.tmp"
-  for prefix in $TRAIN_PREFIXES; do
-    for side in "$SRC" "$TGT"; do
-      [ -f "$dl/extracted/$prefix.$side" ] || die "$dl/extracted/$prefix.$side: not in the downloads. Fix: correct TRAIN_PREFIXES"
-    done
-    [ "$(wc -l < "$dl/extracted/$prefix.$SRC")" = "$(wc -l < "$dl/extracted/$prefix.$TGT")" ] \
-      || die "$dl/extracted/$prefix.{$SRC,$TGT}: different line counts"
-    cat "$dl/extracted/$prefix.$SRC" >> "$WORK/raw/train.$SRC.tmp"
-    cat "$dl/extracted/$prefix.$TGT" >> "$WORK/raw/train.$TGT.tmp"
-  done
-  mv "$WORK/raw/train.$SRC.tmp" "$WORK/raw/train.$SRC"
-  mv "$WORK/raw/train.$TGT.tmp" "$WORK/raw/train.$TGT"
+  local prefix prefixes=()
+  for prefix in $TRAIN_PREFIXES; do prefixes+=("$dl/extracted/$prefix"); done
+  run "$PYTHON" "$TOOLS" concat --src-lang "$SRC" --tgt-lang "$TGT" --out-prefix "$WORK/raw/train" \
+    "${prefixes[@]}"
 }
 
 raw_text() {
-  mkdir -p "$WORK/raw"
+  act mkdir -p "$WORK/raw"
   if [ -n "$RAW_DIR" ]; then
     local f
+    [ "$PLAN" = 1 ] && { echo "  (links to the files of RAW_DIR=$RAW_DIR in $WORK/raw)"; return; }
     for f in "$RAW_DIR"/*; do ln -sfn "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$WORK/raw/"; done
     return
   fi
   [ -n "$TRAIN_URLS" ] || die "no data: set RAW_DIR (local raw text) or TRAIN_URLS/TRAIN_PREFIXES"
   [ -s "$WORK/raw/train.$TGT" ] || download_train
-  local sets="$VALID_SET:$SACREBLEU_VALID" test
-  set -- $TEST_SETS
-  [ $# = 1 ] || die "downloads give one test set (SACREBLEU_TEST); set RAW_DIR for several"
-  sets="$sets $1:$SACREBLEU_TEST"
-  for test in $sets; do
-    produce "$WORK/raw/${test%%:*}.$SRC" sacrebleu -t "${test#*:}" -l "$SRC-$TGT" --echo src
-    produce "$WORK/raw/${test%%:*}.$TGT" sacrebleu -t "${test#*:}" -l "$SRC-$TGT" --echo ref
+  [ ${#TEST_SET_NAMES[@]} = 1 ] || die "downloads give one test set (SACREBLEU_TEST); set RAW_DIR for several"
+  local name test
+  for test in "$VALID_SET:$SACREBLEU_VALID" "${TEST_SET_NAMES[0]}:$SACREBLEU_TEST"; do
+    name=${test%%:*}
+    produce "$WORK/raw/$name.$SRC" sacrebleu -t "${test#*:}" -l "$SRC-$TGT" --echo src
+    produce "$WORK/raw/$name.$TGT" sacrebleu -t "${test#*:}" -l "$SRC-$TGT" --echo ref
   done
 }
 
-# Reference files of test set $1 (one, or several numbered ones).
+# Reference files of test set $1 (one, or several numbered ones) into array REFS.
 references() {
-  if [ -f "$WORK/raw/$1.$TGT" ]; then echo "$WORK/raw/$1.$TGT"; return; fi
-  ls "$WORK/raw/$1.$TGT"[0-9]* 2>/dev/null || die "$WORK/raw/$1.$TGT (or $1.${TGT}0, ...): no reference. Fix: add it to RAW_DIR"
+  REFS=()
+  if [ -f "$WORK/raw/$1.$TGT" ] || [ "$PLAN" = 1 ]; then REFS=("$WORK/raw/$1.$TGT"); return; fi
+  local f
+  for f in "$WORK/raw/$1.$TGT"[0-9]*; do [ -f "$f" ] && REFS+=("$f"); done
+  [ ${#REFS[@]} -gt 0 ] || die "$WORK/raw/$1.$TGT (or $1.${TGT}0, ...): no reference. Fix: add it to RAW_DIR"
+}
+
+# Romanian: ş ţ (cedilla) -> ș ț always; diacritics removed when RO_DIACRITICS=remove.
+text_flags() {
+  [ "$1" = ro ] && [ "$RO_DIACRITICS" = remove ] && echo --remove-diacritics || true
 }
 
 stage_prepare() {
   raw_text
   local tok=$WORK/tok bpe=$WORK/bpe set lang mode ref
-  mkdir -p "$tok" "$bpe"
-  for set in $TEST_SETS; do
+  act mkdir -p "$tok" "$bpe"
+  for set in "${TEST_SET_NAMES[@]}"; do
     case "$set" in train*|valid*) die "test set name $set: fairseq would load it with train/valid splits. Fix: rename it" ;; esac
   done
-  for set in train $VALID_SET $TEST_SETS; do
+  for set in train "$VALID_SET" "${TEST_SET_NAMES[@]}"; do
     for lang in "$SRC" "$TGT"; do
       if [ "$lang" = "$SRC" ]; then mode=$TOKENIZE_SRC; else mode=$TOKENIZE_TGT; fi
       ref=$WORK/raw/$set.$lang
-      [ "$lang" = "$TGT" ] && [ ! -f "$ref" ] && ref=$(references "$set" | head -1)
-      [ -f "$ref" ] || die "$ref: missing. Fix: provide $set.$lang (see RAW_DIR above)"
-      [ -s "$tok/$set.$lang" ] || "$PYTHON" "$TOOLS" tokenize --lang "$lang" --mode "$mode" --workers "$WORKERS" "$ref" "$tok/$set.$lang"
+      if [ "$lang" = "$TGT" ] && [ ! -f "$ref" ] && [ "$set" != train ]; then references "$set"; ref=${REFS[0]}; fi
+      [ -f "$ref" ] || [ "$PLAN" = 1 ] || die "$ref: missing. Fix: provide $set.$lang (see RAW_DIR above)"
+      [ -s "$tok/$set.$lang" ] || run "$PYTHON" "$TOOLS" tokenize --lang "$lang" --mode "$mode" \
+        $(text_flags "$lang") --workers "$WORKERS" "$ref" "$tok/$set.$lang"
     done
-    [ "$(wc -l < "$tok/$set.$SRC")" = "$(wc -l < "$tok/$set.$TGT")" ] \
-      || die "$set: $(wc -l < "$tok/$set.$SRC") source but $(wc -l < "$tok/$set.$TGT") target lines. Fix: the raw files of a set must be line-aligned"
+    act "$PYTHON" "$TOOLS" check-aligned "$tok/$set.$SRC" "$tok/$set.$TGT"
   done
-  [ -s "$tok/train.clean.$TGT" ] || "$PYTHON" "$TOOLS" clean --src "$tok/train.$SRC" --tgt "$tok/train.$TGT" \
+  [ -s "$tok/train.clean.$TGT" ] || run "$PYTHON" "$TOOLS" clean --src "$tok/train.$SRC" --tgt "$tok/train.$TGT" \
     --out-prefix "$tok/train.clean" --src-lang "$SRC" --tgt-lang "$TGT" --max-len "$CLEAN_MAX_LEN" --ratio "$CLEAN_RATIO"
   if [ ! -s "$bpe/codes.$TGT" ]; then
     if [ "$JOINT_BPE" = 1 ]; then
-      subword-nmt learn-joint-bpe-and-vocab --input "$tok/train.clean.$SRC" "$tok/train.clean.$TGT" -s "$BPE_MERGES" \
+      run subword-nmt learn-joint-bpe-and-vocab --input "$tok/train.clean.$SRC" "$tok/train.clean.$TGT" -s "$BPE_MERGES" \
         -o "$bpe/codes.tmp" --write-vocabulary "$bpe/vocab.$SRC" "$bpe/vocab.$TGT"
-      cp "$bpe/codes.tmp" "$bpe/codes.$SRC"; mv "$bpe/codes.tmp" "$bpe/codes.$TGT"
+      act cp "$bpe/codes.tmp" "$bpe/codes.$SRC"; act mv "$bpe/codes.tmp" "$bpe/codes.$TGT"
     else
       for lang in "$SRC" "$TGT"; do
-        subword-nmt learn-bpe -s "$BPE_MERGES" < "$tok/train.clean.$lang" > "$bpe/codes.tmp"
-        subword-nmt apply-bpe -c "$bpe/codes.tmp" < "$tok/train.clean.$lang" | subword-nmt get-vocab > "$bpe/vocab.$lang"
-        mv "$bpe/codes.tmp" "$bpe/codes.$lang"
+        produce "$bpe/codes.$lang" subword-nmt learn-bpe -s "$BPE_MERGES" --input "$tok/train.clean.$lang"
+        run subword-nmt apply-bpe -c "$bpe/codes.$lang" --input "$tok/train.clean.$lang" --output "$bpe/train.nojoint.$lang"
+        produce "$bpe/vocab.$lang" subword-nmt get-vocab --input "$bpe/train.nojoint.$lang"
+        act rm -f "$bpe/train.nojoint.$lang"
       done
     fi
   fi
-  for set in train $VALID_SET $TEST_SETS; do
+  for set in train "$VALID_SET" "${TEST_SET_NAMES[@]}"; do
     for lang in "$SRC" "$TGT"; do
       local in=$tok/$set.$lang
       [ "$set" = train ] && in=$tok/train.clean.$lang
@@ -281,29 +333,48 @@ stage_prepare() {
         --vocabulary-threshold "$BPE_VOCAB_THRESHOLD" --input "$in"
     done
   done
-  rm -rf "$DATA.tmp"
-  fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --trainpref "$bpe/train" \
+  act rm -rf "$DATA.tmp"
+  run fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --trainpref "$bpe/train" \
     --validpref "$bpe/$VALID_SET" --destdir "$DATA.tmp" --workers "$WORKERS" $(flag_if "$JOINED_DICT" --joined-dictionary)
-  for set in $TEST_SETS; do
+  for set in "${TEST_SET_NAMES[@]}"; do
     # one fairseq-preprocess per test set: --testpref a,b would make test, test1 (concatenated)
-    rm -rf "$WORK/tmp-$set"
-    fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --testpref "$bpe/$set" --destdir "$WORK/tmp-$set" \
+    act rm -rf "$WORK/tmp-$set"
+    run fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --testpref "$bpe/$set" --destdir "$WORK/tmp-$set" \
       --srcdict "$DATA.tmp/dict.$SRC.txt" --tgtdict "$DATA.tmp/dict.$TGT.txt" --workers "$WORKERS"
-    for f in "$WORK/tmp-$set"/test.*; do mv "$f" "$DATA.tmp/$set.${f##*/test.}"; done
-    rm -rf "$WORK/tmp-$set"
+    if [ "$PLAN" != 1 ]; then
+      for f in "$WORK/tmp-$set"/test.*; do mv "$f" "$DATA.tmp/$set.${f##*/test.}"; done
+      rm -rf "$WORK/tmp-$set"
+    fi
   done
-  rm -rf "$DATA"; mv "$DATA.tmp" "$DATA"
+  act rm -rf "$DATA"; act mv "$DATA.tmp" "$DATA"
 }
 
 # -- training -----------------------------------------------------------------------
 
-common_train_flags() {
-  echo --optimizer adam --adam-betas "(0.9,0.98)" --lr "$LR" --lr-scheduler inverse_sqrt \
-    --warmup-init-lr 1e-7 --weight-decay 0.0 --clip-norm 0.0 --dropout "$DROPOUT" \
-    --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" --seed "$SEED" \
-    --save-interval-updates "$SAVE_INTERVAL_UPDATES" --keep-interval-updates "$AVG_LAST" \
-    --keep-last-epochs "$AVG_LAST" --no-progress-bar --log-format simple --log-interval 100 \
-    --num-workers 1 --skip-invalid-size-inputs-valid-test $(device_flags) $TRAIN_EXTRA
+# Checkpoints a stage keeps (fairseq deletes older ones as it saves), by what is averaged
+# at its end ($1): epochs = the last AVG_LAST epoch ends; updates = the last AVG_LAST saves
+# (every SAVE_INTERVAL_UPDATES updates; a save on an epoch end is named by its epoch);
+# none = only checkpoint_last.pt matters. checkpoint_last.pt (resuming) and, with
+# validation, checkpoint_best.pt are always kept.
+retention_flags() {
+  case "$1" in
+    epochs) echo --keep-last-epochs "$AVG_LAST" --keep-interval-updates 1 ;;
+    updates) echo --keep-last-epochs "$AVG_LAST" --keep-interval-updates "$AVG_LAST" ;;
+    none) echo --no-epoch-checkpoints --keep-interval-updates 1 ;;
+  esac
+}
+
+# Flags of every training stage into array TRAIN_FLAGS; $1: the stage's averaging rule.
+# --distributed-world-size is the GPU count the update frequency was computed from, so
+# fairseq cannot train on more (or fewer) GPUs than the batch assumes.
+train_flags() {
+  TRAIN_FLAGS=(--optimizer adam --adam-betas "(0.9,0.98)" --lr "$LR" --lr-scheduler inverse_sqrt
+    --warmup-init-lr 1e-7 --weight-decay 0.0 --clip-norm 0.0 --dropout "$DROPOUT"
+    --attention-dropout "$ATTENTION_DROPOUT" --activation-dropout "$ACTIVATION_DROPOUT"
+    --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" --distributed-world-size "$NUM_GPUS"
+    --seed "$SEED" --save-interval-updates "$SAVE_INTERVAL_UPDATES" $(retention_flags "$1")
+    --no-progress-bar --log-format simple --log-interval 100 --num-workers 1
+    --skip-invalid-size-inputs-valid-test $(device_flags) "${TRAIN_EXTRA_ARGS[@]}")
 }
 
 teacher_shape() {
@@ -319,76 +390,85 @@ student_decoder() {
     --decoder-ffn-embed-dim "$STUDENT_DEC_FFN" --decoder-attention-heads "$STUDENT_DEC_HEADS"
 }
 
-# $1: ls (label-smoothed CE), kd (word-level KD if KD_ALPHA != 0, teacher from --teacher-path)
-# or wd (the same for phase 1, whose teacher is inside the model)
+# Criterion flags into array CRITERION; $1: ls (label-smoothed CE), kd (word-level KD if
+# KD_ALPHA != 0, teacher from --teacher-path) or wd (the same for phase 1, whose teacher is
+# inside the model)
 criterion_flags() {
   if [ "$1" != ls ] && [ "$KD_ALPHA" != 0 ]; then
-    echo --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 \
-      --kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE"
-    [ "$1" = wd ] || echo --user-dir "$REPO/wd_fairseq" --teacher-path "$TEACHER"
+    CRITERION=(--criterion kd_label_smoothed_cross_entropy --label-smoothing "$LABEL_SMOOTHING"
+      --kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE")
+    [ "$1" = wd ] || CRITERION+=(--user-dir "$WD_USER_DIR" --teacher-path "$TEACHER")
   else
-    echo --criterion label_smoothed_cross_entropy --label-smoothing 0.1
+    CRITERION=(--criterion label_smoothed_cross_entropy --label-smoothing "$LABEL_SMOOTHING")
   fi
 }
 
-# Average the last AVG_LAST checkpoints saved in directory $1 (every SAVE_INTERVAL_UPDATES
-# updates, and at epoch ends: fairseq names a save that falls on an epoch end checkpointN.pt)
-# into $1/checkpoint_avg.pt.
-average_last() {
-  local ckpts
-  ckpts=$(ls -t "$1"/checkpoint_*_*.pt "$1"/checkpoint[0-9]*.pt 2>/dev/null | head -n "$AVG_LAST" || true)
-  [ -n "$ckpts" ] || die "$1: no checkpoint to average. Fix: rerun the stage (it resumes)"
-  "$PYTHON" "$TOOLS" average --out "$1/checkpoint_avg.pt" $ckpts
+# fairseq-train with the stage's flags; logs the effective batch first. One process:
+# fairseq-train; NUM_GPUS > 1: one wd-train (fairseq-train as a torchrun worker, see
+# wd_fairseq/launch.py) per GPU, or per CPU process with CPU=1 (gloo).
+train() {
+  local launch=(fairseq-train)
+  [ "$NUM_GPUS" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node "$NUM_GPUS" --no-python wd-train)
+  [ "$PLAN" = 1 ] || log "batch: $NUM_GPUS GPU process(es) x $MAX_TOKENS tokens x update-freq $UPDATE_FREQ = $EFFECTIVE_TOKENS tokens per update (target BATCH_TOKENS=$BATCH_TOKENS); dropout $DROPOUT, attention $ATTENTION_DROPOUT, activation $ACTIVATION_DROPOUT"
+  run "${launch[@]}" "$@"
+}
+
+# Average checkpoints of directory $1 by rule $2 (epochs or updates) into $1/checkpoint_avg.pt.
+average() {
+  run "$PYTHON" "$TOOLS" average --dir "$1" --rule "$2" --last "$AVG_LAST" --out "$1/checkpoint_avg.pt"
 }
 
 stage_teacher() {
-  fairseq-train "$DATA" --arch transformer $(teacher_shape) $(common_train_flags) \
-    $(criterion_flags ls) --warmup-updates "$WARMUP" --max-update "$TEACHER_UPDATES" \
-    --save-dir "$WORK/teacher"
-  average_last "$WORK/teacher"
+  train_flags "$TEACHER_AVERAGE"; criterion_flags ls
+  train "$DATA" --arch transformer $(teacher_shape) "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" \
+    --warmup-updates "$WARMUP" --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher"
+  average "$WORK/teacher" "$TEACHER_AVERAGE"
 }
 
 stage_kd_data() {
   # data-bin-kd: links to every file of data-bin, plus train1 written by wd-kd-data.
-  mkdir -p "$DATA_KD"
-  local f
-  for f in "$DATA"/*; do ln -sfn "$f" "$DATA_KD/"; done
-  wd-kd-data "$DATA_KD" --teacher-path "$TEACHER" -s "$SRC" -t "$TGT" --beam "$KD_BEAM" \
+  if [ "$PLAN" != 1 ]; then
+    mkdir -p "$DATA_KD"
+    local f
+    for f in "$DATA"/*; do ln -sfn "$f" "$DATA_KD/"; done
+  fi
+  run wd-kd-data "$DATA_KD" --teacher-path "$TEACHER" -s "$SRC" -t "$TGT" --beam "$KD_BEAM" \
     --lenpen "$KD_LENPEN" --max-tokens "$KD_MAX_TOKENS" $(device_flags)
 }
 
 # original + KD data: fairseq concatenates train and train1 (--upsample-primary 1 is
 # needed: fairseq 0.12's default -1 breaks the concatenation)
-student_train_flags() {
-  echo --upsample-primary 1 $(common_train_flags)
-}
-
 stage_kd_student() {
-  fairseq-train "$DATA_KD" --arch transformer $(teacher_shape) $(student_decoder) \
-    $(student_train_flags) $(criterion_flags kd) --warmup-updates "$WARMUP" \
+  train_flags "$STUDENT_AVERAGE"; criterion_flags kd
+  train "$DATA_KD" --arch transformer $(teacher_shape) $(student_decoder) --upsample-primary 1 \
+    "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" --warmup-updates "$WARMUP" \
     --max-update "$KD_UPDATES" --save-dir "$WORK/kd_student"
-  average_last "$WORK/kd_student"
+  average "$WORK/kd_student" "$STUDENT_AVERAGE"
 }
 
 stage_wd_phase1() {
-  fairseq-train "$DATA_KD" --user-dir "$REPO/wd_fairseq" --arch wd_transformer \
-    --teacher-path "$TEACHER" $(student_decoder) --wd-init "$WD_INIT" \
-    $(student_train_flags) $(criterion_flags wd) --warmup-updates "$WARMUP" \
+  train_flags none; criterion_flags wd
+  train "$DATA_KD" --user-dir "$WD_USER_DIR" --arch wd_transformer \
+    --teacher-path "$TEACHER" $(student_decoder) --wd-init "$WD_INIT" --upsample-primary 1 \
+    "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" --warmup-updates "$WARMUP" \
     --max-update "$PHASE1_UPDATES" --save-dir "$WORK/wd_phase1"
 }
 
 stage_materialize() {
-  mkdir -p "$WORK/wd_phase2"
-  wd-materialize "$WORK/wd_phase1/checkpoint_last.pt" "$WD_INIT_CKPT" --data "$DATA_KD"
-  "$PYTHON" "$TOOLS" phase2-flags "$WD_INIT_CKPT" > "$WORK/wd_phase2/flags.tmp"
-  mv "$WORK/wd_phase2/flags.tmp" "$WORK/wd_phase2/flags"
+  act mkdir -p "$WORK/wd_phase2"
+  run wd-materialize "$WORK/wd_phase1/checkpoint_last.pt" "$WD_INIT_CKPT" --data "$DATA_KD"
+  act rm -f "$WORK/wd_phase2/flags"  # (a redo must not keep an earlier student's flags)
+  produce "$WORK/wd_phase2/flags" "$PYTHON" "$TOOLS" phase2-flags "$WD_INIT_CKPT"
 }
 
 stage_wd_phase2() {
-  fairseq-train "$DATA_KD" $(cat "$WORK/wd_phase2/flags") --finetune-from-model "$WD_INIT_CKPT" \
-    $(student_train_flags) $(criterion_flags ls) --warmup-updates "$PHASE2_WARMUP" \
+  local flags=("<the student's shape and dropout from $WORK/wd_phase2/flags>")
+  [ "$PLAN" = 1 ] || read -r -a flags < "$WORK/wd_phase2/flags"
+  train_flags "$STUDENT_AVERAGE"; criterion_flags ls
+  train "$DATA_KD" "${flags[@]}" --finetune-from-model "$WD_INIT_CKPT" --upsample-primary 1 \
+    "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" --warmup-updates "$PHASE2_WARMUP" \
     --max-update "$PHASE2_UPDATES" --save-dir "$WORK/wd_phase2"
-  average_last "$WORK/wd_phase2"
+  average "$WORK/wd_phase2" "$STUDENT_AVERAGE"
 }
 
 # -- evaluation ---------------------------------------------------------------------
@@ -398,37 +478,54 @@ stage_wd_phase2() {
 # silently drops the last, smaller batch (up to 7 test sentences).
 generate() {
   local ckpt=$1 set=$2 out=$3; shift 3
+  local cmd=(fairseq-generate "$DATA" --path "$ckpt" --gen-subset "$set" -s "$SRC" -t "$TGT"
+    --beam "$BEAM" --lenpen "$LENPEN" --remove-bpe --required-batch-size-multiple 1
+    --num-workers 1 $(device_flags) "${GENERATE_EXTRA_ARGS[@]}" "$@")
+  if [ "$PLAN" = 1 ]; then run "${cmd[@]}"; echo "    > $out" >&3; return 0; fi
   [ -f "$ckpt" ] || die "$ckpt: missing. Fix: run the stage that trains it first"
-  fairseq-generate "$DATA" --path "$ckpt" --gen-subset "$set" -s "$SRC" -t "$TGT" \
-    --beam "$BEAM" --lenpen "$LENPEN" --remove-bpe --required-batch-size-multiple 1 \
-    --num-workers 1 $(device_flags) $GENERATE_EXTRA "$@" > "$out.tmp" 2>&1 \
+  "${cmd[@]}" > "$out.tmp" 2>&1 \
     || { tail -n 20 "$out.tmp"; die "fairseq-generate of $ckpt on $set failed (log: $out.tmp)"; }
   mv "$out.tmp" "$out"
 }
 
-# The results table from the records made so far (rows in the order of MODELS).
+# What the results table notes about how each model was made.
+table_notes() {
+  echo "teacher: average of the last $AVG_LAST $(rule_words "$TEACHER_AVERAGE")"
+  echo "kd_student, wd_student: average of the last $AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
+  echo "batch: $EFFECTIVE_TOKENS tokens per update ($NUM_GPUS x $MAX_TOKENS x $UPDATE_FREQ); dropout $DROPOUT, attention dropout $ATTENTION_DROPOUT, activation dropout $ACTIVATION_DROPOUT"
+}
+
+rule_words() {
+  case "$1" in
+    epochs) echo "epoch checkpoints" ;;
+    updates) echo "saves, $SAVE_INTERVAL_UPDATES updates apart" ;;
+  esac
+}
+
+# The results table from the records made so far (rows in the order of MODEL_NAMES).
 results_table() {
-  local records=() entry set kind
+  local records=() name set kind notes=() note
   for kind in eval speed; do
-    for entry in $MODELS; do
-      for set in $TEST_SETS; do
-        [ -f "$WORK/$kind/${entry%%:*}.$set.json" ] && records+=("$WORK/$kind/${entry%%:*}.$set.json")
+    for name in "${MODEL_NAMES[@]}"; do
+      for set in "${TEST_SET_NAMES[@]}"; do
+        [ -f "$WORK/$kind/$name.$set.json" ] && records+=("$WORK/$kind/$name.$set.json")
       done
     done
   done
-  wd-evaluate table "${records[@]}" --teacher teacher --title "$PAIR_NAME" \
-    --json "$WORK/results.json" --markdown "$WORK/results.md"
+  while IFS= read -r note; do notes+=(--note "$note"); done < <(table_notes)
+  run wd-evaluate table "${records[@]}" --teacher teacher --title "$PAIR_NAME" \
+    --json "$WORK/results.json" --markdown "$WORK/results.md" "${notes[@]}"
 }
 
 stage_evaluate() {
-  mkdir -p "$WORK/eval"
-  local entry name set refs
-  for entry in $MODELS; do
-    name=${entry%%:*}
-    for set in $TEST_SETS; do
-      refs=$(references "$set")
-      generate "${entry#*:}" "$set" "$WORK/eval/$name.$set.gen" --batch-size "$EVAL_BATCH_SIZE"
-      wd-evaluate score --generate-log "$WORK/eval/$name.$set.gen" --refs $refs \
+  act mkdir -p "$WORK/eval"
+  local i name set
+  for i in "${!MODEL_NAMES[@]}"; do
+    name=${MODEL_NAMES[$i]}
+    for set in "${TEST_SET_NAMES[@]}"; do
+      references "$set"
+      generate "${MODEL_CKPTS[$i]}" "$set" "$WORK/eval/$name.$set.gen" --batch-size "$EVAL_BATCH_SIZE"
+      run wd-evaluate score --generate-log "$WORK/eval/$name.$set.gen" --refs "${REFS[@]}" \
         --lang "$TGT" --convention "$BLEU_CONVENTION" --name "$name" --test-set "$set" \
         --hypotheses-out "$WORK/eval/$name.$set.hyp" --out "$WORK/eval/$name.$set.json" > /dev/null
     done
@@ -437,12 +534,12 @@ stage_evaluate() {
 }
 
 stage_speed() {
-  mkdir -p "$WORK/speed"
-  local entry name set=${TEST_SETS%% *}
-  for entry in $MODELS; do
-    name=${entry%%:*}
-    generate "${entry#*:}" "$set" "$WORK/speed/$name.$set.gen" --batch-size "$SPEED_BATCH_SIZE"
-    wd-evaluate speed --generate-log "$WORK/speed/$name.$set.gen" --name "$name" --test-set "$set" \
+  act mkdir -p "$WORK/speed"
+  local i name set=${TEST_SET_NAMES[0]}
+  for i in "${!MODEL_NAMES[@]}"; do
+    name=${MODEL_NAMES[$i]}
+    generate "${MODEL_CKPTS[$i]}" "$set" "$WORK/speed/$name.$set.gen" --batch-size "$SPEED_BATCH_SIZE"
+    run wd-evaluate speed --generate-log "$WORK/speed/$name.$set.gen" --name "$name" --test-set "$set" \
       --out "$WORK/speed/$name.$set.json" > /dev/null
   done
   results_table
@@ -450,17 +547,38 @@ stage_speed() {
 
 # -- driver -------------------------------------------------------------------------
 
-show_config() {
+SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SACREBLEU_VALID
+  SACREBLEU_TEST VALID_SET TEST_SETS TOKENIZE_SRC TOKENIZE_TGT RO_DIACRITICS BPE_MERGES JOINT_BPE
+  BPE_VOCAB_THRESHOLD JOINED_DICT CLEAN_MAX_LEN CLEAN_RATIO TEACHER_LAYERS TEACHER_DIM
+  TEACHER_FFN TEACHER_HEADS STUDENT_DEC_LAYERS STUDENT_DEC_DIM STUDENT_DEC_FFN
+  STUDENT_DEC_HEADS WD_INIT VISIBLE_GPUS NUM_GPUS MAX_TOKENS UPDATE_FREQ BATCH_TOKENS
+  EFFECTIVE_TOKENS ALLOW_BATCH_MISMATCH LR WARMUP PHASE2_WARMUP DROPOUT ATTENTION_DROPOUT
+  ACTIVATION_DROPOUT LABEL_SMOOTHING SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES
+  PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
+  KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS BEAM LENPEN
+  EVAL_BATCH_SIZE BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
+
+settings() {
   local v
-  for v in SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SACREBLEU_VALID \
-    SACREBLEU_TEST VALID_SET TEST_SETS TOKENIZE_SRC TOKENIZE_TGT BPE_MERGES JOINT_BPE \
-    BPE_VOCAB_THRESHOLD JOINED_DICT CLEAN_MAX_LEN CLEAN_RATIO TEACHER_LAYERS TEACHER_DIM \
-    TEACHER_FFN TEACHER_HEADS STUDENT_DEC_LAYERS STUDENT_DEC_DIM STUDENT_DEC_FFN \
-    STUDENT_DEC_HEADS WD_INIT NUM_GPUS MAX_TOKENS UPDATE_FREQ LR WARMUP PHASE2_WARMUP DROPOUT \
-    SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES PHASE2_UPDATES SAVE_INTERVAL_UPDATES \
-    AVG_LAST FP16 CPU KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN \
-    KD_MAX_TOKENS BEAM LENPEN EVAL_BATCH_SIZE BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA; do
-    printf '%s=%s\n' "$v" "${!v}"
+  for v in "${SETTINGS[@]}"; do printf '%s=%s\n' "$v" "${!v}"; done
+}
+
+# config: the settings, then the review (GPUs, batch, disk, differences from the authors).
+show_config() {
+  settings
+  echo
+  settings | "$PYTHON" "$TOOLS" review --data "$DATA"
+}
+
+# plan: the review, then every command of every stage with its resolved flags.
+show_plan() {
+  local stage
+  settings | "$PYTHON" "$TOOLS" review --data "$DATA"
+  PLAN=1
+  for stage in "${STAGES[@]}"; do
+    echo
+    echo "== $stage"
+    "stage_$stage"
   done
 }
 
@@ -481,10 +599,17 @@ run_stage() {
   log "done $stage"
 }
 
-# The stages that average their last saves need a save at their final update.
-check_update_counts() {
+# The settings that would fail only after hours of work, checked before any stage.
+check_settings() {
   local v
+  for v in TEACHER_AVERAGE STUDENT_AVERAGE; do
+    case "${!v}" in epochs|updates) ;; *) die "$v=${!v}: unknown averaging rule. Fix: set $v=epochs or $v=updates" ;; esac
+  done
+  case "$RO_DIACRITICS" in keep|remove) ;; *) die "RO_DIACRITICS=$RO_DIACRITICS: use keep or remove" ;; esac
+  # the stages that average their last saves need a save at their final update
   for v in TEACHER_UPDATES KD_UPDATES PHASE2_UPDATES; do
+    if [ "$v" = TEACHER_UPDATES ] && [ "$TEACHER_AVERAGE" = epochs ]; then continue; fi
+    if [ "$v" != TEACHER_UPDATES ] && [ "$STUDENT_AVERAGE" = epochs ]; then continue; fi
     [ $(( ${!v} % SAVE_INTERVAL_UPDATES )) = 0 ] || die "$v=${!v} is not a multiple of \
 SAVE_INTERVAL_UPDATES=$SAVE_INTERVAL_UPDATES, so the stage's last updates would be left out \
 of the checkpoint average. Fix: make $v a multiple of SAVE_INTERVAL_UPDATES (or change the interval)"
@@ -492,12 +617,15 @@ of the checkpoint average. Fix: make $v a multiple of SAVE_INTERVAL_UPDATES (or 
 }
 
 main() {
-  if [ "${1:-}" = config ]; then show_config; return; fi
+  check_settings
+  case "${1:-}" in
+    config) show_config; return ;;
+    plan) show_plan; return ;;
+  esac
   local stages=("$@") stage
   [ ${#stages[@]} -gt 0 ] || stages=("${STAGES[@]}")
-  check_update_counts
   for stage in "${stages[@]}"; do
-    declare -F "stage_$stage" > /dev/null || die "unknown stage '$stage'. Stages: ${STAGES[*]} (or config)"
+    declare -F "stage_$stage" > /dev/null || die "unknown stage '$stage'. Stages: ${STAGES[*]} (or config, plan)"
   done
   mkdir -p "$WORK/logs" "$WORK/done"
   for stage in "${stages[@]}"; do run_stage "$stage"; done

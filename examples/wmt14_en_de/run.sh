@@ -5,11 +5,16 @@
 #   examples/wmt14_en_de/run.sh                 # all stages, in $WORK (default ./wmt14_en_de)
 #   examples/wmt14_en_de/run.sh kd_data         # one stage (resumes when run again)
 #   NUM_GPUS=4 examples/wmt14_en_de/run.sh      # --update-freq 2 keeps 8 GPUs x 4096 tokens
+#   examples/wmt14_en_de/run.sh plan            # every command, the batch, disk, differences
 #
 # Data: Europarl v7 + Common Crawl + News Commentary v9 (~4.5M pairs), newstest2013 (valid)
 # and newstest2014 "full" (test, 3003 sentences), both fetched by sacrebleu. Joint BPE with
 # 32k merges. Tokenized BLEU follows the authors' En-De convention (WD_SPEC section 6):
 # normalised punctuation, Moses tokens, compounds split as ##AT##-##AT##, case-sensitive.
+# Checksums: downloads are checked against SHA256SUMS in this directory (none shipped yet).
+# A first run prints "WARNING: no checksum for FILE" and appends each sum to
+# $WORK/downloads/SHA256SUMS.recorded; once verified, copy that file here as SHA256SUMS (or
+# point CHECKSUMS at it) and later runs stop on any mismatch (examples/recipes/README.md).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export SRC=${SRC:-en} TGT=${TGT:-de}
