@@ -49,6 +49,7 @@ setup(
             "wd-kd-data = wd_fairseq.kd_data:cli_main",
             "wd-evaluate = wd_fairseq.evaluation:cli_main",
             "wd-train = wd_fairseq.launch:cli_main",
+            "wd-init-student = wd_fairseq.init_student:cli_main",
         ],
     },
 )

@@ -90,8 +90,15 @@ def student_checkpoint(model, task, phase1_state: dict) -> dict:
     """A stock ``transformer`` checkpoint of the generated student (fp32)."""
     stock = TransformerModel.build_model(argparse.Namespace(**model.student_args), task)
     stock.load_state_dict(model.student_state_dict(), strict=True)  # keys and shapes match
-    cfg = _plain(OmegaConf.to_container(phase1_state["cfg"], resolve=True, enum_to_str=True))
-    cfg["model"] = _plain(model.student_args)
+    return stock_checkpoint(stock, model.student_args, phase1_state["cfg"])
+
+
+def stock_checkpoint(stock: TransformerModel, args: Dict, run_cfg) -> dict:
+    """A checkpoint of the stock ``transformer`` ``stock`` (built from ``args``), fp32,
+    plain containers only; task and other settings from ``run_cfg`` (the config of the
+    run it comes from)."""
+    cfg = _plain(OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True))
+    cfg["model"] = _plain(args)
     cfg["common"]["user_dir"] = None
     cfg["criterion"] = {"_name": "label_smoothed_cross_entropy", "label_smoothing": 0.1}
     return {

@@ -1,0 +1,214 @@
+"""``wd-init-student TEACHER.pt STUDENT.pt``: a stock student whose every tensor is a
+selection of the teacher's (the zero-cost baseline to compare WD against).
+
+Student layer i is teacher layer ``layers[i]`` (``--layers first|last|spread``). Within a
+layer, each axis keeps a subset of the teacher's coordinates (``--dims first|spread``),
+the same subset wherever that axis appears, so the kept weights still act on the same
+features:
+
+- the residual width of each side (embeddings, every layer's inputs and outputs,
+  LayerNorms, the output projection; the decoder's encoder-attention reads the
+  encoder's kept coordinates);
+- attention: H_S of the teacher's H_T heads, and h_S of the h_T coordinates of each
+  kept head (the same ones in q, k, v and the output projection). A student head as
+  wide as the teacher's keeps whole heads; the authors' stu1 (8 heads of 32 from 8 of
+  64) keeps every head and half of each;
+- the FFN's inner width.
+
+Shared tables stay shared. The result is a stock ``transformer`` checkpoint for
+``fairseq-train --finetune-from-model``.
+"""
+
+import argparse
+import shlex
+import sys
+from typing import Dict, List
+
+import torch
+from fairseq import tasks
+from fairseq.models import ARCH_CONFIG_REGISTRY
+from fairseq.models.transformer import TransformerModel
+from omegaconf import open_dict
+
+from .materialize import check_output, phase2_flags, save_atomic, stock_checkpoint
+from .model import DROPOUT_FIELDS, SHAPE_FIELDS, transformer_arg_names
+from .teacher import WDSetupError, load_teacher, read_checkpoint
+
+SELECTIONS = ("first", "last", "spread")
+
+
+def select(total: int, keep: int, how: str) -> List[int]:
+    """``keep`` of ``range(total)``: the first, the last, or evenly spaced ending with
+    the last (``spread``)."""
+    if how == "first":
+        return list(range(keep))
+    if how == "last":
+        return list(range(total - keep, total))
+    return [(i + 1) * total // keep - 1 for i in range(keep)]
+
+
+def student_shape(teacher_args: Dict, flags: Dict) -> Dict:
+    """Stock ``transformer`` args of the student: the teacher's, with ``flags`` (shape
+    and dropout; None keeps the teacher's). Raises WDSetupError for impossible shapes."""
+    args = dict(teacher_args, arch="transformer", _name="transformer")
+    args.update({k: v for k, v in flags.items() if v is not None})
+    args.update(decoder_input_dim=args["decoder_embed_dim"],
+                decoder_output_dim=args["decoder_embed_dim"], encoder_layers_to_keep=None,
+                decoder_layers_to_keep=None, encoder_embed_path=None, decoder_embed_path=None)
+    for side in ("encoder", "decoder"):
+        for what in ("layers", "embed_dim", "ffn_embed_dim", "attention_heads"):
+            name = f"{side}_{what}"
+            if not 1 <= args[name] <= teacher_args[name]:
+                raise WDSetupError(
+                    f"--{name.replace('_', '-')} {args[name]}: a selected student needs between "
+                    f"1 and the teacher's {teacher_args[name]}. Fix: pick a value in that range")
+        dim, heads = args[f"{side}_embed_dim"], args[f"{side}_attention_heads"]
+        teacher_head = teacher_args[f"{side}_embed_dim"] // teacher_args[f"{side}_attention_heads"]
+        if dim % heads or dim // heads > teacher_head:
+            raise WDSetupError(
+                f"--{side}-attention-heads {heads} with --{side}-embed-dim {dim}: student heads "
+                f"must divide the width and be at most the teacher's head width {teacher_head}. "
+                f"Fix: use at least {-(-dim // teacher_head)} heads that divide {dim}")
+    if args.get("share_all_embeddings") and args["encoder_embed_dim"] != args["decoder_embed_dim"]:
+        raise WDSetupError(
+            "the teacher shares all embeddings, so the student's encoder and decoder widths "
+            f"must be equal (got {args['encoder_embed_dim']} and {args['decoder_embed_dim']}). "
+            "Fix: give both sides the same --encoder-embed-dim and --decoder-embed-dim")
+    return args
+
+
+def coordinates(teacher_args: Dict, args: Dict, dims: str) -> Dict[str, List[int]]:
+    """Kept teacher coordinates per axis: ``{side}`` (residual), ``{side}_attn``
+    (attention inner, head by head), ``{side}_ffn``."""
+    kept = {}
+    for side in ("encoder", "decoder"):
+        t_dim, s_dim = teacher_args[f"{side}_embed_dim"], args[f"{side}_embed_dim"]
+        t_heads, s_heads = teacher_args[f"{side}_attention_heads"], args[f"{side}_attention_heads"]
+        t_head, s_head = t_dim // t_heads, s_dim // s_heads
+        within = select(t_head, s_head, dims)
+        kept[side] = select(t_dim, s_dim, dims)
+        kept[f"{side}_attn"] = [h * t_head + j for h in select(t_heads, s_heads, dims)
+                                for j in within]
+        kept[f"{side}_ffn"] = select(teacher_args[f"{side}_ffn_embed_dim"],
+                                     args[f"{side}_ffn_embed_dim"], dims)
+    return kept
+
+
+def axes(key: str) -> List[str]:
+    """The axes (``coordinates`` names, or ``"all"``) of a stock transformer tensor."""
+    side, rest = key.split(".", 1)
+    if rest in ("embed_tokens.weight", "embed_positions.weight", "output_projection.weight"):
+        return ["all", side]
+    if rest.startswith("layers."):
+        rest = rest.split(".", 2)[2]
+    module, what = rest.rsplit(".", 1)
+    attention = f"{side}_attn"
+    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                  "encoder_attn.q_proj"):
+        return [attention, side][: 2 if what == "weight" else 1]
+    if module in ("encoder_attn.k_proj", "encoder_attn.v_proj"):  # read the encoder's output
+        return [attention, "encoder"][: 2 if what == "weight" else 1]
+    if module in ("self_attn.out_proj", "encoder_attn.out_proj"):
+        return [side, attention][: 2 if what == "weight" else 1]
+    if module == "fc1":
+        return [f"{side}_ffn", side][: 2 if what == "weight" else 1]
+    if module == "fc2":
+        return [side, f"{side}_ffn"][: 2 if what == "weight" else 1]
+    return [side]  # LayerNorms
+
+
+def teacher_key(key: str, layers: Dict[str, List[int]]) -> str:
+    """The teacher tensor a student tensor is selected from (its layer mapped)."""
+    parts = key.split(".")
+    if len(parts) > 2 and parts[1] == "layers":
+        parts[2] = str(layers[parts[0]][int(parts[2])])
+    return ".".join(parts)
+
+
+def selected_state(teacher: Dict[str, torch.Tensor], student: Dict[str, torch.Tensor],
+                   layers: Dict[str, List[int]], kept: Dict[str, List[int]]) -> Dict:
+    """Every floating tensor of ``student`` (its keys and shapes) selected from ``teacher``;
+    other entries (version buffers, position buffers) are the student's own."""
+    out = {}
+    for key, value in student.items():
+        if not value.is_floating_point() or key.endswith(("._float_tensor", ".version")):
+            out[key] = value
+            continue
+        tensor = teacher[teacher_key(key, layers)]
+        for dim, axis in enumerate(axes(key)):
+            if axis != "all":
+                tensor = tensor.index_select(dim, torch.tensor(kept[axis]))
+        assert tensor.shape == value.shape, (key, tensor.shape, value.shape)
+        out[key] = tensor.clone()
+    return out
+
+
+def init_student(teacher_path: str, student_path: str, flags: Dict, layers: str = "spread",
+                 dims: str = "first", data: str = None) -> List[str]:
+    """Write the selected student of ``teacher_path``; return its phase-2 style flags."""
+    check_output(student_path)
+    state = read_checkpoint(teacher_path, "TEACHER")
+    cfg = state["cfg"]
+    if data is not None:
+        with open_dict(cfg):
+            cfg.task.data = data
+    try:
+        task = tasks.setup_task(cfg.task)
+    except FileNotFoundError as e:
+        raise WDSetupError(
+            f"TEACHER {teacher_path}: the data-bin of its run ({cfg.task.data}) is missing "
+            f"({e}). Fix: pass --data with the data-bin holding its dictionaries") from e
+    teacher, teacher_args = load_teacher(teacher_path, task)
+    teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
+    args = student_shape(teacher_args, flags)
+    student = TransformerModel.build_model(argparse.Namespace(**args), task)
+    layer_map = {side: select(teacher_args[f"{side}_layers"], args[f"{side}_layers"], layers)
+                 for side in ("encoder", "decoder")}
+    with torch.no_grad():
+        student.load_state_dict(selected_state(
+            teacher.state_dict(), student.state_dict(), layer_map,
+            coordinates(teacher_args, args, dims)), strict=True)
+    save_atomic(stock_checkpoint(student, args, cfg), student_path)
+    return phase2_flags(args)
+
+
+def cli_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="wd-init-student",
+        description="Write a stock fairseq `transformer` student whose every tensor is a "
+        "selection of a teacher's (layers, heads, rows and columns).")
+    parser.add_argument("teacher", metavar="TEACHER.pt", help="stock fairseq translation Transformer")
+    parser.add_argument("student", metavar="STUDENT.pt", help="output: stock transformer checkpoint")
+    parser.add_argument("--arch", default="wd_transformer",
+                        choices=("wd_transformer", "wd_transformer_stu1", "wd_transformer_stu2"),
+                        help="a student preset (the flags below override it; default: none)")
+    for name in SHAPE_FIELDS:
+        parser.add_argument("--" + name.replace("_", "-"), type=int,
+                            help="student shape (default: the preset's, else the teacher's)")
+    for name in DROPOUT_FIELDS:
+        parser.add_argument("--" + name.replace("_", "-"), type=float,
+                            help="student dropout (default: the teacher's)")
+    parser.add_argument("--layers", choices=SELECTIONS, default="spread",
+                        help="teacher layers kept: first, last, or spread (evenly spaced, "
+                        "ending with the last; default)")
+    parser.add_argument("--dims", choices=("first", "spread"), default="first",
+                        help="coordinates kept along each axis (default: first)")
+    parser.add_argument("--data", help="data-bin with the dictionaries (default: the teacher's run's)")
+    args = parser.parse_args(argv)
+    flags = {name: getattr(args, name) for name in SHAPE_FIELDS + DROPOUT_FIELDS}
+    if args.arch != "wd_transformer":  # the preset fills in what the flags leave unset
+        preset = argparse.Namespace(**flags)
+        ARCH_CONFIG_REGISTRY[args.arch](preset)
+        flags = vars(preset)
+    try:
+        phase2 = init_student(args.teacher, args.student, flags, args.layers, args.dims, args.data)
+    except WDSetupError as e:
+        sys.exit(f"wd-init-student: error: {e}")
+    print(f"wrote {args.student}")
+    print("train it (stock fairseq): fairseq-train DATA "
+          + " ".join(shlex.quote(f) for f in phase2)
+          + f" --finetune-from-model {shlex.quote(args.student)} ...")
+
+
+if __name__ == "__main__":
+    cli_main()
