@@ -47,14 +47,14 @@ def test_subset_keeps_short_aligned_pairs(tmp_path):
 
 
 def test_bleu_statistics_reproduce_sacrebleu():
-    stats = tools.bleu_statistics(KD_HYPS, REFS)
+    stats = tools.bleu_statistics(KD_HYPS, REFS, "en")
     assert stats.shape == (len(REFS), 10)
     expected = BLEU(trg_lang="en").corpus_score(KD_HYPS, [REFS]).score
     assert tools.corpus_bleu(stats.sum(0)) == pytest.approx(expected, abs=1e-9)
 
 
 def test_paired_bootstrap():
-    kd, wd = tools.bleu_statistics(KD_HYPS, REFS), tools.bleu_statistics(REFS, REFS)
+    kd, wd = tools.bleu_statistics(KD_HYPS, REFS, "en"), tools.bleu_statistics(REFS, REFS, "en")
     diffs = tools.paired_bootstrap([(kd, wd), (kd, kd)], samples=200, seed=1)
     assert diffs.shape == (200, 2)
     assert np.all(diffs[:, 0] > 0) and np.all(diffs[:, 1] == 0)
@@ -75,22 +75,24 @@ def fake_checkpoint(path, enc, dec):
                           "decoder.embed_positions._float_tensor": torch.zeros(1)}}, path)
 
 
-def fake_run(work, bleu_shift=0.0):
-    """A pipeline.sh work directory with results.json, checkpoints, hypotheses, references."""
+def fake_run(work, bleu_shift=0.0, lang="en", refs=REFS, kd_hyps=KD_HYPS):
+    """A pipeline.sh work directory with results.json, checkpoints, hypotheses, references
+    (target language ``lang``)."""
     speeds = {"teacher": 10.0, "kd_student": 25.0, "wd_phase1": 24.0, "wd_student": 26.0}
-    hyps = {"teacher": REFS, "kd_student": KD_HYPS, "wd_phase1": KD_HYPS, "wd_student": REFS}
+    hyps = {"teacher": refs, "kd_student": kd_hyps, "wd_phase1": kd_hyps, "wd_student": refs}
     rows = []
     for model, _ in tools.MODELS:
         fake_checkpoint(work / tools.CHECKPOINTS[model], 5, 3 if model == "teacher" else 1)
         (work / "eval").mkdir(parents=True, exist_ok=True)
         (work / "eval" / f"{model}.test.hyp").write_text("".join(h + "\n" for h in hyps[model]))
-        rows.append({"model": model, "test_set": "test", "chrf": 50.0, "sentences_per_second": speeds[model],
-                     "sacrebleu": round(BLEU(trg_lang="en").corpus_score(hyps[model], [REFS]).score, 2)
+        rows.append({"model": model, "test_set": "test", "target_lang": lang, "chrf": 50.0,
+                     "sentences_per_second": speeds[model],
+                     "sacrebleu": round(BLEU(trg_lang=lang).corpus_score(hyps[model], [refs]).score, 2)
                      + bleu_shift, "speedup_vs_teacher": round(speeds[model] / 10.0, 2),
                      "sacrebleu_signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0",
                      "chrf_signature": "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0"})
     (work / "raw").mkdir(parents=True, exist_ok=True)
-    (work / "raw" / "test.en").write_text("".join(r + "\n" for r in REFS))
+    (work / "raw" / f"test.{lang}").write_text("".join(r + "\n" for r in refs))
     (work / "results.json").write_text(json.dumps({"rows": rows}))
     return work
 
@@ -125,6 +127,27 @@ def test_compare_two_runs(tmp_path):
         "teacher (seed1)", "KD student (seed1)", "WD student (seed1)", "KD student (seed2)", "WD student (seed2)"]
     assert "WD better than KD" in open(prefix + ".md").read()
     assert os.path.getsize(prefix + ".png") > 0
+
+
+def test_compare_scores_each_run_in_its_own_target_language(tmp_path):
+    """A reversed pair (en -> es): references are raw/test.es, BLEU uses the run's language;
+    a run that does not say its language is refused."""
+    refs = ["el gato se sentó en la alfombra", "y hubo luz", "en el principio creó dios los cielos",
+            "ella está aquí ahora", "dijo a ellos id", "un perro corrió en el parque hoy"] * 5
+    kd = [" ".join(r.split()[:-1]) for r in refs]
+    runs = [fake_run(tmp_path / f"s{i}", lang="es", refs=refs, kd_hyps=kd) for i in (1, 2)]
+    prefix = str(tmp_path / "results")
+    tools.main(["compare", "--work", f"a={runs[0]}", f"b={runs[1]}", "--out-prefix", prefix,
+                "--samples", "50"])
+    doc = json.loads(open(prefix + ".json").read())
+    expected = 100.0 - BLEU(trg_lang="es").corpus_score(kd, [refs]).score
+    assert doc["comparison"][0]["wd_minus_kd"] == pytest.approx(expected, abs=0.01)
+    document = json.loads((runs[0] / "results.json").read_text())
+    for row in document["rows"]:
+        del row["target_lang"]
+    (runs[0] / "results.json").write_text(json.dumps(document))
+    with pytest.raises(SystemExit, match="no target_lang"):
+        tools.main(["compare", "--work", f"a={runs[0]}", "--out-prefix", prefix])
 
 
 def test_demo_arguments(tmp_path):

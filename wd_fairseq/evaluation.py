@@ -164,7 +164,7 @@ def cmd_score(args) -> Dict:
     detok = MosesDetokenizer(args.lang)
     hypotheses = [detok.detokenize(h.split()) for h in hypotheses]
     references = [read_lines(path) for path in args.refs]
-    record = {"model": args.name, "test_set": args.test_set,
+    record = {"model": args.name, "test_set": args.test_set, "target_lang": args.lang,
               **score(hypotheses, references, args.lang, args.convention),
               "sentences_per_second": timing["sentences_per_second"],
               "speed_source": os.path.basename(args.generate_log)}

@@ -2,6 +2,7 @@
 """Helpers of examples/demo.sh and examples/bible_es_en/benchmark.sh.
 
     tools.py subset --corpus DIR --out DIR --train N --max-words W [--valid N] [--test N]
+                    [--pair es-en]
     tools.py report --work WORK --out-prefix PREFIX [--title T] [--note LINE ...]
     tools.py compare --work NAME=WORK ... --out-prefix PREFIX [--samples 1000] [--note LINE ...]
 
@@ -10,7 +11,7 @@ of at most W words per side (and optionally fewer valid/test pairs), spread even
 the corpus. ``report`` turns one pipeline run into the demo's table (JSON, Markdown) and
 a PNG of BLEU against decoding speed. ``compare`` puts the KD and WD students of several
 runs (seeds) side by side, with paired bootstrap confidence intervals of the BLEU
-difference WD - KD.
+difference WD - KD, scored in each run's own target language (``wd-evaluate`` records it).
 """
 
 import argparse
@@ -22,7 +23,6 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-SRC, TGT = "es", "en"
 #: (pipeline model name, label in tables and plots); wd_phase1 is the materialised
 #: phase-1 student before phase 2.
 MODELS = [("teacher", "teacher"), ("kd_student", "KD student"),
@@ -50,13 +50,14 @@ def spread(indices: Sequence[int], n: int) -> List[int]:
 
 def subset(args) -> None:
     os.makedirs(args.out, exist_ok=True)
+    langs = args.pair.split("-")
     for split in ("train", "valid", "test"):
-        sides = [read_lines(os.path.join(args.corpus, f"{split}.{lang}")) for lang in (SRC, TGT)]
+        sides = [read_lines(os.path.join(args.corpus, f"{split}.{lang}")) for lang in langs]
         keep = list(range(len(sides[0])))
         if split == "train":
             keep = [i for i in keep if max(len(s[i].split()) for s in sides) <= args.max_words]
         keep = spread(keep, getattr(args, split) or len(keep))
-        for lang, lines in zip((SRC, TGT), sides):
+        for lang, lines in zip(langs, sides):
             write_atomic(os.path.join(args.out, f"{split}.{lang}"), "".join(lines[i] + "\n" for i in keep))
         print(f"subset: {split}: {len(keep)} pairs")
 
@@ -162,15 +163,24 @@ def report(args) -> None:
     print("\n".join(lines))
 
 
-def bleu_statistics(hypotheses: Sequence[str], references: Sequence[str]) -> np.ndarray:
-    """Per-sentence sufficient statistics of sacreBLEU as wd-evaluate scores it (13a
-    tokenizer, one reference): N x 10 (hypothesis length, reference length, n-gram
+def target_lang(work: str, rows: List[Dict]) -> str:
+    """The target language a run was scored in (``wd-evaluate score`` records it)."""
+    lang = rows[0].get("target_lang")
+    if lang is None:
+        sys.exit(f"{work}/results.json: no target_lang (made before wd-evaluate recorded it). "
+                 "Fix: re-run its evaluate stage")
+    return lang
+
+
+def bleu_statistics(hypotheses: Sequence[str], references: Sequence[str], lang: str) -> np.ndarray:
+    """Per-sentence sufficient statistics of sacreBLEU as wd-evaluate scores it in target
+    language ``lang`` (13a tokenizer, one reference): N x 10 (hypothesis length, reference length, n-gram
     matches for n = 1..4, n-gram counts for n = 1..4). Uses sacreBLEU's internal
     ``_extract_corpus_statistics`` (sacrebleu is pinned; tests/test_demo.py checks that
     the statistics reproduce ``corpus_score``)."""
     from sacrebleu.metrics import BLEU
 
-    return np.array(BLEU(trg_lang=TGT)._extract_corpus_statistics(hypotheses, [references]),
+    return np.array(BLEU(trg_lang=lang)._extract_corpus_statistics(hypotheses, [references]),
                     dtype=np.int64)
 
 
@@ -215,10 +225,10 @@ def compare(args) -> None:
     rows, pairs, observed = [], [], []
     for i, (name, work) in enumerate(runs.items()):
         run_rows = load_run(work)
-        test_set = run_rows[0]["test_set"]
-        refs = read_lines(os.path.join(work, "raw", f"{test_set}.{TGT}"))
-        stats = [bleu_statistics(read_lines(os.path.join(work, "eval", f"{m}.{test_set}.hyp")), refs)
-                 for m in ("kd_student", "wd_student")]
+        test_set, lang = run_rows[0]["test_set"], target_lang(work, run_rows)
+        refs = read_lines(os.path.join(work, "raw", f"{test_set}.{lang}"))
+        stats = [bleu_statistics(read_lines(os.path.join(work, "eval", f"{m}.{test_set}.hyp")),
+                                 refs, lang) for m in ("kd_student", "wd_student")]
         pairs.append(stats)
         observed.append(corpus_bleu(stats[1].sum(0)) - corpus_bleu(stats[0].sum(0)))
         rows += [dict(r, label=f"{r['label']} ({name})", run=name) for r in run_rows
@@ -268,6 +278,8 @@ def main(argv=None):
     p.add_argument("--max-words", type=int, required=True)
     p.add_argument("--valid", type=int, help="default: all")
     p.add_argument("--test", type=int, help="default: all")
+    p.add_argument("--pair", default="es-en", help="SRC-TGT: the corpus files' languages "
+                   "(default es-en; en-es reverses the direction)")
     p.set_defaults(run=subset)
     p = sub.add_parser("report")
     p.add_argument("--work", required=True, help="pipeline.sh work directory")
