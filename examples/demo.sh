@@ -65,6 +65,8 @@ main() {
   export TEACHER_UPDATES=${TEACHER_UPDATES:-600} KD_UPDATES=${KD_UPDATES:-400}
   export PHASE1_UPDATES=${PHASE1_UPDATES:-300} PHASE2_UPDATES=${PHASE2_UPDATES:-100}
   export SAVE_INTERVAL_UPDATES=${SAVE_INTERVAL_UPDATES:-100} AVG_LAST=${AVG_LAST:-3}
+  # phase 2 (100 updates) has one save: the README's WD student is that checkpoint
+  export PHASE2_AVG_LAST=${PHASE2_AVG_LAST:-1}
   export TRAIN_EXTRA=${TRAIN_EXTRA:-"--log-interval 25"}
   export WORKERS=${WORKERS:-$(nproc)}
   # Decoding: KD data with beam 4; evaluation with the authors' beam 6; speed at batch 1.

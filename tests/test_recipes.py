@@ -239,6 +239,15 @@ def test_update_counts_without_a_final_save_are_refused_before_any_work(tmp_path
     assert "start prepare" not in proc.stdout and not (tmp_path / "done").exists()
 
 
+def test_stages_with_fewer_saves_than_they_average_are_refused_before_any_work(tmp_path):
+    env = dict(TINY, WORK=str(tmp_path), PHASE2_UPDATES="5", PHASE2_AVG_LAST="2")
+    proc = run_recipe("examples/wmt16_en_ro/run.sh", env=env, check=False)
+    assert proc.returncode != 0
+    assert ("PHASE2_UPDATES=5 gives 1 saves (SAVE_INTERVAL_UPDATES=5), fewer than the 2 the "
+            "stage averages (PHASE2_AVG_LAST)") in proc.stderr
+    assert "start prepare" not in proc.stdout and not (tmp_path / "done").exists()
+
+
 def gpu_box(directory: Path, n: int) -> str:
     """A PATH whose stand-in ``nvidia-smi -L`` lists ``n`` GPUs (as on an n-GPU server)."""
     directory.mkdir(parents=True, exist_ok=True)

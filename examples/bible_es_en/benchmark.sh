@@ -50,6 +50,8 @@ main() {
   export TEACHER_UPDATES=${TEACHER_UPDATES:-2000} KD_UPDATES=${KD_UPDATES:-1600}
   export PHASE1_UPDATES=${PHASE1_UPDATES:-1200} PHASE2_UPDATES=${PHASE2_UPDATES:-400}
   export SAVE_INTERVAL_UPDATES=${SAVE_INTERVAL_UPDATES:-200} AVG_LAST=${AVG_LAST:-3}
+  # phase 2 (400 updates) has two saves: the committed results average those two
+  export PHASE2_AVG_LAST=${PHASE2_AVG_LAST:-2}
   export WORKERS=${WORKERS:-$(nproc)}
   export KD_BEAM=${KD_BEAM:-6} BEAM=${BEAM:-6} SPEED_BATCH_SIZE=${SPEED_BATCH_SIZE:-1}
   export GENERATE_EXTRA=${GENERATE_EXTRA:-"--max-len-a 1.5 --max-len-b 10"}

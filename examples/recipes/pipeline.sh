@@ -68,7 +68,7 @@
 #   LR (7e-4) WARMUP (4000) PHASE2_WARMUP (1000) SEED (1) LABEL_SMOOTHING (0.1)
 #   DROPOUT ATTENTION_DROPOUT ACTIVATION_DROPOUT (0.1 each, every training stage)
 #   TEACHER_UPDATES (100000) KD_UPDATES (30000) PHASE1_UPDATES (30000) PHASE2_UPDATES (30000)
-#   SAVE_INTERVAL_UPDATES (1000) AVG_LAST (5)
+#   SAVE_INTERVAL_UPDATES (1000) AVG_LAST (5) PHASE2_AVG_LAST (AVG_LAST: phase 2's own count)
 #   TEACHER_AVERAGE (epochs) STUDENT_AVERAGE (updates)   what the teacher and the KD student
 #                       and phase 2 average: their last AVG_LAST epoch checkpoints (epochs,
 #                       the authors' teacher) or last AVG_LAST saves, SAVE_INTERVAL_UPDATES
@@ -151,6 +151,7 @@ PHASE1_UPDATES=${PHASE1_UPDATES:-30000}
 PHASE2_UPDATES=${PHASE2_UPDATES:-30000}
 SAVE_INTERVAL_UPDATES=${SAVE_INTERVAL_UPDATES:-1000}
 AVG_LAST=${AVG_LAST:-5}
+PHASE2_AVG_LAST=${PHASE2_AVG_LAST:-$AVG_LAST}
 TEACHER_AVERAGE=${TEACHER_AVERAGE:-epochs}
 STUDENT_AVERAGE=${STUDENT_AVERAGE:-updates}
 KD_ALPHA=${KD_ALPHA:-0}
@@ -357,14 +358,16 @@ stage_prepare() {
 # none = only checkpoint_last.pt matters. checkpoint_last.pt (resuming) and, with
 # validation, checkpoint_best.pt are always kept.
 retention_flags() {
+  local last=${2:-$AVG_LAST}
   case "$1" in
-    epochs) echo --keep-last-epochs "$AVG_LAST" --keep-interval-updates 1 ;;
-    updates) echo --keep-last-epochs "$AVG_LAST" --keep-interval-updates "$AVG_LAST" ;;
+    epochs) echo --keep-last-epochs "$last" --keep-interval-updates 1 ;;
+    updates) echo --keep-last-epochs "$last" --keep-interval-updates "$last" ;;
     none) echo --no-epoch-checkpoints --keep-interval-updates 1 ;;
   esac
 }
 
-# Flags of every training stage into array TRAIN_FLAGS; $1: the stage's averaging rule.
+# Flags of every training stage into array TRAIN_FLAGS; $1: the stage's averaging rule,
+# $2: how many checkpoints it averages (default AVG_LAST).
 # --distributed-world-size is the GPU count the update frequency was computed from, so
 # fairseq cannot train on more (or fewer) GPUs than the batch assumes.
 train_flags() {
@@ -372,7 +375,7 @@ train_flags() {
     --warmup-init-lr 1e-7 --weight-decay 0.0 --clip-norm 0.0 --dropout "$DROPOUT"
     --attention-dropout "$ATTENTION_DROPOUT" --activation-dropout "$ACTIVATION_DROPOUT"
     --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" --distributed-world-size "$NUM_GPUS"
-    --seed "$SEED" --save-interval-updates "$SAVE_INTERVAL_UPDATES" $(retention_flags "$1")
+    --seed "$SEED" --save-interval-updates "$SAVE_INTERVAL_UPDATES" $(retention_flags "$1" "${2:-}")
     --no-progress-bar --log-format simple --log-interval 100 --num-workers 1
     --skip-invalid-size-inputs-valid-test $(device_flags) "${TRAIN_EXTRA_ARGS[@]}")
 }
@@ -413,9 +416,11 @@ train() {
   run "${launch[@]}" "$@"
 }
 
-# Average checkpoints of directory $1 by rule $2 (epochs or updates) into $1/checkpoint_avg.pt.
+# Average the last $3 (default AVG_LAST) checkpoints of directory $1 by rule $2 (epochs or
+# updates) into $1/checkpoint_avg.pt.
 average() {
-  run "$PYTHON" "$TOOLS" average --dir "$1" --rule "$2" --last "$AVG_LAST" --out "$1/checkpoint_avg.pt"
+  run "$PYTHON" "$TOOLS" average --dir "$1" --rule "$2" --last "${3:-$AVG_LAST}" \
+    --out "$1/checkpoint_avg.pt"
 }
 
 stage_teacher() {
@@ -464,11 +469,11 @@ stage_materialize() {
 stage_wd_phase2() {
   local flags=("<the student's shape and dropout from $WORK/wd_phase2/flags>")
   [ "$PLAN" = 1 ] || read -r -a flags < "$WORK/wd_phase2/flags"
-  train_flags "$STUDENT_AVERAGE"; criterion_flags ls
+  train_flags "$STUDENT_AVERAGE" "$PHASE2_AVG_LAST"; criterion_flags ls
   train "$DATA_KD" "${flags[@]}" --finetune-from-model "$WD_INIT_CKPT" --upsample-primary 1 \
     "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" --warmup-updates "$PHASE2_WARMUP" \
     --max-update "$PHASE2_UPDATES" --save-dir "$WORK/wd_phase2"
-  average "$WORK/wd_phase2" "$STUDENT_AVERAGE"
+  average "$WORK/wd_phase2" "$STUDENT_AVERAGE" "$PHASE2_AVG_LAST"
 }
 
 # -- evaluation ---------------------------------------------------------------------
@@ -491,7 +496,8 @@ generate() {
 # What the results table notes about how each model was made.
 table_notes() {
   echo "teacher: average of the last $AVG_LAST $(rule_words "$TEACHER_AVERAGE")"
-  echo "kd_student, wd_student: average of the last $AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
+  echo "kd_student: average of the last $AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
+  echo "wd_student: average of the last $PHASE2_AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
   echo "batch: $EFFECTIVE_TOKENS tokens per update ($NUM_GPUS x $MAX_TOKENS x $UPDATE_FREQ); dropout $DROPOUT, attention dropout $ATTENTION_DROPOUT, activation dropout $ACTIVATION_DROPOUT"
 }
 
@@ -554,7 +560,7 @@ SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SAC
   STUDENT_DEC_HEADS WD_INIT VISIBLE_GPUS NUM_GPUS MAX_TOKENS UPDATE_FREQ BATCH_TOKENS
   EFFECTIVE_TOKENS ALLOW_BATCH_MISMATCH LR WARMUP PHASE2_WARMUP DROPOUT ATTENTION_DROPOUT
   ACTIVATION_DROPOUT LABEL_SMOOTHING SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES
-  PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
+  PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST PHASE2_AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
   KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS BEAM LENPEN
   EVAL_BATCH_SIZE BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
 
@@ -613,6 +619,11 @@ check_settings() {
     [ $(( ${!v} % SAVE_INTERVAL_UPDATES )) = 0 ] || die "$v=${!v} is not a multiple of \
 SAVE_INTERVAL_UPDATES=$SAVE_INTERVAL_UPDATES, so the stage's last updates would be left out \
 of the checkpoint average. Fix: make $v a multiple of SAVE_INTERVAL_UPDATES (or change the interval)"
+    local last=$AVG_LAST name=AVG_LAST
+    [ "$v" = PHASE2_UPDATES ] && last=$PHASE2_AVG_LAST name=PHASE2_AVG_LAST
+    [ $(( ${!v} / SAVE_INTERVAL_UPDATES )) -ge "$last" ] || die "$v=${!v} gives \
+$(( ${!v} / SAVE_INTERVAL_UPDATES )) saves (SAVE_INTERVAL_UPDATES=$SAVE_INTERVAL_UPDATES), fewer \
+than the $last the stage averages ($name). Fix: train longer, save more often, or lower $name"
   done
 }
 
