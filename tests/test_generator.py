@@ -27,7 +27,7 @@ def randomize(generator):
 
 
 def reference_matrix(g, teacher):
-    """WD_SPEC 3.2 written out: W ∈ R^{O_T×I_T×g}, c = M·v, Ŵ = P_outᵀ W̄ P_in."""
+    """docs/method.md 3.2 written out: W ∈ R^{O_T×I_T×g}, c = M·v, Ŵ = P_outᵀ W̄ P_in."""
     W = torch.stack(teacher, dim=-1)
     c = torch.einsum("lk,kj->l", g.layer_mix, g.layer_reduce)
     W_bar = torch.einsum("oil,l->oi", W, c)
@@ -63,7 +63,7 @@ def test_matrix_generator_picks_cheaper_contraction():
 
 @pytest.mark.parametrize("g", [1, 2, 3])
 def test_vector_generator_matches_formula(g):
-    """WD_SPEC 3.3/3.4: b_s = a ⊙ tanh(Q_outᵀ (b (N u))) + β (biases and LayerNorms)."""
+    """docs/method.md 3.3/3.4: b_s = a ⊙ tanh(Q_outᵀ (b (N u))) + β (biases and LayerNorms)."""
     gen = randomize(VectorGenerator(24, 12, g))
     teacher = [torch.randn(24) for _ in range(g)]
     b = torch.stack(teacher, dim=-1)
@@ -80,7 +80,7 @@ def test_elementwise_generator_matches_formula():
 
 @pytest.mark.parametrize("teacher_dim,student_dim", [(24, 24), (24, 12)])
 def test_table_generator_rows_and_full_table(teacher_dim, student_dim):
-    """WD_SPEC 3.7: X[y] = A[y] ⊙ tanh(E[y] · P_e) + B[y] (no P_e at equal width)."""
+    """docs/method.md 3.7: X[y] = A[y] ⊙ tanh(E[y] · P_e) + B[y] (no P_e at equal width)."""
     gen = randomize(TableGenerator(30, teacher_dim, student_dim))
     E = torch.randn(30, teacher_dim)
     projected = E if gen.proj is None else torch.einsum("vd,ds->vs", E, gen.proj)
@@ -92,7 +92,7 @@ def test_table_generator_rows_and_full_table(teacher_dim, student_dim):
 
 
 def test_projection_generator():
-    """WD_SPEC 3.7: W_out = O_T · P_o; the teacher's as is at equal width."""
+    """docs/method.md 3.7: W_out = O_T · P_o; the teacher's as is at equal width."""
     O = torch.randn(30, 24)
     gen = randomize(ProjectionGenerator(24, 12))
     torch.testing.assert_close(gen(O), torch.einsum("vd,ds->vs", O, gen.proj), rtol=1e-5, atol=1e-5)

@@ -351,7 +351,7 @@ def test_visible_gpus_follows_cuda_rules():
     assert visible_gpus("", None) == 0
 
 
-#: The authors' settings (WD_SPEC section 1), independent of the code under test.
+#: The authors' settings (docs/method.md section 1), independent of the code under test.
 AUTHORS_FLAGS = {
     "--optimizer": "adam", "--adam-betas": "(0.9,0.98)", "--lr": "7e-4",
     "--lr-scheduler": "inverse_sqrt", "--warmup-init-lr": "1e-7", "--weight-decay": "0.0",
@@ -376,7 +376,7 @@ def test_plan_is_the_authors_setting(tmp_path, pair, gpus, visible):
     if visible:
         env["CUDA_VISIBLE_DEVICES"] = visible
     plan = run_recipe(f"examples/{pair}/run.sh", "plan", env=env).stdout
-    assert "differences from the authors' settings (WD_SPEC section 1): none" in plan
+    assert "differences from the authors' settings (docs/method.md section 1): none" in plan
     assert f"training processes: {gpus} (--distributed-world-size {gpus})" in plan
     assert "= 32,768 tokens per update" in plan
     assert re.search(r"^disk \(estimate.*\): \d+ GB$", plan, re.M)

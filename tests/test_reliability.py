@@ -274,7 +274,7 @@ def scaled_teacher_model(data_bin, teacher):
 
 
 def fp16_generator_overflows(model) -> bool:
-    """Would computing any full generator (WD_SPEC 3.2) in fp16 overflow?"""
+    """Would computing any full generator (docs/method.md 3.2) in fp16 overflow?"""
     for _, _, generated in model.generated_tensors():
         g = generated.generator
         if isinstance(g, MatrixGenerator):

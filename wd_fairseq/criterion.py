@@ -2,7 +2,7 @@
 
     loss = (1 - α) · LS-CE(student, reference) + α · T² · KL(p_teacher,T || p_student,T)
 
-summed over the target tokens that are not padding (WD_SPEC section 4). Softmax
+summed over the target tokens that are not padding (docs/method.md section 4). Softmax
 and KL are computed in fp32. With α = 0 the loss is exactly fairseq's
 ``label_smoothed_cross_entropy`` and no teacher is needed.
 

@@ -1,5 +1,5 @@
 """``wd-evaluate``: BLEU, chrF and decoding speed of translation models, and the
-results table of a language pair (WD_SPEC section 6).
+results table of a language pair (docs/method.md section 6).
 
 * ``wd-evaluate score``: reads a ``fairseq-generate --remove-bpe`` log (``H-`` lines),
   Moses-detokenizes the hypotheses, and scores them against raw references:

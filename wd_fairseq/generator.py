@@ -1,6 +1,6 @@
 """Parameter generators: trainable maps from frozen teacher tensors to one student tensor.
 
-Each generator implements one recipe of WD_SPEC section 3. ``forward(*teacher)``
+Each generator implements one recipe of docs/method.md section 3. ``forward(*teacher)``
 takes the teacher tensors of the student tensor's layer group and returns the
 student tensor, always computed in fp32 (autocast off) whatever the dtype of the
 inputs and of the generator's own parameters; the caller casts the result.
@@ -46,7 +46,7 @@ class ParameterGenerator(nn.Module):
 
 
 class MatrixGenerator(ParameterGenerator):
-    """WD_SPEC 3.2: W_s = A ⊙ tanh(P_outᵀ · (Σ_l c_l W_l) · P_in) + B, c = M·v.
+    """docs/method.md 3.2: W_s = A ⊙ tanh(P_outᵀ · (Σ_l c_l W_l) · P_in) + B, c = M·v.
 
     teacher: g tensors (O_T, I_T) -> student (O_S, I_S).
     Parameters: out_proj P_out (O_T, O_S), in_proj P_in (I_T, I_S),
@@ -91,7 +91,7 @@ class MatrixGenerator(ParameterGenerator):
 
 
 class VectorGenerator(ParameterGenerator):
-    """WD_SPEC 3.3/3.4 (biases, LayerNorm gains and shifts):
+    """docs/method.md 3.3/3.4 (biases, LayerNorm gains and shifts):
     b_s = a ⊙ tanh(Q_outᵀ · (Σ_l c_l b_l)) + β, c = N·u.
 
     teacher: g tensors (O_T,) -> student (O_S,).
@@ -128,7 +128,7 @@ class VectorGenerator(ParameterGenerator):
 
 
 class ElementwiseGenerator(ParameterGenerator):
-    """WD_SPEC 3.6 (same shape, same layer): X_s = A ⊙ tanh(X_t) + B.
+    """docs/method.md 3.6 (same shape, same layer): X_s = A ⊙ tanh(X_t) + B.
 
     teacher: one tensor of any shape -> student of the same shape.
     """
@@ -150,7 +150,7 @@ class ElementwiseGenerator(ParameterGenerator):
 
 
 class TableGenerator(ParameterGenerator):
-    """WD_SPEC 3.7, embedding tables: X[y] = A[y] ⊙ tanh(E[y] · P) + B[y].
+    """docs/method.md 3.7, embedding tables: X[y] = A[y] ⊙ tanh(E[y] · P) + B[y].
 
     teacher: table E (V, d_T) -> student table (V, d_S). P (d_T, d_S) exists only
     when the widths differ (same width: the element-wise recipe, per token).
@@ -192,7 +192,7 @@ class TableGenerator(ParameterGenerator):
 
 
 class ProjectionGenerator(ParameterGenerator):
-    """WD_SPEC 3.7, output projection: W_out = O_T · P_o, no tanh, no A/B.
+    """docs/method.md 3.7, output projection: W_out = O_T · P_o, no tanh, no A/B.
 
     teacher: O_T (V, d_T) -> student (V, d_S). When d_S = d_T there is no P_o and
     the teacher's projection is used as is (the authors' choice: nothing trains).

@@ -1,4 +1,4 @@
-"""Which teacher layers each student layer is generated from (WD_SPEC 3.1)."""
+"""Which teacher layers each student layer is generated from (docs/method.md 3.1)."""
 
 from typing import List
 

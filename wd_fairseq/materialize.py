@@ -1,7 +1,7 @@
 """``wd-materialize PHASE1.pt STUDENT.pt``: the phase-1 WD model as a stock student.
 
 Evaluates every generator once in fp32 and writes a checkpoint of fairseq's stock
-``transformer`` with the student's explicit dimensions (WD_SPEC section 5). The
+``transformer`` with the student's explicit dimensions (docs/method.md section 5). The
 file holds only tensors and plain containers, so stock fairseq loads it on any
 torch, with ``weights_only`` and without this plugin.
 """

@@ -1,4 +1,4 @@
-"""``wd_transformer``: the phase-1 WD model (WD_SPEC sections 2 and 3).
+"""``wd_transformer``: the phase-1 WD model (docs/method.md sections 2 and 3).
 
 The model is a stock fairseq ``transformer`` of the student's shape. Every
 student tensor is a :class:`~wd_fairseq.parametrization.GeneratedTensor`: a

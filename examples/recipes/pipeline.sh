@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Weight Distillation pipeline (WD_SPEC section 1) for one language pair.
+# The Weight Distillation pipeline (docs/method.md section 1) for one language pair.
 #
 #   pipeline.sh [STAGE ...]        run the given stages (default: all, in order)
 #   pipeline.sh plan               print the review (GPUs, batch, disk, differences from the
@@ -81,7 +81,7 @@
 #   TRAIN_EXTRA         extra fairseq-train flags for every training stage
 #   WORKERS             CPU processes for tokenization and fairseq-preprocess (default: nproc)
 #   Decoding:
-#   KD_BEAM (6) KD_LENPEN (1.0) KD_MAX_TOKENS (4096)   KD data (WD_SPEC section 1)
+#   KD_BEAM (6) KD_LENPEN (1.0) KD_MAX_TOKENS (4096)   KD data (docs/method.md section 1)
 #   BEAM (6) LENPEN (1.0) EVAL_BATCH_SIZE (128)         evaluation
 #   BLEU_CONVENTION     tokenized BLEU: moses, moses-lc (NIST) or ende-compound (WMT14 En-De)
 #   SPEED_BATCH_SIZE (1)  sentences per batch in the speed stage (first test set)

@@ -320,7 +320,7 @@ def batch(args) -> None:
 
 # -- review: what a run will cost and how it differs from the authors' ----------------
 
-#: The authors' settings (WD_SPEC section 1; the paper's teacher and students).
+#: The authors' settings (docs/method.md section 1; the paper's teacher and students).
 AUTHORS = {
     "EFFECTIVE_TOKENS": 32768, "LR": 7e-4, "WARMUP": 4000, "PHASE2_WARMUP": 1000,
     "DROPOUT": 0.1, "ATTENTION_DROPOUT": 0.1, "ACTIVATION_DROPOUT": 0.1,
@@ -432,7 +432,7 @@ def review(args) -> None:
     print(f"disk (estimate, checkpoints kept at the peak of each stage): {total:.0f} GB")
     print("\n".join(lines))
     diffs = differences_from_authors(settings)
-    print("differences from the authors' settings (WD_SPEC section 1): "
+    print("differences from the authors' settings (docs/method.md section 1): "
           + ("none" if not diffs else ""))
     for line in diffs:
         print(f"  - {line}")

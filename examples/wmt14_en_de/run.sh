@@ -9,7 +9,7 @@
 #
 # Data: Europarl v7 + Common Crawl + News Commentary v9 (~4.5M pairs), newstest2013 (valid)
 # and newstest2014 "full" (test, 3003 sentences), both fetched by sacrebleu. Joint BPE with
-# 32k merges. Tokenized BLEU follows the authors' En-De convention (WD_SPEC section 6):
+# 32k merges. Tokenized BLEU follows the authors' En-De convention (docs/method.md section 6):
 # normalised punctuation, Moses tokens, compounds split as ##AT##-##AT##, case-sensitive.
 # Checksums: downloads are checked against SHA256SUMS in this directory (none shipped yet).
 # A first run prints "WARNING: no checksum for FILE" and appends each sum to
