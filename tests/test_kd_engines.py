@@ -250,3 +250,16 @@ def test_streaming_writer_writes_fairseq_mmap_bytes(tmp_path):
         assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"theirs.{ext}").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.bin", "ours.idx", "theirs.bin",
                                                          "theirs.idx"]
+
+
+def test_two_fairseq_processes_write_what_one_writes(data, postnorm_teacher, tmp_path):
+    """Two CPU processes stand in for two GPUs: every other batch of the same plan each."""
+    one = shutil.copytree(data, tmp_path / "one")
+    settings = dict(engine="fairseq", batch_size=16, save_every=16, **CPU)
+    build_kd_split(str(one), str(postnorm_teacher), **settings)
+    summary = build_kd_split(str(data), str(postnorm_teacher), workers=2, **settings)
+    assert train1_bytes(data) == train1_bytes(one) and kd_text(data) == kd_text(one)
+    assert summary["devices"] == [0, 1]
+    with pytest.raises(WDSetupError, match="--workers 2: for --engine fairseq"):
+        build_kd_split(str(data), str(postnorm_teacher), engine="ctranslate2", workers=2,
+                       overwrite=True, **CPU)

@@ -36,9 +36,11 @@ import heapq
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import struct
 import sys
+import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -122,11 +124,12 @@ Row = Tuple[int, str, str]  # (corpus index, flag, hypothesis text)
 
 
 class ShardStore:
-    """Decoded sentences saved as ``part-NNNNNN.tsv`` (``id<TAB>flag<TAB>text``, sorted
-    by id) in a work directory, with the run's settings in ``manifest.json``."""
+    """Decoded sentences saved as ``part-WW-NNNNNN.tsv`` (``id<TAB>flag<TAB>text``, sorted
+    by id; ``WW`` the writing process) in a work directory, with the run's settings in
+    ``manifest.json``."""
 
-    def __init__(self, directory: str):
-        self.directory = directory
+    def __init__(self, directory: str, worker: int = 0):
+        self.directory, self.worker = directory, worker
 
     def shards(self) -> List[str]:
         return sorted(glob.glob(os.path.join(self.directory, "part-*.tsv")))
@@ -162,9 +165,9 @@ class ShardStore:
         self._write(sorted(rows))
 
     def _write(self, rows) -> None:
-        shards = self.shards()
-        number = int(os.path.basename(shards[-1])[5:-4]) + 1 if shards else 0
-        path = os.path.join(self.directory, f"part-{number:06d}.tsv")
+        own = sorted(glob.glob(os.path.join(self.directory, f"part-{self.worker:02d}-*.tsv")))
+        number = int(os.path.basename(own[-1])[8:-4]) + 1 if own else 0
+        path = os.path.join(self.directory, f"part-{self.worker:02d}-{number:06d}.tsv")
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for index, flag, text in rows:
@@ -330,10 +333,13 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
                    max_tokens: Optional[int] = 4096, batch_size: Optional[int] = None,
                    save_every: int = 50000, fp16: bool = False, cpu: bool = False,
                    overwrite: bool = False, engine: Optional[str] = None,
-                   quantization: Optional[str] = None, threads: Optional[int] = None) -> Dict:
+                   quantization: Optional[str] = None, threads: Optional[int] = None,
+                   workers: Optional[int] = None) -> Dict:
     """Decode ``split`` of ``data`` with the teacher and write it as ``out_split``.
 
     ``engine`` None: CTranslate2 where installed and the teacher converts, else fairseq.
+    ``workers``: fairseq processes (default: one per visible GPU, or one on the CPU);
+    CTranslate2 uses every visible GPU from one process.
     Returns the summary (also written to ``DATA/kd-{out_split}/summary.json``).
     """
     if not os.path.isdir(data):
@@ -404,6 +410,15 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     decoder = _build_engine(candidates, manifests, teacher_path, task, data, store.directory,
                             beam, lenpen, max_len_a, max_len_b, threads, explicit=engine is not None)
     manifest = manifests[decoder.name]
+    if decoder.name == "fairseq" and decoder.device.type == "cuda":
+        workers = workers or torch.cuda.device_count()
+        if workers > torch.cuda.device_count():
+            raise WDSetupError(f"--workers {workers}: only {torch.cuda.device_count()} GPUs "
+                               "are visible. Fix: pass at most that many")
+    if decoder.name == "ctranslate2" and (workers or 1) > 1:
+        raise WDSetupError(f"--workers {workers}: for --engine fairseq; CTranslate2 decodes on "
+                           "every visible GPU from one process. Fix: drop --workers")
+    workers = workers or 1
     store.open(manifest)
     done = store.done(len(source))
     max_source, max_target = decoder.max_positions()
@@ -412,23 +427,24 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
                       batch_size)
     todo = [batch for batch in plan if not done[batch].all()]
     remaining = sum(len(b) for b in todo)
-    rows = [(int(i), SOURCE_TOO_LONG, "") for i in too_long if not done[i]]
-    progress = Progress(remaining)
+    if not done[too_long].all():
+        store.save([(int(i), SOURCE_TOO_LONG, "") for i in too_long if not done[i]])
     if remaining:
         logger.info("decoding %d of %d sentences of %s with %s, beam %d, lenpen %s",
-                    remaining, len(source), inp.prefix(source_lang), _describe(decoder), beam,
-                    lenpen)
-    for hypotheses in decoder.translate(source, todo):
-        for index, tokens, _ in hypotheses:
-            limit = length_limit(int(source.sizes[index]), max_len_a, max_len_b, max_target)
-            rows.append((index, classify(tokens, limit), " ".join(tokens)))
-        progress.update(len(hypotheses))
-        if len(rows) >= save_every:
-            store.save(rows)
-            rows = []
-    if rows:
-        store.save(rows)
-    decode_seconds = progress.seconds()
+                    remaining, len(source), inp.prefix(source_lang), _describe(decoder, workers),
+                    beam, lenpen)
+    started = time.time()
+    if decoder.name == "fairseq" and workers > 1:
+        devices = [f"cuda:{r}" for r in range(workers)] if decoder.device.type == "cuda" \
+            else ["cpu"] * workers
+        job = dict(data=data, source_lang=source_lang, target_lang=target_lang, split=split,
+                   teacher_path=teacher_path, fp16=manifest["fp16"], beam=beam, lenpen=lenpen,
+                   max_len_a=max_len_a, max_len_b=max_len_b, threads=threads,
+                   directory=store.directory, save_every=save_every)
+        _run_workers(job, devices, todo)
+    else:
+        decode_into(decoder, source, todo, store, save_every, max_len_a, max_len_b)
+    decode_seconds = time.time() - started
     done = store.done(len(source))
     if not done.all():
         raise WDSetupError(
@@ -460,7 +476,7 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     summary = {
         "sentences": len(source), "counts": counts,
         "fallback_to_reference": len(source) - counts[OK],
-        "engine": decoder.name, **_describe_fields(decoder),
+        "engine": decoder.name, **_describe_fields(decoder, workers),
         "decoded_this_run": remaining,
         "decode_seconds": round(decode_seconds, 1),
         "sentences_per_second": round(remaining / decode_seconds, 2) if remaining else None,
@@ -474,6 +490,69 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
                 target_lang, len(source), summary["fallback_to_reference"],
                 ", ".join(f"{k} {v}" for k, v in counts.items() if k != OK))
     return summary
+
+
+def decode_into(decoder, source, batches: List[np.ndarray], store: ShardStore, save_every: int,
+                max_len_a: float, max_len_b: int, label: str = "") -> None:
+    """Decode ``batches`` of ``source`` with ``decoder``, saving a shard every
+    ``save_every`` sentences (whole batches only)."""
+    max_target = decoder.max_positions()[1]
+    progress = Progress(sum(len(b) for b in batches), label)
+    rows = []
+    for hypotheses in decoder.translate(source, batches):
+        for index, tokens, _ in hypotheses:
+            limit = length_limit(int(source.sizes[index]), max_len_a, max_len_b, max_target)
+            rows.append((index, classify(tokens, limit), " ".join(tokens)))
+        progress.update(len(hypotheses))
+        if len(rows) >= save_every:
+            store.save(rows)
+            rows = []
+    if rows:
+        store.save(rows)
+
+
+def _run_workers(job: Dict, devices: List[str], batches: List[np.ndarray]) -> None:
+    """One fairseq process per device on every ``len(devices)``-th batch of the plan."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_fairseq_worker,
+                                 args=(job, worker, device, batches[worker::len(devices)]))
+                 for worker, device in enumerate(devices)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [(w, p.exitcode) for w, p in enumerate(processes) if p.exitcode != 0]
+    if failed:
+        raise WDSetupError(
+            f"{job['directory']}: decoding process(es) (worker, exit code) {failed} failed; "
+            "their errors are above. Fix: correct the cause and rerun: finished shards are kept"
+        )
+
+
+def _fairseq_worker(job: Dict, worker: int, device: str, batches: List[np.ndarray]) -> None:
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        level=logging.INFO, stream=sys.stdout, force=True)
+    task = TranslationTask.setup_task(TranslationConfig(
+        data=job["data"], source_lang=job["source_lang"], target_lang=job["target_lang"]))
+    split = Split(job["data"], job["split"], job["source_lang"], job["target_lang"])
+    source, _ = load_side(split, job["source_lang"], task.source_dictionary)
+    engine = _fairseq_engine(job["teacher_path"], task, torch.device(device), job["fp16"],
+                             job["threads"], job["beam"], job["lenpen"], job["max_len_a"],
+                             job["max_len_b"])
+    decode_into(engine, source, batches, ShardStore(job["directory"], worker), job["save_every"],
+                job["max_len_a"], job["max_len_b"], label=f"worker {worker} ({device}): ")
+
+
+def _fairseq_engine(teacher_path: str, task, device: torch.device, fp16: bool,
+                    threads: Optional[int], beam: int, lenpen: float, max_len_a: float,
+                    max_len_b: int) -> FairseqEngine:
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    teacher, _ = load_teacher(teacher_path, task)
+    teacher = teacher.to(device).eval()
+    if fp16:
+        teacher = teacher.half()
+    return FairseqEngine(teacher, task, beam, lenpen, max_len_a, max_len_b, device)
 
 
 def _build_engine(candidates: List[str], manifests: Dict, teacher_path: str, task, data: str,
@@ -501,28 +580,24 @@ def _build_engine(candidates: List[str], manifests: Dict, teacher_path: str, tas
                 task.source_dictionary,
                 (min(cached["max_positions"][0], task.cfg.max_source_positions),
                  cached["max_positions"][1]))
-        device = torch.device(settings["device"])
-        if device.type == "cpu" and threads:
-            torch.set_num_threads(threads)
-        teacher, _ = load_teacher(teacher_path, task)
-        teacher = teacher.to(device).eval()
-        if settings["fp16"]:
-            teacher = teacher.half()
-        return FairseqEngine(teacher, task, beam, lenpen, max_len_a, max_len_b, device)
+        return _fairseq_engine(teacher_path, task, torch.device(settings["device"]),
+                               settings["fp16"], threads, beam, lenpen, max_len_a, max_len_b)
     raise AssertionError("fairseq is always a candidate of an automatic choice")
 
 
-def _describe_fields(engine) -> Dict:
+def _describe_fields(engine, workers: int = 1) -> Dict:
     if engine.name == "ctranslate2":
         return {"quantization": engine.compute_type, "device": engine.device,
                 "devices": engine.devices, "threads": engine.threads}
     return {"quantization": "float16" if next(engine.teacher.parameters()).dtype == torch.float16
-            else "float32", "device": engine.device.type, "devices": [engine.device.index or 0],
+            else "float32", "device": engine.device.type,
+            "devices": list(range(workers)) if engine.device.type == "cuda" or workers > 1
+            else [0],
             "threads": torch.get_num_threads() if engine.device.type == "cpu" else None}
 
 
-def _describe(engine) -> str:
-    fields = _describe_fields(engine)
+def _describe(engine, workers: int = 1) -> str:
+    fields = _describe_fields(engine, workers)
     threads = f", {fields['threads']} threads" if fields["threads"] else ""
     return (f"{engine.name} ({fields['quantization']} on {fields['device']} "
             f"{fields['devices']}{threads})")
@@ -552,6 +627,9 @@ def cli_main(argv=None):
                         "on the CPU; float16 (GPU default), int8_float16, int8 or float32 on GPUs")
     parser.add_argument("--threads", type=int,
                         help="CPU threads (default: every core this process may use)")
+    parser.add_argument("--workers", type=int,
+                        help="fairseq engine: decoding processes, one per GPU (default: every "
+                        "visible GPU, else 1 on the CPU); results do not depend on it")
     parser.add_argument("--beam", type=int, default=6, help="beam size (default: 6, the authors')")
     parser.add_argument("--lenpen", type=float, default=1.0, help="length penalty (default: 1.0)")
     parser.add_argument("--max-len-a", type=float, default=2.0,
@@ -573,7 +651,7 @@ def cli_main(argv=None):
             args.data, args.teacher_path, args.source_lang, args.target_lang, args.split,
             args.out_split, args.beam, args.lenpen, args.max_len_a, args.max_len_b,
             args.max_tokens, args.batch_size, args.save_every, args.fp16, args.cpu,
-            args.overwrite, args.engine, args.quantization, args.threads,
+            args.overwrite, args.engine, args.quantization, args.threads, args.workers,
         )
     except WDSetupError as e:
         sys.exit(f"wd-kd-data: error: {e}")

@@ -85,8 +85,8 @@ def batch_plan(sizes: np.ndarray, decodable: np.ndarray, max_tokens: Optional[in
 class Progress:
     """Logs sentences done, sentences/s and an ETA at most every PROGRESS_SECONDS."""
 
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
+    def __init__(self, total: int, label: str = ""):
+        self.total, self.done, self.label = total, 0, label
         self.start = self.reported = time.time()
 
     def update(self, count: int) -> None:
@@ -97,11 +97,8 @@ class Progress:
         self.reported = now
         rate = self.done / max(now - self.start, 1e-9)
         eta = (self.total - self.done) / rate if rate else float("inf")
-        logger.info("decoded %d/%d sentences (%.1f sentences/s, ETA %s)", self.done, self.total,
-                    rate, _clock(eta))
-
-    def seconds(self) -> float:
-        return time.time() - self.start
+        logger.info("%sdecoded %d/%d sentences (%.1f sentences/s, ETA %s)", self.label, self.done,
+                    self.total, rate, _clock(eta))
 
 
 def _clock(seconds: float) -> str:
