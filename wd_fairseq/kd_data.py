@@ -353,6 +353,11 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     if engine == "ctranslate2" and not _ctranslate2_available():
         raise WDSetupError("--engine ctranslate2: the ctranslate2 package is not installed. "
                            "Fix: pip install ctranslate2, or pass --engine fairseq")
+    if workers is not None and workers < 1:
+        raise WDSetupError(f"--workers {workers}: must be at least 1")
+    if engine == "ctranslate2" and (workers or 1) > 1:
+        raise WDSetupError(f"--workers {workers}: for --engine fairseq; CTranslate2 decodes on "
+                           "every visible GPU from one process. Fix: drop --workers")
     if engine == "fairseq" and quantization is not None:
         raise WDSetupError(f"--quantization {quantization}: only for --engine ctranslate2. "
                            "Fix: drop it, or pass --engine ctranslate2 (fairseq: --fp16)")
@@ -416,8 +421,9 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
             raise WDSetupError(f"--workers {workers}: only {torch.cuda.device_count()} GPUs "
                                "are visible. Fix: pass at most that many")
     if decoder.name == "ctranslate2" and (workers or 1) > 1:
-        raise WDSetupError(f"--workers {workers}: for --engine fairseq; CTranslate2 decodes on "
-                           "every visible GPU from one process. Fix: drop --workers")
+        raise WDSetupError(f"--workers {workers}: for --engine fairseq; the teacher converted, "
+                           "so CTranslate2 decodes (on every visible GPU, from one process). "
+                           "Fix: drop --workers, or pass --engine fairseq")
     workers = workers or 1
     store.open(manifest)
     done = store.done(len(source))
@@ -437,6 +443,7 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     if decoder.name == "fairseq" and workers > 1:
         devices = [f"cuda:{r}" for r in range(workers)] if decoder.device.type == "cuda" \
             else ["cpu"] * workers
+        decoder.teacher.cpu()  # the workers load their own copies
         job = dict(data=data, source_lang=source_lang, target_lang=target_lang, split=split,
                    teacher_path=teacher_path, fp16=manifest["fp16"], beam=beam, lenpen=lenpen,
                    max_len_a=max_len_a, max_len_b=max_len_b, threads=threads,
