@@ -6,13 +6,15 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from conftest import preprocess, run_cli
 
 import wd_fairseq  # noqa: F401
 from fairseq.data import Dictionary, data_utils
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
-from wd_fairseq.kd_data import EMPTY, OK, OVERLONG, PAD, Split, build_kd_split, classify
+from wd_fairseq.kd_data import (EMPTY, LENGTH_RATIO, LOW_SCORE, OK, OVERLONG, PAD, Filters, Split,
+                                build_kd_split, classify)
 from wd_fairseq.teacher import WDSetupError
 
 N_TRAIN = 120
@@ -197,6 +199,36 @@ def test_overlong_and_empty_hypotheses_fall_back_to_the_reference(data, postnorm
     assert classify(["t5", "t6"], 3) == OK
     assert classify(["t5", "t6", "t7"], 3) == OVERLONG
     assert classify(["t5", "<blank>"], 3) == PAD
+
+
+@pytest.mark.parametrize("engine", ["fairseq", "ctranslate2"])
+def test_optional_filters_fall_back_and_are_counted(data, postnorm_teacher, tmp_path, engine):
+    plain = shutil.copytree(data, tmp_path / "plain")
+    summary = build_kd_split(str(plain), str(postnorm_teacher), cpu=True, engine=engine, threads=1)
+    assert summary["counts"][LENGTH_RATIO] == summary["counts"][LOW_SCORE] == 0  # off by default
+    hyps = (plain / "kd-train1" / "train1.tgt").read_text().splitlines()
+    sources = [dataset_row.split() for dataset_row in _texts(data, "src")]
+    other_length = sum(len(h.split()) != len(s) for h, s in zip(hyps, sources))
+    assert 0 < other_length < N_TRAIN
+
+    # ratio 1: exactly the pairs whose lengths differ fall back
+    summary = build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine=engine, threads=1,
+                             filters=Filters(max_length_ratio=1.0))
+    assert summary["counts"][LENGTH_RATIO] == other_length
+    assert summary["manifest"]["filters"] == {"max_length_ratio": 1.0, "min_score": None}
+    # every score is a log-probability: below 0
+    summary = build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine=engine, threads=1,
+                             filters=Filters(min_score=0.0), overwrite=True)
+    assert summary["counts"][LOW_SCORE] == N_TRAIN == summary["fallback_to_reference"]
+    assert rows(data, "train1", "tgt") == rows(data, "train", "tgt")
+    assert classify(["a"] * 3, 10, 1, -1.0, Filters(max_length_ratio=2.5)) == LENGTH_RATIO
+    assert classify(["a"] * 2, 10, 1, -1.0, Filters(max_length_ratio=2.5, min_score=-0.5)) == \
+        LOW_SCORE
+
+
+def _texts(data, lang):
+    dictionary = Dictionary.load(str(data / f"dict.{lang}.txt"))
+    return [dictionary.string(row) for row in map(torch.tensor, rows(data, "train", lang))]
 
 
 def test_mismatched_line_counts_are_refused(data, postnorm_teacher):

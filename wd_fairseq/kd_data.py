@@ -41,7 +41,7 @@ import os
 import struct
 import sys
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ logger = logging.getLogger("wd_fairseq.kd_data")
 
 OK, EMPTY, OVERLONG, SOURCE_TOO_LONG = "ok", "empty", "overlong", "source-too-long"
 PAD = "pad-token"  # CTranslate2 put <pad> in the hypothesis (fairseq never does)
+LENGTH_RATIO, LOW_SCORE = "length-ratio", "low-score"  # the optional filters
+FLAGS = (OK, EMPTY, OVERLONG, SOURCE_TOO_LONG, PAD, LENGTH_RATIO, LOW_SCORE)
 ENGINES = ("ctranslate2", "fairseq")
 #: --quantization choices of the CTranslate2 engine, by device.
 QUANTIZATIONS = {"cpu": ("int8", "float32"), "cuda": ("float16", "int8_float16", "int8", "float32")}
@@ -108,8 +110,19 @@ def load_side(split: Split, lang: str, dictionary: Dictionary):
     return dataset, impl
 
 
-def classify(tokens: List[str], limit: int) -> str:
-    """Flag of a hypothesis ``tokens`` (EOS not counted) decoded with length limit ``limit``."""
+class Filters(NamedTuple):
+    """Optional outlier filters (None: off). A KD pair falls back to the reference when
+    hypothesis and source lengths differ by more than a factor ``max_length_ratio``, or
+    when the teacher's length-normalised log-probability is below ``min_score``."""
+
+    max_length_ratio: Optional[float] = None
+    min_score: Optional[float] = None
+
+
+def classify(tokens: List[str], limit: int, source_length: int = 0, score: float = 0.0,
+             filters: Filters = Filters()) -> str:
+    """Flag of a hypothesis ``tokens`` (EOS not counted) decoded with length limit
+    ``limit`` from ``source_length`` tokens (EOS not counted), scored ``score``."""
     length = len(tokens)
     if PAD_TOKEN in tokens:
         return PAD
@@ -117,6 +130,11 @@ def classify(tokens: List[str], limit: int) -> str:
         return EMPTY
     if length >= limit:  # fairseq forces EOS there, CTranslate2 cuts: it did not end
         return OVERLONG
+    if filters.max_length_ratio is not None and source_length and \
+            max(length / source_length, source_length / length) > filters.max_length_ratio:
+        return LENGTH_RATIO
+    if filters.min_score is not None and score < filters.min_score:
+        return LOW_SCORE
     return OK
 
 
@@ -334,7 +352,7 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
                    save_every: int = 50000, fp16: bool = False, cpu: bool = False,
                    overwrite: bool = False, engine: Optional[str] = None,
                    quantization: Optional[str] = None, threads: Optional[int] = None,
-                   workers: Optional[int] = None) -> Dict:
+                   workers: Optional[int] = None, filters: Filters = Filters()) -> Dict:
     """Decode ``split`` of ``data`` with the teacher and write it as ``out_split``.
 
     ``engine`` None: CTranslate2 where installed and the teacher converts, else fairseq.
@@ -389,7 +407,7 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
         "target": file_stamp(inp.prefix(target_lang) + ".bin"),
         "sentences": len(source), "out_split": out_split,
         "beam": beam, "lenpen": lenpen, "max_len_a": max_len_a, "max_len_b": max_len_b,
-        "max_tokens": max_tokens, "batch_size": batch_size,
+        "max_tokens": max_tokens, "batch_size": batch_size, "filters": filters._asdict(),
     }
     manifests = {e: {**common, **_engine_settings(e, _device(cpu, e), quantization, fp16)}
                  for e in candidates}
@@ -447,10 +465,10 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
         job = dict(data=data, source_lang=source_lang, target_lang=target_lang, split=split,
                    teacher_path=teacher_path, fp16=manifest["fp16"], beam=beam, lenpen=lenpen,
                    max_len_a=max_len_a, max_len_b=max_len_b, threads=threads,
-                   directory=store.directory, save_every=save_every)
+                   directory=store.directory, save_every=save_every, filters=tuple(filters))
         _run_workers(job, devices, todo)
     else:
-        decode_into(decoder, source, todo, store, save_every, max_len_a, max_len_b)
+        decode_into(decoder, source, todo, store, save_every, max_len_a, max_len_b, filters)
     decode_seconds = time.time() - started
     done = store.done(len(source))
     if not done.all():
@@ -460,7 +478,7 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
         )
 
     tgt_dict = task.target_dictionary
-    counts = {OK: 0, EMPTY: 0, OVERLONG: 0, SOURCE_TOO_LONG: 0, PAD: 0}
+    counts = dict.fromkeys(FLAGS, 0)
     text_path = os.path.join(store.directory, f"{out_split}.{target_lang}")
 
     def target_rows(text_file) -> Iterator[torch.Tensor]:
@@ -500,16 +518,19 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
 
 
 def decode_into(decoder, source, batches: List[np.ndarray], store: ShardStore, save_every: int,
-                max_len_a: float, max_len_b: int, label: str = "") -> None:
+                max_len_a: float, max_len_b: int, filters: Filters = Filters(),
+                label: str = "") -> None:
     """Decode ``batches`` of ``source`` with ``decoder``, saving a shard every
     ``save_every`` sentences (whole batches only)."""
     max_target = decoder.max_positions()[1]
     progress = Progress(sum(len(b) for b in batches), label)
     rows = []
     for hypotheses in decoder.translate(source, batches):
-        for index, tokens, _ in hypotheses:
-            limit = length_limit(int(source.sizes[index]), max_len_a, max_len_b, max_target)
-            rows.append((index, classify(tokens, limit), " ".join(tokens)))
+        for index, tokens, score in hypotheses:
+            size = int(source.sizes[index])
+            limit = length_limit(size, max_len_a, max_len_b, max_target)
+            flag = classify(tokens, limit, size - 1, score, filters)
+            rows.append((index, flag, " ".join(tokens)))
         progress.update(len(hypotheses))
         if len(rows) >= save_every:
             store.save(rows)
@@ -547,7 +568,8 @@ def _fairseq_worker(job: Dict, worker: int, device: str, batches: List[np.ndarra
                              job["threads"], job["beam"], job["lenpen"], job["max_len_a"],
                              job["max_len_b"])
     decode_into(engine, source, batches, ShardStore(job["directory"], worker), job["save_every"],
-                job["max_len_a"], job["max_len_b"], label=f"worker {worker} ({device}): ")
+                job["max_len_a"], job["max_len_b"], Filters(*job["filters"]),
+                label=f"worker {worker} ({device}): ")
 
 
 def _fairseq_engine(teacher_path: str, task, device: torch.device, fp16: bool,
@@ -647,6 +669,12 @@ def cli_main(argv=None):
     parser.add_argument("--batch-size", type=int, help="sentences per batch (default: no limit)")
     parser.add_argument("--save-every", type=int, default=50000,
                         help="save decoded sentences every N (resume granularity)")
+    parser.add_argument("--filter-length-ratio", type=float, metavar="R",
+                        help="optional: fall back to the reference when hypothesis and source "
+                        "lengths differ by more than a factor R (off by default)")
+    parser.add_argument("--filter-min-score", type=float, metavar="S",
+                        help="optional: fall back to the reference when the teacher's "
+                        "length-normalised log-probability is below S (off by default)")
     parser.add_argument("--fp16", action="store_true", help="fairseq engine: decode in fp16 (GPU)")
     parser.add_argument("--cpu", action="store_true", help="decode on the CPU even with a GPU")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing out split")
@@ -659,6 +687,7 @@ def cli_main(argv=None):
             args.out_split, args.beam, args.lenpen, args.max_len_a, args.max_len_b,
             args.max_tokens, args.batch_size, args.save_every, args.fp16, args.cpu,
             args.overwrite, args.engine, args.quantization, args.threads, args.workers,
+            Filters(args.filter_length_ratio, args.filter_min_score),
         )
     except WDSetupError as e:
         sys.exit(f"wd-kd-data: error: {e}")

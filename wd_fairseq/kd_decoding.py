@@ -4,7 +4,7 @@ Both engines decode the same sentences with the same search:
 
 * beam ``B``, length penalty ``lp``: a finished hypothesis of ``n`` tokens plus EOS
   scores ``sum(log p) / (n + 1) ** lp`` (fairseq divides by ``step + 1``; CTranslate2
-  divides by the hypothesis length, which counts EOS with ``return_end_token``), and
+  divides by the hypothesis length, which counts EOS), and
   the search ends once ``B`` hypotheses have finished (CTranslate2's ``patience=1``;
   with ``lp = 0`` it stops when the top beam ends, which picks the same hypothesis);
 * the length limit of a source of ``s`` tokens (EOS included, as in the data-bin) is
@@ -54,8 +54,8 @@ logger = logging.getLogger("wd_fairseq.kd_data")
 PROGRESS_SECONDS = 30
 #: CTranslate2's name of fairseq's <pad>.
 PAD_TOKEN = "<blank>"
-#: (corpus index, hypothesis tokens without EOS, ended with EOS)
-Hypothesis = Tuple[int, List[str], bool]
+#: (corpus index, hypothesis tokens without EOS, score: length-normalised log-probability)
+Hypothesis = Tuple[int, List[str], float]
 
 
 def length_limit(size: int, max_len_a: float, max_len_b: int, max_target: int) -> int:
@@ -136,8 +136,8 @@ class FairseqEngine:
             if self.device.type == "cuda":
                 sample = utils.move_to_cuda(sample, device=self.device)
             hypos = self.task.inference_step(self.generator, [self.teacher], sample)
-            yield [(index, [tgt_dict[t] for t in nbest[0]["tokens"][:-1].tolist()], True)
-                   for index, nbest in zip(sample["id"].tolist(), hypos)]
+            yield [(index, [tgt_dict[t] for t in nbest[0]["tokens"][:-1].tolist()],
+                    float(nbest[0]["score"])) for index, nbest in zip(sample["id"].tolist(), hypos)]
 
 
 class CTranslate2Engine:
@@ -183,15 +183,16 @@ class CTranslate2Engine:
         return self.translator.translate_batch(
             tokens, asynchronous=True, beam_size=self.beam, patience=1,
             length_penalty=self.lenpen, max_decoding_length=limit + 1, min_decoding_length=1,
-            return_end_token=True, max_input_length=0)
+            return_end_token=True, max_input_length=0, return_scores=True)
 
     @staticmethod
     def _collect(batch: np.ndarray, results) -> List[Hypothesis]:
         hypotheses = []
         for index, result in zip(batch.tolist(), results):
-            tokens = result.result().hypotheses[0]
-            ended = bool(tokens) and tokens[-1] == "</s>"
-            hypotheses.append((index, tokens[:-1] if ended else tokens, ended))
+            result = result.result()
+            tokens = result.hypotheses[0]  # ends with EOS unless cut at the limit
+            hypotheses.append((index, tokens[:-1] if tokens[-1:] == ["</s>"] else tokens,
+                               result.scores[0]))
         return hypotheses
 
 
