@@ -31,9 +31,9 @@ from common import REPO, Assets, BenchmarkError, print_table, run
 ENGINES = ("fairseq", "ctranslate2:float32", "ctranslate2:int8")
 
 
-def repeated_bin(data: Path, split: str, times: int, dest: Path) -> Path:
+def repeated_bin(data: Path, split: str, times: int, dest: Path, limit: int = 0) -> Path:
     """``dest``: links to every file of ``data`` except ``split``, which is ``split``
-    repeated ``times`` times (both sides)."""
+    (its first ``limit`` sentences if given) repeated ``times`` times (both sides)."""
     from fairseq.data import indexed_dataset
 
     if (dest / "done").exists():
@@ -48,8 +48,13 @@ def repeated_bin(data: Path, split: str, times: int, dest: Path) -> Path:
         index = indexed_dataset.MMapIndexedDataset.Index(str(idx))
         builder = indexed_dataset.MMapIndexedDatasetBuilder(
             str(dest / (Path(prefix).name + ".bin")), dtype=index.dtype)
+        dataset = indexed_dataset.MMapIndexedDataset(prefix)
         for _ in range(times):
-            builder.merge_file_(prefix)
+            if limit:
+                for i in range(min(limit, len(dataset))):
+                    builder.add_item(dataset[i])
+            else:
+                builder.merge_file_(prefix)
         builder.finalize(str(dest / (Path(prefix).name + ".idx")))
     (dest / "done").write_text("")
     return dest
@@ -80,6 +85,8 @@ def main():
                         help="corpus sizes, as repetitions of the training split (default: 1)")
     parser.add_argument("--sentences", type=int,
                         help="first repeat the split up to about this many sentences (e.g. 28000)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="only the first N sentences of the split (before repeating)")
     parser.add_argument("--engines", nargs="+", default=list(ENGINES),
                         help=f"engine[:quantization] (default: {' '.join(ENGINES)})")
     parser.add_argument("--beam", type=int, default=6)
@@ -101,13 +108,15 @@ def main():
 
     src_idx = sorted(data.glob("train.*-*.*.idx"))[0]
     base = len(indexed_dataset.MMapIndexedDataset.Index(str(src_idx)))
+    base = min(base, args.limit) if args.limit else base
     unit = max(1, round(args.sentences / base)) if args.sentences else 1
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
     rows = []
     for times in args.repeat:
-        copy = repeated_bin(data, "train", unit * times,
-                            args.workdir / "kd_data_speed" / f"{corpus}-x{unit * times}")
+        name = f"{corpus}-x{unit * times}" + (f"-first{args.limit}" if args.limit else "")
+        copy = repeated_bin(data, "train", unit * times, args.workdir / "kd_data_speed" / name,
+                            args.limit)
         for spec in args.engines:
             engine, _, quantization = spec.partition(":")
             shutil.rmtree(copy / "kd-train1", ignore_errors=True)  # from scratch
@@ -133,7 +142,7 @@ def main():
                                             / fairseq[0]["sentences_per_second"], 2)
     info = common.environment("cpu") | {"load_average_at_end": os.getloadavg(),
                                         "cpu_flags": _isa_flags()}
-    results = {"command": " ".join(sys.argv), "corpus": corpus, "teacher": str(teacher),
+    results = {"command": " ".join(["python"] + sys.argv), "corpus": corpus, "teacher": str(teacher),
                "threads": args.threads, "beam": args.beam, "environment": info, "rows": rows}
     path = common.write_results(args, "kd_data_speed" + ("" if corpus == "user" else f"-{corpus}"),
                                 results)
