@@ -33,11 +33,12 @@ setup(
         "sacrebleu==2.6.0",
         "subword-nmt==0.3.8",
         "sacremoses==0.2.0",
+        # wd-kd-data's default engine and wd-export-ct2.
+        "ctranslate2==4.8.5",
     ],
     extras_require={
-        # ctranslate2 is in "test" too: tests/test_ctranslate2.py runs the export.
-        "test": ["pytest==9.2.0", "ctranslate2==4.8.5"],
-        "deploy": ["ctranslate2==4.8.5"],
+        "test": ["pytest==9.2.0"],
+        "deploy": [],  # kept for `pip install '.[deploy]'`: ctranslate2 is now a dependency
         # examples/demo.sh and benchmark.sh plot their results (3.11 needs Python >= 3.11).
         "demo": ["matplotlib==3.11.2; python_version >= '3.11'",
                  "matplotlib==3.9.4; python_version < '3.11'"],

@@ -13,7 +13,8 @@ from conftest import preprocess, run_cli
 import wd_fairseq  # noqa: F401
 from fairseq.data import Dictionary, data_utils
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
-from wd_fairseq.kd_data import EMPTY, OK, OVERLONG, Split, build_kd_split, classify
+from wd_fairseq.kd_data import (EMPTY, LENGTH_RATIO, LOW_SCORE, OK, OVERLONG, PAD, Filters, Split,
+                                build_kd_split, classify)
 from wd_fairseq.teacher import WDSetupError
 
 N_TRAIN = 120
@@ -83,8 +84,9 @@ def count_batches(monkeypatch):
 
 def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
     out = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu",
-                  env=ONE_THREAD).stdout
-    assert "wrote" in out and f"decoded {N_TRAIN}/{N_TRAIN} sentences" in out  # progress
+                  "--engine", "fairseq", env=ONE_THREAD).stdout
+    assert "wrote" in out and f"decoded {N_TRAIN}/{N_TRAIN} sentences (" in out  # progress
+    assert "sentences/s, ETA 0:00:00)" in out
     for ext in ("bin", "idx"):  # source side: the original sources, byte for byte
         assert (data / f"train1.src-tgt.src.{ext}").read_bytes() == \
             (data / f"train.src-tgt.src.{ext}").read_bytes()
@@ -96,6 +98,8 @@ def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
     summary = json.loads((data / "kd-train1" / "summary.json").read_text())
     assert summary["counts"][OK] + summary["fallback_to_reference"] == N_TRAIN
     assert summary["manifest"]["beam"] == 6 and summary["manifest"]["lenpen"] == 1.0
+    assert summary["engine"] == "fairseq" and summary["quantization"] == "float32"
+    assert summary["device"] == "cpu" and summary["sentences_per_second"] > 0
     assert not list((data / "kd-train1").glob("part-*")) and not list(data.glob(".kd-tmp*"))
 
     # The same sentences as stock fairseq-generate (beam 6, lenpen 1, BPE kept), by id.
@@ -117,30 +121,30 @@ def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
 
     # Rerun: nothing to do. Other settings: refused unless --overwrite.
     stamp = os.stat(data / "train1.src-tgt.tgt.bin").st_mtime_ns
-    assert build_kd_split(str(data), str(postnorm_teacher)) == summary
+    assert build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine="fairseq") == summary
     assert os.stat(data / "train1.src-tgt.tgt.bin").st_mtime_ns == stamp
     with pytest.raises(WDSetupError, match="train1.src-tgt.src.idx exists .* --overwrite"):
-        build_kd_split(str(data), str(postnorm_teacher), beam=2)
+        build_kd_split(str(data), str(postnorm_teacher), beam=2, cpu=True, engine="fairseq")
 
 
 def test_resumes_after_interrupt_and_restarts_on_new_settings(data, postnorm_teacher, tmp_path,
                                                               count_batches):
     clean = shutil.copytree(data, tmp_path / "clean")
-    settings = dict(batch_size=16, save_every=16, cpu=True)
+    settings = dict(batch_size=16, save_every=16, cpu=True, engine="fairseq")
     count_batches(None)
     build_kd_split(str(clean), str(postnorm_teacher), **settings)
 
     state = count_batches(5)
     with pytest.raises(Interrupt):
         build_kd_split(str(data), str(postnorm_teacher), **settings)
-    assert state["sentences"] == 4 * 16
-    assert len(list((data / "kd-train1").glob("part-*.tsv"))) == 4
+    saved = sum(len(p.read_text().splitlines()) for p in (data / "kd-train1").glob("part-*.tsv"))
+    assert 0 < saved <= state["sentences"]  # rows not yet saved are decoded again
     assert not Split(str(data), "train1", "src", "tgt").visible()
     assert len(load_train(data)) == N_TRAIN  # fairseq does not see a partial train1
 
     state = count_batches(None)
     build_kd_split(str(data), str(postnorm_teacher), **settings)
-    assert state["sentences"] == N_TRAIN - 4 * 16  # only the rest was decoded
+    assert state["sentences"] == N_TRAIN - saved  # only the rest was decoded
     assert rows(data, "train1", "tgt") == rows(clean, "train1", "tgt")
     assert (data / "kd-train1" / "train1.tgt").read_text() == \
         (clean / "kd-train1" / "train1.tgt").read_text()
@@ -170,35 +174,68 @@ def test_interrupted_write_leaves_no_visible_split(data, postnorm_teacher, monke
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(Interrupt):
-        build_kd_split(str(data), str(postnorm_teacher), cpu=True)
+        build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine="fairseq")
     assert placed == split.files()[:2]  # target side in place, source side not yet
     assert not split.visible() and len(load_train(data)) == N_TRAIN
     monkeypatch.setattr(os, "replace", original)
 
     state = count_batches(None)
-    build_kd_split(str(data), str(postnorm_teacher), cpu=True)
+    build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine="fairseq")
     assert state["calls"] == 0  # every sentence was already saved
     assert split.visible() and len(load_train(data)) == 2 * N_TRAIN
     assert not list(data.glob(".kd-tmp*"))
 
 
-def test_overlong_and_empty_hypotheses_fall_back_to_the_reference(data, postnorm_teacher):
-    # a limit of one token: every hypothesis reaches it (the generator forces EOS there)
-    summary = build_kd_split(str(data), str(postnorm_teacher), max_len_a=0, max_len_b=1, cpu=True)
+@pytest.mark.parametrize("engine", ["fairseq", "ctranslate2"])
+def test_overlong_and_empty_hypotheses_fall_back_to_the_reference(data, postnorm_teacher, engine):
+    # a limit of one token: every hypothesis reaches it (fairseq forces EOS there,
+    # CTranslate2 cuts one token later)
+    summary = build_kd_split(str(data), str(postnorm_teacher), max_len_a=0, max_len_b=1,
+                             cpu=True, engine=engine, threads=1)
     assert summary["counts"][OVERLONG] == N_TRAIN == summary["fallback_to_reference"]
     assert rows(data, "train1", "tgt") == rows(data, "train", "tgt")
 
-    eos = 2
-    assert classify(torch.tensor([eos]), 10) == EMPTY
-    assert classify(torch.tensor([5, 6, eos]), 3) == OK
-    assert classify(torch.tensor([5, 6, 7, eos]), 3) == OVERLONG
+    assert classify([], 10) == EMPTY
+    assert classify(["t5", "t6"], 3) == OK
+    assert classify(["t5", "t6", "t7"], 3) == OVERLONG
+    assert classify(["t5", "<blank>"], 3) == PAD
+
+
+@pytest.mark.parametrize("engine", ["fairseq", "ctranslate2"])
+def test_optional_filters_fall_back_and_are_counted(data, postnorm_teacher, tmp_path, engine):
+    plain = shutil.copytree(data, tmp_path / "plain")
+    summary = build_kd_split(str(plain), str(postnorm_teacher), cpu=True, engine=engine, threads=1)
+    assert summary["counts"][LENGTH_RATIO] == summary["counts"][LOW_SCORE] == 0  # off by default
+    hyps = (plain / "kd-train1" / "train1.tgt").read_text().splitlines()
+    sources = [dataset_row.split() for dataset_row in _texts(data, "src")]
+    other_length = sum(len(h.split()) != len(s) for h, s in zip(hyps, sources))
+    assert 0 < other_length < N_TRAIN
+
+    # ratio 1: exactly the pairs whose lengths differ fall back
+    summary = build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine=engine, threads=1,
+                             filters=Filters(max_length_ratio=1.0))
+    assert summary["counts"][LENGTH_RATIO] == other_length
+    assert summary["manifest"]["filters"] == {"max_length_ratio": 1.0, "min_score": None}
+    # every score is a log-probability: below 0
+    summary = build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine=engine, threads=1,
+                             filters=Filters(min_score=0.0), overwrite=True)
+    assert summary["counts"][LOW_SCORE] == N_TRAIN == summary["fallback_to_reference"]
+    assert rows(data, "train1", "tgt") == rows(data, "train", "tgt")
+    assert classify(["a"] * 3, 10, 1, -1.0, Filters(max_length_ratio=2.5)) == LENGTH_RATIO
+    assert classify(["a"] * 2, 10, 1, -1.0, Filters(max_length_ratio=2.5, min_score=-0.5)) == \
+        LOW_SCORE
+
+
+def _texts(data, lang):
+    dictionary = Dictionary.load(str(data / f"dict.{lang}.txt"))
+    return [dictionary.string(row) for row in map(torch.tensor, rows(data, "train", lang))]
 
 
 def test_mismatched_line_counts_are_refused(data, postnorm_teacher):
     for ext in ("bin", "idx"):
         shutil.copy(data / f"valid.src-tgt.tgt.{ext}", data / f"train.src-tgt.tgt.{ext}")
     proc = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu", check=False,
-                   env=ONE_THREAD)
+                   env=ONE_THREAD)  # the default engine (CTranslate2): checked before converting
     assert proc.returncode != 0
     assert f"train.src-tgt.src has {N_TRAIN} sentences" in proc.stderr
     assert "train.src-tgt.tgt has 60" in proc.stderr and "equal line counts" in proc.stderr

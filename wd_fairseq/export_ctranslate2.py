@@ -16,7 +16,10 @@ pre-/post-norm, activations other than relu/gelu/swish and
 """
 
 import argparse
+import glob
+import json
 import os
+import shutil
 import sys
 import tempfile
 from typing import Optional
@@ -25,6 +28,8 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.data.data_utils import infer_language_pair
 from omegaconf import OmegaConf
+
+from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
 
 from .teacher import WDSetupError, check_translation_transformer, model_args, read_checkpoint
 
@@ -44,13 +49,14 @@ def _ctranslate2():
     return ctranslate2.__version__, FairseqConverter
 
 
-def converter_args(state: dict, path: str, data: Optional[str]) -> argparse.Namespace:
+def converter_args(state: dict, path: str, data: Optional[str],
+                   flag: str = "STUDENT") -> argparse.Namespace:
     """The legacy ``args`` the converter reads: the checkpoint's task and model
     configs in one Namespace, with ``data`` pointing at the dictionaries."""
     args = model_args(state)
-    check_translation_transformer(args, path, "STUDENT")
+    check_translation_transformer(args, path, flag)
     task = OmegaConf.to_container(state["cfg"]["task"], resolve=True, enum_to_str=True)
-    source = "--data" if data else f"STUDENT {path}: its run's data-bin"
+    source = "--data" if data else f"{flag} {path}: its run's data-bin"
     data = data or task.get("data")
     if not data or not os.path.isdir(data):
         raise WDSetupError(
@@ -71,21 +77,21 @@ def converter_args(state: dict, path: str, data: Optional[str]) -> argparse.Name
         entries = len(Dictionary.load(dict_path))
         if entries != rows:
             raise WDSetupError(
-                f"--data {data}: {dict_path} has {entries} entries but the student's "
+                f"--data {data}: {dict_path} has {entries} entries but {flag} {path}'s "
                 f"{side} table has {rows} rows. Fix: pass the "
-                "data-bin the student (and its teacher) was trained with"
+                "data-bin the checkpoint was trained with"
             )
     task_name = task.pop("_name")
     return argparse.Namespace(**{**task, **args, "task": task_name, "data": data,
                                  "source_lang": src, "target_lang": tgt})
 
 
-def check_heads(args: argparse.Namespace, path: str, version: str) -> None:
+def check_heads(args: argparse.Namespace, path: str, version: str, flag: str = "STUDENT") -> None:
     """The one shape of a WD student that the converter refuses."""
     encoder, decoder = args.encoder_attention_heads, args.decoder_attention_heads
     if encoder != decoder:
         raise WDSetupError(
-            f"STUDENT {path}: {encoder} encoder and {decoder} decoder attention heads. "
+            f"{flag} {path}: {encoder} encoder and {decoder} decoder attention heads. "
             f"CTranslate2 {version}'s fairseq converter needs equal counts (its "
             f"TransformerSpec takes one num_heads). Fix: train the WD student with "
             f"--decoder-attention-heads {encoder} (as the stu1/stu2 presets do), or serve "
@@ -101,9 +107,10 @@ def _replace_dir(new: str, target: str, scratch: str) -> None:
 
 
 def export(student: str, output: str, data: Optional[str] = None,
-           quantization: str = "int8", force: bool = False) -> str:
+           quantization: str = "int8", force: bool = False, flag: str = "STUDENT") -> str:
     """Convert ``student`` (stock transformer checkpoint) to a CTranslate2 model
-    directory ``output``; return the CTranslate2 version used."""
+    directory ``output``; return the CTranslate2 version used. ``flag`` names the
+    checkpoint in error messages."""
     version, FairseqConverter = _ctranslate2()
     if quantization not in QUANTIZATIONS:
         raise WDSetupError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
@@ -118,9 +125,9 @@ def export(student: str, output: str, data: Optional[str] = None,
             f"OUTPUT_DIR {output}: directory {parent} does not exist or is not writable. "
             "Fix: create it or choose another output directory"
         )
-    state = read_checkpoint(student, "STUDENT")  # also allow-lists Namespace for the converter
-    args = converter_args(state, student, data)
-    check_heads(args, student, version)
+    state = read_checkpoint(student, flag)  # also allow-lists Namespace for the converter
+    args = converter_args(state, student, data, flag)
+    check_heads(args, student, version, flag)
     with tempfile.TemporaryDirectory(prefix=".wd-export-ct2-", dir=parent) as scratch:
         legacy = os.path.join(scratch, "legacy.pt")
         torch.save({"args": args, "cfg": None, "model": state["model"]}, legacy)
@@ -133,12 +140,52 @@ def export(student: str, output: str, data: Optional[str] = None,
                 raise
             reasons = [line[2:] for line in str(e).splitlines() if line.startswith("- ")]
             raise WDSetupError(
-                f"STUDENT {student}: CTranslate2 {version}'s fairseq converter refuses it: "
+                f"{flag} {student}: CTranslate2 {version}'s fairseq converter refuses it: "
                 f"{'; '.join(reasons)}. A WD student inherits these options from its "
                 "teacher. Fix: serve this student with fairseq-generate"
             ) from e
         _replace_dir(model_dir, output, scratch)
     return version
+
+
+def cached_export(checkpoint: str, cache_dir: str, data: str, quantization: str,
+                  identity: dict, flag: str) -> dict:
+    """``cache_dir``, the export of ``checkpoint`` (file ``identity``: size, mtime,
+    content hash) with ``quantization`` and the dictionaries of ``data``, converted
+    now unless it already holds exactly that. Returns its ``wd-cache.json``:
+    ``{"key": ..., "max_positions": [source, target]}``.
+
+    A conversion is written to ``cache_dir.tmp`` and renamed into place with its
+    key, so an interrupted one is never taken for a finished one."""
+    version, _ = _ctranslate2()
+    dictionaries = sorted(glob.glob(os.path.join(data, "dict.*.txt")))
+    key = {"checkpoint": identity, "quantization": quantization, "ctranslate2": version,
+           "dictionaries": {os.path.basename(p): _file_stamp(p) for p in dictionaries}}
+    marker = os.path.join(cache_dir, "wd-cache.json")
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("key") == key and os.path.exists(os.path.join(cache_dir, "model.bin")):
+            return cached
+    parent, tmp = os.path.dirname(os.path.abspath(cache_dir)), cache_dir + ".tmp"
+    for stale in [tmp] + glob.glob(os.path.join(parent, ".wd-export-ct2-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed conversion
+    export(checkpoint, tmp, data, quantization, force=True, flag=flag)
+    args = model_args(read_checkpoint(checkpoint, flag))
+    cached = {"key": key, "max_positions": [
+        args.get("max_source_positions") or DEFAULT_MAX_SOURCE_POSITIONS,
+        args.get("max_target_positions") or DEFAULT_MAX_TARGET_POSITIONS]}
+    with open(os.path.join(tmp, "wd-cache.json"), "w", encoding="utf-8") as f:
+        json.dump(cached, f, indent=2, sort_keys=True)
+    if os.path.exists(cache_dir):
+        shutil.rmtree(cache_dir)
+    os.rename(tmp, cache_dir)
+    return cached
+
+
+def _file_stamp(path: str) -> dict:
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def cli_main(argv=None):

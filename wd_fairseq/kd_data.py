@@ -1,21 +1,29 @@
-"""``wd-kd-data DATA --teacher-path TEACHER.pt``: sequence-level KD data (WD_SPEC sections 1, 7).
+"""``wd-kd-data DATA --teacher-path TEACHER.pt``: sequence-level KD data (docs/method.md sections 1, 7).
 
-Decodes the source side of a data-bin's training split with the teacher through
-fairseq's ``SequenceGenerator`` (beam 6, length penalty 1.0, top-1 hypothesis,
-BPE kept), restores corpus order, and writes the result into the same data-bin as
-split ``train1`` with the same dictionaries: fairseq's translation task then
-trains on ``train`` + ``train1`` concatenated, every source twice. ``valid`` is
-not touched.
+Decodes the source side of a data-bin's training split with the teacher (beam 6,
+length penalty 1.0, top-1 hypothesis, BPE kept), restores corpus order, and writes
+the result into the same data-bin as split ``train1`` with the same dictionaries:
+fairseq's translation task then trains on ``train`` + ``train1`` concatenated, every
+source twice. ``valid`` is not touched.
+
+Two engines decode with the same search (``kd_decoding`` says where they differ):
+CTranslate2 (the default where it is installed and converts the teacher; the
+conversion is cached in ``DATA/kd-train1/ct2-QUANT/``) and fairseq's
+``SequenceGenerator``.
 
 Real decoding is messy, so:
 
 * empty hypotheses, hypotheses that ran into the length limit (``--max-len-a/b``,
-  usually degenerate repetitions) and sources longer than the teacher accepts
+  usually degenerate repetitions), sources longer than the teacher accepts and
+  CTranslate2 hypotheses containing ``<pad>``
   fall back to the sentence's reference target (counted in ``summary.json``), so
   the two halves stay aligned one to one;
-* results are saved in shards under ``DATA/kd-train1/`` every
-  ``--save-every`` sentences; an interrupted run resumes where it stopped, and a
-  run with other settings (teacher, beam, data...) restarts cleanly;
+* results are saved in shards under ``DATA/kd-train1/`` every ``--save-every``
+  sentences; an interrupted run resumes where it stopped and decodes the rest in the
+  same batches (so the result is the same as an uninterrupted run's), and a run with
+  other settings (teacher, engine, quantization, beam, data...) restarts cleanly;
+* shards are merged in corpus order and binarised by streaming: memory does not grow
+  with the corpus (the mmap format; fairseq's legacy formats go through its builder);
 * the split is written to temporary files and renamed into place with the source
   index last: fairseq only sees ``train1`` once every file of it is complete;
 * a data-bin whose source and target line counts differ is refused.
@@ -23,27 +31,38 @@ Real decoding is messy, so:
 
 import argparse
 import glob
+import hashlib
+import heapq
+import importlib.util
 import json
 import logging
+import multiprocessing
 import os
+import struct
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
-from fairseq import utils
-from fairseq.data import Dictionary, LanguagePairDataset, data_utils, indexed_dataset
-from fairseq.dataclass.configs import GenerationConfig
+from fairseq.data import Dictionary, data_utils, indexed_dataset
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from .kd_decoding import (PAD_TOKEN, CTranslate2Engine, FairseqEngine, Progress, batch_plan,
+                          cpu_threads, length_limit)
 from .teacher import WDSetupError, load_teacher
 
 logger = logging.getLogger("wd_fairseq.kd_data")
 
 OK, EMPTY, OVERLONG, SOURCE_TOO_LONG = "ok", "empty", "overlong", "source-too-long"
-#: A progress line at most this often (and once at the end).
-PROGRESS_SECONDS = 30
+PAD = "pad-token"  # CTranslate2 put <pad> in the hypothesis (fairseq never does)
+LENGTH_RATIO, LOW_SCORE = "length-ratio", "low-score"  # the optional filters
+FLAGS = (OK, EMPTY, OVERLONG, SOURCE_TOO_LONG, PAD, LENGTH_RATIO, LOW_SCORE)
+ENGINES = ("ctranslate2", "fairseq")
+#: --quantization choices of the CTranslate2 engine, by device.
+QUANTIZATIONS = {"cpu": ("int8", "float32"), "cuda": ("float16", "int8_float16", "int8", "float32")}
+#: Shards merged at once (open files); more are first merged into bigger shards.
+MAX_OPEN_SHARDS = 128
 
 
 def infer_langs(data: str, split: str) -> Tuple[str, str]:
@@ -91,22 +110,44 @@ def load_side(split: Split, lang: str, dictionary: Dictionary):
     return dataset, impl
 
 
-def classify(tokens: torch.Tensor, max_len: int) -> str:
-    """Flag of a hypothesis ``tokens`` (ends with EOS) decoded with length limit ``max_len``."""
-    length = tokens.numel() - 1
+class Filters(NamedTuple):
+    """Optional outlier filters (None: off). A KD pair falls back to the reference when
+    hypothesis and source lengths differ by more than a factor ``max_length_ratio``, or
+    when the teacher's length-normalised log-probability is below ``min_score``."""
+
+    max_length_ratio: Optional[float] = None
+    min_score: Optional[float] = None
+
+
+def classify(tokens: List[str], limit: int, source_length: int = 0, score: float = 0.0,
+             filters: Filters = Filters()) -> str:
+    """Flag of a hypothesis ``tokens`` (EOS not counted) decoded with length limit
+    ``limit`` from ``source_length`` tokens (EOS not counted), scored ``score``."""
+    length = len(tokens)
+    if PAD_TOKEN in tokens:
+        return PAD
     if length == 0:
         return EMPTY
-    if length >= max_len:  # the generator forces EOS at max_len: the hypothesis did not end
+    if length >= limit:  # fairseq forces EOS there, CTranslate2 cuts: it did not end
         return OVERLONG
+    if filters.max_length_ratio is not None and source_length and \
+            max(length / source_length, source_length / length) > filters.max_length_ratio:
+        return LENGTH_RATIO
+    if filters.min_score is not None and score < filters.min_score:
+        return LOW_SCORE
     return OK
 
 
-class ShardStore:
-    """Decoded sentences saved as ``part-NNNNNN.tsv`` (``id<TAB>flag<TAB>text``)
-    in a work directory, with the run's settings in ``manifest.json``."""
+Row = Tuple[int, str, str]  # (corpus index, flag, hypothesis text)
 
-    def __init__(self, directory: str):
-        self.directory = directory
+
+class ShardStore:
+    """Decoded sentences saved as ``part-WW-NNNNNN.tsv`` (``id<TAB>flag<TAB>text``, sorted
+    by id; ``WW`` the writing process) in a work directory, with the run's settings in
+    ``manifest.json``."""
+
+    def __init__(self, directory: str, worker: int = 0):
+        self.directory, self.worker = directory, worker
 
     def shards(self) -> List[str]:
         return sorted(glob.glob(os.path.join(self.directory, "part-*.tsv")))
@@ -119,6 +160,8 @@ class ShardStore:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 old = json.load(f)
+        for stale in glob.glob(os.path.join(self.directory, "part-*.tsv.tmp")):
+            os.remove(stale)
         if old != manifest:
             if self.shards():
                 logger.info("%s: earlier shards were made with other settings; restarting",
@@ -127,18 +170,57 @@ class ShardStore:
                 os.remove(shard)
             write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
-    def load(self) -> Dict[int, Tuple[str, str]]:
-        done = {}
+    def done(self, sentences: int) -> np.ndarray:
+        """Boolean mask of the sentences already saved."""
+        mask = np.zeros(sentences, dtype=bool)
         for shard in self.shards():
             with open(shard, encoding="utf-8") as f:
                 for line in f:
-                    index, flag, text = line.rstrip("\n").split("\t", 2)
-                    done[int(index)] = (flag, text)
-        return done
+                    mask[int(line[:line.index("\t")])] = True
+        return mask
 
-    def save(self, rows: List[Tuple[int, str, str]]) -> None:
-        name = os.path.join(self.directory, f"part-{len(self.shards()):06d}.tsv")
-        write_text_atomic(name, "".join(f"{i}\t{flag}\t{text}\n" for i, flag, text in rows))
+    def save(self, rows: List[Row]) -> None:
+        self._write(sorted(rows))
+
+    def _write(self, rows) -> None:
+        own = sorted(glob.glob(os.path.join(self.directory, f"part-{self.worker:02d}-*.tsv")))
+        number = int(os.path.basename(own[-1])[8:-4]) + 1 if own else 0
+        path = os.path.join(self.directory, f"part-{self.worker:02d}-{number:06d}.tsv")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for index, flag, text in rows:
+                f.write(f"{index}\t{flag}\t{text}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def merged(self) -> Iterator[Row]:
+        """Every saved row once, in corpus order, streamed from the shards."""
+        while len(self.shards()) > MAX_OPEN_SHARDS:  # merge the oldest into one shard
+            group = self.shards()[:MAX_OPEN_SHARDS]
+            self._write(_merge(group))
+            for shard in group:  # a crash before this leaves duplicates, which _merge drops
+                os.remove(shard)
+        return _merge(self.shards())
+
+
+def _merge(shards: List[str]) -> Iterator[Row]:
+    files = [open(shard, encoding="utf-8") for shard in shards]
+    try:
+        previous = None
+        rows = (map(_parse_row, f) for f in files)
+        for row in heapq.merge(*rows, key=lambda r: r[0]):
+            if row[0] != previous:
+                previous = row[0]
+                yield row
+    finally:
+        for f in files:
+            f.close()
+
+
+def _parse_row(line: str) -> Row:
+    index, flag, text = line.rstrip("\n").split("\t", 2)
+    return int(index), flag, text
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -150,60 +232,70 @@ def write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def file_stamp(path: str) -> Dict:
+def file_stamp(path: str, content_hash: bool = False) -> Dict:
+    """Path, size and mtime of a file, and with ``content_hash`` its SHA-256."""
     stat = os.stat(path)
-    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stamp = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if content_hash:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        stamp["sha256"] = digest.hexdigest()
+    return stamp
 
 
-def decode(teacher, task, source, todo: np.ndarray, store: ShardStore, gen: GenerationConfig,
-           max_tokens: Optional[int], batch_size: Optional[int], save_every: int,
-           device: torch.device) -> None:
-    """Decode the sentences ``todo`` of ``source``, saving shards every ``save_every``."""
-    dataset = LanguagePairDataset(source, source.sizes, task.source_dictionary, shuffle=False)
-    tgt_dict = task.target_dictionary
-    max_source = min(teacher.max_positions()[0], task.cfg.max_source_positions)
-    ordered = dataset.ordered_indices()
-    ordered = ordered[np.isin(ordered, todo)]
-    too_long = ordered[source.sizes[ordered] > max_source]
-    ordered = ordered[source.sizes[ordered] <= max_source]
-    rows = [(int(i), SOURCE_TOO_LONG, "") for i in too_long]
-    batches = dataset.batch_by_size(ordered, max_tokens=max_tokens, max_sentences=batch_size)
-    generator = task.build_generator([teacher], gen)
-    start = reported = time.time()
-    done = 0
-    for batch in batches:
-        sample = dataset.collater([dataset[i] for i in batch])
-        sample = utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
-        hypos = task.inference_step(generator, [teacher], sample)
-        src_len = sample["net_input"]["src_tokens"].size(1)
-        max_len = min(int(gen.max_len_a * src_len + gen.max_len_b), generator.max_len - 1)
-        for index, nbest in zip(sample["id"].tolist(), hypos):
-            tokens = nbest[0]["tokens"].cpu()
-            text = " ".join(tgt_dict[t] for t in tokens[:-1].tolist())
-            rows.append((index, classify(tokens, max_len), text))
-        done += len(batch)
-        if len(rows) >= save_every:
-            store.save(rows)
-            rows = []
-        if time.time() - reported >= PROGRESS_SECONDS or done == len(ordered):
-            reported = time.time()
-            logger.info("decoded %d/%d sentences (%.1f sentences/s)",
-                        done, len(ordered), done / (reported - start))
-    if rows:
-        store.save(rows)
+class MMapWriter:
+    """fairseq's mmap indexed dataset (``MMapIndexedDatasetBuilder``'s bytes), written
+    by streaming: sizes go to a side file, not a list, so memory stays flat."""
+
+    def __init__(self, bin_path: str, vocab_size: int):
+        self.dtype = indexed_dataset.best_fitting_int_dtype(vocab_size)
+        self.data = open(bin_path, "wb")
+        self.sizes_path = bin_path + ".sizes"
+        self.sizes = open(self.sizes_path, "wb")
+        self.count = 0
+
+    def add_item(self, tensor: torch.Tensor) -> None:
+        array = np.asarray(tensor.numpy(), dtype=self.dtype)
+        self.data.write(array.tobytes(order="C"))
+        self.sizes.write(np.int32(array.size).tobytes())
+        self.count += 1
+
+    def finalize(self, idx_path: str) -> None:
+        self.data.close()
+        self.sizes.close()
+        index = indexed_dataset.MMapIndexedDataset.Index
+        with open(idx_path, "wb") as out, open(self.sizes_path, "rb") as sizes:
+            out.write(index._HDR_MAGIC)
+            out.write(struct.pack("<Q", 1))
+            out.write(struct.pack("<B", indexed_dataset._dtype_header_code(self.dtype)))
+            out.write(struct.pack("<Q", self.count))
+            while chunk := sizes.read(1 << 22):
+                out.write(chunk)
+            sizes.seek(0)
+            address, itemsize = 0, np.dtype(self.dtype).itemsize
+            while chunk := sizes.read(1 << 22):
+                ends = address + np.cumsum(np.frombuffer(chunk, dtype=np.int32), dtype=np.int64) * itemsize
+                out.write(np.concatenate(([address], ends[:-1])).astype(np.int64).tobytes())
+                address = int(ends[-1])
+        os.remove(self.sizes_path)
 
 
-def write_split(out: Split, rows: List[torch.Tensor], source_prefix: str, impl: str,
+def write_split(out: Split, rows: Iterator[torch.Tensor], source_prefix: str, impl: str,
                 vocab_size: int) -> None:
-    """Write ``out`` (target ``rows``, source copied from ``source_prefix``) so that
-    fairseq never sees it half-written: temporary files first, then renames with
-    the source index last."""
+    """Write ``out`` (target ``rows``, streamed; source copied from ``source_prefix``)
+    so that fairseq never sees it half-written: temporary files first, then renames
+    with the source index last."""
     if out.visible():
         os.remove(out.prefix(out.src) + ".idx")
     tmp = {path: os.path.join(out.data, ".kd-tmp." + os.path.basename(path))
            for path in out.files()}
     tgt_bin, tgt_idx, src_bin, src_idx = out.files()
-    builder = indexed_dataset.make_builder(tmp[tgt_bin], impl=impl, vocab_size=vocab_size)
+    if impl == "mmap":
+        builder = MMapWriter(tmp[tgt_bin], vocab_size)
+    else:
+        builder = indexed_dataset.make_builder(tmp[tgt_bin], impl=impl, vocab_size=vocab_size)
     for row in rows:
         builder.add_item(row)
     builder.finalize(tmp[tgt_idx])
@@ -217,21 +309,81 @@ def write_split(out: Split, rows: List[torch.Tensor], source_prefix: str, impl: 
         os.replace(tmp[path], path)
 
 
+def _ctranslate2_available() -> bool:
+    return importlib.util.find_spec("ctranslate2") is not None
+
+
+def _device(cpu: bool, engine: str) -> str:
+    if cpu:
+        return "cpu"
+    if engine == "ctranslate2":
+        import ctranslate2
+
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_quantization(quantization: Optional[str], device: str) -> str:
+    choices = QUANTIZATIONS[device]
+    if quantization is None:
+        return choices[0]
+    if quantization not in choices:
+        raise WDSetupError(
+            f"--quantization {quantization}: not available on the {device} "
+            f"(choose {', '.join(choices)}). Fix: pick one of those"
+            + (", or run on a GPU" if device == "cpu" else "")
+        )
+    return quantization
+
+
+def _engine_settings(engine: str, device: str, quantization: Optional[str], fp16: bool) -> Dict:
+    """The manifest entries that make one engine's output differ from another's."""
+    if engine == "ctranslate2":
+        return {"engine": engine, "device": device,
+                "quantization": _check_quantization(quantization, device)}
+    return {"engine": engine, "device": device, "fp16": fp16}
+
+
 def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = None,
                    target_lang: Optional[str] = None, split: str = "train",
                    out_split: str = "train1", beam: int = 6, lenpen: float = 1.0,
                    max_len_a: float = 2.0, max_len_b: int = 10,
                    max_tokens: Optional[int] = 4096, batch_size: Optional[int] = None,
                    save_every: int = 50000, fp16: bool = False, cpu: bool = False,
-                   overwrite: bool = False) -> Dict:
+                   overwrite: bool = False, engine: Optional[str] = None,
+                   quantization: Optional[str] = None, threads: Optional[int] = None,
+                   workers: Optional[int] = None, filters: Filters = Filters()) -> Dict:
     """Decode ``split`` of ``data`` with the teacher and write it as ``out_split``.
 
+    ``engine`` None: CTranslate2 where installed and the teacher converts, else fairseq.
+    ``workers``: fairseq processes (default: one per visible GPU, or one on the CPU);
+    CTranslate2 uses every visible GPU from one process.
     Returns the summary (also written to ``DATA/kd-{out_split}/summary.json``).
     """
     if not os.path.isdir(data):
         raise WDSetupError(f"DATA {data}: no such directory. Fix: pass a fairseq data-bin")
     if out_split == split:
         raise WDSetupError(f"--out-split {out_split}: must differ from --split {split}")
+    if engine is None and quantization is not None:
+        engine = "ctranslate2"  # only it has a --quantization
+    if engine is not None and engine not in ENGINES:
+        raise WDSetupError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
+    if engine == "ctranslate2" and not _ctranslate2_available():
+        raise WDSetupError("--engine ctranslate2: the ctranslate2 package is not installed. "
+                           "Fix: pip install ctranslate2, or pass --engine fairseq")
+    if workers is not None and workers < 1:
+        raise WDSetupError(f"--workers {workers}: must be at least 1")
+    if engine == "ctranslate2" and (workers or 1) > 1:
+        raise WDSetupError(f"--workers {workers}: for --engine fairseq; CTranslate2 decodes on "
+                           "every visible GPU from one process. Fix: drop --workers")
+    if engine == "fairseq" and quantization is not None:
+        raise WDSetupError(f"--quantization {quantization}: only for --engine ctranslate2. "
+                           "Fix: drop it, or pass --engine ctranslate2 (fairseq: --fp16)")
+    if not os.path.isfile(teacher_path):
+        raise WDSetupError(
+            f"--teacher-path {teacher_path}: no such file. Fix: pass the path of an existing "
+            "fairseq checkpoint (.pt)"
+        )
     if source_lang is None or target_lang is None:
         source_lang, target_lang = infer_langs(data, split)
     task = TranslationTask.setup_task(
@@ -247,23 +399,25 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
             f"{inp.prefix(target_lang)} has {len(reference)}. Fix: re-binarise the "
             "split from parallel text files with equal line counts"
         )
-    gen = GenerationConfig(beam=beam, lenpen=lenpen, nbest=1, max_len_a=max_len_a,
-                           max_len_b=max_len_b)
-    manifest = {
-        "teacher": file_stamp(teacher_path) if os.path.isfile(teacher_path) else teacher_path,
+    candidates = [engine] if engine else [e for e in ENGINES
+                                          if e == "fairseq" or _ctranslate2_available()]
+    common = {
+        "teacher": file_stamp(teacher_path, content_hash=True),
         "source": file_stamp(inp.prefix(source_lang) + ".bin"),
         "target": file_stamp(inp.prefix(target_lang) + ".bin"),
         "sentences": len(source), "out_split": out_split,
         "beam": beam, "lenpen": lenpen, "max_len_a": max_len_a, "max_len_b": max_len_b,
-        "fp16": fp16,
+        "max_tokens": max_tokens, "batch_size": batch_size, "filters": filters._asdict(),
     }
+    manifests = {e: {**common, **_engine_settings(e, _device(cpu, e), quantization, fp16)}
+                 for e in candidates}
     store = ShardStore(os.path.join(data, f"kd-{out_split}"))
     summary_path = os.path.join(store.directory, "summary.json")
     if out.visible():
         if not overwrite and os.path.exists(summary_path):
             with open(summary_path, encoding="utf-8") as f:
                 summary = json.load(f)
-            if summary.get("manifest") == manifest:
+            if summary.get("manifest") in manifests.values():
                 logger.info("%s: up to date", out.prefix(source_lang))
                 return summary
         if not overwrite:
@@ -275,43 +429,83 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     for stale in glob.glob(os.path.join(data, f".kd-tmp.{out_split}.*")):
         os.remove(stale)
 
+    os.makedirs(store.directory, exist_ok=True)
+    decoder = _build_engine(candidates, manifests, teacher_path, task, data, store.directory,
+                            beam, lenpen, max_len_a, max_len_b, threads, explicit=engine is not None)
+    manifest = manifests[decoder.name]
+    if decoder.name == "fairseq" and decoder.device.type == "cuda":
+        workers = workers or torch.cuda.device_count()
+        if workers > torch.cuda.device_count():
+            raise WDSetupError(f"--workers {workers}: only {torch.cuda.device_count()} GPUs "
+                               "are visible. Fix: pass at most that many")
+    if decoder.name == "ctranslate2" and (workers or 1) > 1:
+        raise WDSetupError(f"--workers {workers}: for --engine fairseq; the teacher converted, "
+                           "so CTranslate2 decodes (on every visible GPU, from one process). "
+                           "Fix: drop --workers, or pass --engine fairseq")
+    workers = workers or 1
     store.open(manifest)
-    done = store.load()
-    todo = np.array(sorted(set(range(len(source))) - set(done)), dtype=np.int64)
+    done = store.done(len(source))
+    max_source, max_target = decoder.max_positions()
+    too_long = np.flatnonzero(source.sizes > max_source)
+    plan = batch_plan(source.sizes, np.flatnonzero(source.sizes <= max_source), max_tokens,
+                      batch_size)
+    todo = [batch for batch in plan if not done[batch].all()]
+    remaining = sum(len(b) for b in todo)
+    if not done[too_long].all():
+        store.save([(int(i), SOURCE_TOO_LONG, "") for i in too_long if not done[i]])
+    if remaining:
+        logger.info("decoding %d of %d sentences of %s with %s, beam %d, lenpen %s",
+                    remaining, len(source), inp.prefix(source_lang), _describe(decoder, workers),
+                    beam, lenpen)
     started = time.time()
-    if len(todo):
-        logger.info("decoding %d of %d sentences of %s with beam %d, lenpen %s",
-                    len(todo), len(source), inp.prefix(source_lang), beam, lenpen)
-        device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
-        teacher, _ = load_teacher(teacher_path, task)
-        teacher = teacher.to(device).eval()
-        if fp16:
-            teacher = teacher.half()
-        decode(teacher, task, source, todo, store, gen, max_tokens, batch_size, save_every, device)
-        done = store.load()
-    if sorted(done) != list(range(len(source))):
+    if decoder.name == "fairseq" and workers > 1:
+        devices = [f"cuda:{r}" for r in range(workers)] if decoder.device.type == "cuda" \
+            else ["cpu"] * workers
+        decoder.teacher.cpu()  # the workers load their own copies
+        job = dict(data=data, source_lang=source_lang, target_lang=target_lang, split=split,
+                   teacher_path=teacher_path, fp16=manifest["fp16"], beam=beam, lenpen=lenpen,
+                   max_len_a=max_len_a, max_len_b=max_len_b, threads=threads,
+                   directory=store.directory, save_every=save_every, filters=tuple(filters))
+        _run_workers(job, devices, todo)
+    else:
+        decode_into(decoder, source, todo, store, save_every, max_len_a, max_len_b, filters)
+    decode_seconds = time.time() - started
+    done = store.done(len(source))
+    if not done.all():
         raise WDSetupError(
-            f"{store.directory}: shards hold {len(done)} sentences, expected "
+            f"{store.directory}: shards hold {int(done.sum())} sentences, expected "
             f"{len(source)}. Fix: delete {store.directory} and rerun"
         )
 
     tgt_dict = task.target_dictionary
-    rows, lines, counts = [], [], {OK: 0, EMPTY: 0, OVERLONG: 0, SOURCE_TOO_LONG: 0}
-    for index in range(len(source)):
-        flag, text = done[index]
-        counts[flag] += 1
-        if flag == OK:
-            rows.append(tgt_dict.encode_line(text, add_if_not_exist=False))
-        else:
-            rows.append(reference[index])
-            text = tgt_dict.string(reference[index])
-        lines.append(text + "\n")
-    write_text_atomic(os.path.join(store.directory, f"{out_split}.{target_lang}"), "".join(lines))
-    write_split(out, rows, inp.prefix(source_lang), impl, len(tgt_dict))
+    counts = dict.fromkeys(FLAGS, 0)
+    text_path = os.path.join(store.directory, f"{out_split}.{target_lang}")
+
+    def target_rows(text_file) -> Iterator[torch.Tensor]:
+        for expected, (index, flag, text) in enumerate(store.merged()):
+            assert index == expected, (index, expected)
+            counts[flag] += 1
+            if flag == OK:
+                row = tgt_dict.encode_line(text, add_if_not_exist=False)
+            else:
+                row = reference[index]
+                text = tgt_dict.string(row)
+            text_file.write(text + "\n")
+            yield row
+
+    with open(text_path + ".tmp", "w", encoding="utf-8") as text_file:
+        write_split(out, target_rows(text_file), inp.prefix(source_lang), impl, len(tgt_dict))
+        text_file.flush()
+        os.fsync(text_file.fileno())
+    os.replace(text_path + ".tmp", text_path)
     summary = {
         "sentences": len(source), "counts": counts,
         "fallback_to_reference": len(source) - counts[OK],
-        "seconds": round(time.time() - started, 1), "manifest": manifest,
+        "engine": decoder.name, **_describe_fields(decoder, workers),
+        "decoded_this_run": remaining,
+        "decode_seconds": round(decode_seconds, 1),
+        "sentences_per_second": round(remaining / decode_seconds, 2) if remaining else None,
+        "manifest": manifest,
     }
     for shard in store.shards():
         os.remove(shard)
@@ -323,12 +517,127 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     return summary
 
 
+def decode_into(decoder, source, batches: List[np.ndarray], store: ShardStore, save_every: int,
+                max_len_a: float, max_len_b: int, filters: Filters = Filters(),
+                label: str = "") -> None:
+    """Decode ``batches`` of ``source`` with ``decoder``, saving a shard every
+    ``save_every`` sentences (whole batches only)."""
+    max_target = decoder.max_positions()[1]
+    progress = Progress(sum(len(b) for b in batches), label)
+    rows = []
+    for hypotheses in decoder.translate(source, batches):
+        for index, tokens, score in hypotheses:
+            size = int(source.sizes[index])
+            limit = length_limit(size, max_len_a, max_len_b, max_target)
+            flag = classify(tokens, limit, size - 1, score, filters)
+            rows.append((index, flag, " ".join(tokens)))
+        progress.update(len(hypotheses))
+        if len(rows) >= save_every:
+            store.save(rows)
+            rows = []
+    if rows:
+        store.save(rows)
+
+
+def _run_workers(job: Dict, devices: List[str], batches: List[np.ndarray]) -> None:
+    """One fairseq process per device on every ``len(devices)``-th batch of the plan."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_fairseq_worker,
+                                 args=(job, worker, device, batches[worker::len(devices)]))
+                 for worker, device in enumerate(devices)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [(w, p.exitcode) for w, p in enumerate(processes) if p.exitcode != 0]
+    if failed:
+        raise WDSetupError(
+            f"{job['directory']}: decoding process(es) (worker, exit code) {failed} failed; "
+            "their errors are above. Fix: correct the cause and rerun: finished shards are kept"
+        )
+
+
+def _fairseq_worker(job: Dict, worker: int, device: str, batches: List[np.ndarray]) -> None:
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        level=logging.INFO, stream=sys.stdout, force=True)
+    task = TranslationTask.setup_task(TranslationConfig(
+        data=job["data"], source_lang=job["source_lang"], target_lang=job["target_lang"]))
+    split = Split(job["data"], job["split"], job["source_lang"], job["target_lang"])
+    source, _ = load_side(split, job["source_lang"], task.source_dictionary)
+    engine = _fairseq_engine(job["teacher_path"], task, torch.device(device), job["fp16"],
+                             job["threads"], job["beam"], job["lenpen"], job["max_len_a"],
+                             job["max_len_b"])
+    decode_into(engine, source, batches, ShardStore(job["directory"], worker), job["save_every"],
+                job["max_len_a"], job["max_len_b"], Filters(*job["filters"]),
+                label=f"worker {worker} ({device}): ")
+
+
+def _fairseq_engine(teacher_path: str, task, device: torch.device, fp16: bool,
+                    threads: Optional[int], beam: int, lenpen: float, max_len_a: float,
+                    max_len_b: int) -> FairseqEngine:
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    teacher, _ = load_teacher(teacher_path, task)
+    teacher = teacher.to(device).eval()
+    if fp16:
+        teacher = teacher.half()
+    return FairseqEngine(teacher, task, beam, lenpen, max_len_a, max_len_b, device)
+
+
+def _build_engine(candidates: List[str], manifests: Dict, teacher_path: str, task, data: str,
+                  work_dir: str, beam: int, lenpen: float, max_len_a: float, max_len_b: int,
+                  threads: Optional[int], explicit: bool):
+    """The first engine of ``candidates`` that accepts the teacher. An automatic choice
+    falls back from CTranslate2 to fairseq when the converter refuses the teacher."""
+    from .export_ctranslate2 import cached_export
+
+    for name in candidates:
+        settings = manifests[name]
+        if name == "ctranslate2":
+            quantization = settings["quantization"]
+            try:
+                cached = cached_export(teacher_path, os.path.join(work_dir, f"ct2-{quantization}"),
+                                       data, quantization, settings["teacher"], "--teacher-path")
+            except WDSetupError as e:
+                if explicit:
+                    raise
+                logger.info("CTranslate2 cannot take this teacher (%s); decoding with fairseq", e)
+                continue
+            return CTranslate2Engine(
+                os.path.join(work_dir, f"ct2-{quantization}"), quantization, settings["device"],
+                threads or cpu_threads(), beam, lenpen, max_len_a, max_len_b,
+                task.source_dictionary,
+                (min(cached["max_positions"][0], task.cfg.max_source_positions),
+                 cached["max_positions"][1]))
+        return _fairseq_engine(teacher_path, task, torch.device(settings["device"]),
+                               settings["fp16"], threads, beam, lenpen, max_len_a, max_len_b)
+    raise AssertionError("fairseq is always a candidate of an automatic choice")
+
+
+def _describe_fields(engine, workers: int = 1) -> Dict:
+    if engine.name == "ctranslate2":
+        return {"quantization": engine.compute_type, "device": engine.device,
+                "devices": engine.devices, "threads": engine.threads}
+    return {"quantization": "float16" if next(engine.teacher.parameters()).dtype == torch.float16
+            else "float32", "device": engine.device.type,
+            "devices": list(range(workers)) if engine.device.type == "cuda" or workers > 1
+            else [0],
+            "threads": torch.get_num_threads() if engine.device.type == "cpu" else None}
+
+
+def _describe(engine, workers: int = 1) -> str:
+    fields = _describe_fields(engine, workers)
+    threads = f", {fields['threads']} threads" if fields["threads"] else ""
+    return (f"{engine.name} ({fields['quantization']} on {fields['device']} "
+            f"{fields['devices']}{threads})")
+
+
 def cli_main(argv=None):
     parser = argparse.ArgumentParser(
         prog="wd-kd-data",
         description="Sequence-level KD data: decode a data-bin's training source with the "
-        "teacher (fairseq's beam search) and write it into the same data-bin as split "
-        "train1, which fairseq-train concatenates with train.",
+        "teacher (CTranslate2 or fairseq's beam search) and write it into the same data-bin "
+        "as split train1, which fairseq-train concatenates with train.",
     )
     parser.add_argument("data", metavar="DATA", help="fairseq data-bin (fairseq-preprocess output)")
     parser.add_argument("--teacher-path", required=True, metavar="TEACHER.pt",
@@ -339,6 +648,17 @@ def cli_main(argv=None):
     parser.add_argument("--out-split", default="train1",
                         help="split to write (default: train1, which fairseq concatenates with "
                         "train; valid stays the real valid split)")
+    parser.add_argument("--engine", choices=ENGINES,
+                        help="decoder (default: ctranslate2 where installed and the teacher "
+                        "converts, else fairseq)")
+    parser.add_argument("--quantization",
+                        help="CTranslate2 weights/compute type: int8 (CPU default) or float32 "
+                        "on the CPU; float16 (GPU default), int8_float16, int8 or float32 on GPUs")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads (default: every core this process may use)")
+    parser.add_argument("--workers", type=int,
+                        help="fairseq engine: decoding processes, one per GPU (default: every "
+                        "visible GPU, else 1 on the CPU); results do not depend on it")
     parser.add_argument("--beam", type=int, default=6, help="beam size (default: 6, the authors')")
     parser.add_argument("--lenpen", type=float, default=1.0, help="length penalty (default: 1.0)")
     parser.add_argument("--max-len-a", type=float, default=2.0,
@@ -349,7 +669,13 @@ def cli_main(argv=None):
     parser.add_argument("--batch-size", type=int, help="sentences per batch (default: no limit)")
     parser.add_argument("--save-every", type=int, default=50000,
                         help="save decoded sentences every N (resume granularity)")
-    parser.add_argument("--fp16", action="store_true", help="decode in fp16 (GPU)")
+    parser.add_argument("--filter-length-ratio", type=float, metavar="R",
+                        help="optional: fall back to the reference when hypothesis and source "
+                        "lengths differ by more than a factor R (off by default)")
+    parser.add_argument("--filter-min-score", type=float, metavar="S",
+                        help="optional: fall back to the reference when the teacher's "
+                        "length-normalised log-probability is below S (off by default)")
+    parser.add_argument("--fp16", action="store_true", help="fairseq engine: decode in fp16 (GPU)")
     parser.add_argument("--cpu", action="store_true", help="decode on the CPU even with a GPU")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing out split")
     args = parser.parse_args(argv)
@@ -360,7 +686,8 @@ def cli_main(argv=None):
             args.data, args.teacher_path, args.source_lang, args.target_lang, args.split,
             args.out_split, args.beam, args.lenpen, args.max_len_a, args.max_len_b,
             args.max_tokens, args.batch_size, args.save_every, args.fp16, args.cpu,
-            args.overwrite,
+            args.overwrite, args.engine, args.quantization, args.threads, args.workers,
+            Filters(args.filter_length_ratio, args.filter_min_score),
         )
     except WDSetupError as e:
         sys.exit(f"wd-kd-data: error: {e}")

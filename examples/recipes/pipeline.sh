@@ -82,6 +82,8 @@
 #   WORKERS             CPU processes for tokenization and fairseq-preprocess (default: nproc)
 #   Decoding:
 #   KD_BEAM (6) KD_LENPEN (1.0) KD_MAX_TOKENS (4096)   KD data (docs/method.md section 1)
+#   KD_ENGINE           wd-kd-data --engine: ctranslate2 or fairseq (default: wd-kd-data's,
+#                       CTranslate2 where the teacher converts)
 #   BEAM (6) LENPEN (1.0) EVAL_BATCH_SIZE (128)         evaluation
 #   BLEU_CONVENTION     tokenized BLEU: moses, moses-lc (NIST) or ende-compound (WMT14 En-De)
 #   SPEED_BATCH_SIZE (1)  sentences per batch in the speed stage (first test set)
@@ -161,6 +163,7 @@ WORKERS=${WORKERS:-$(nproc)}
 KD_BEAM=${KD_BEAM:-6}
 KD_LENPEN=${KD_LENPEN:-1.0}
 KD_MAX_TOKENS=${KD_MAX_TOKENS:-4096}
+KD_ENGINE=${KD_ENGINE:-}
 BEAM=${BEAM:-6}
 LENPEN=${LENPEN:-1.0}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}
@@ -437,8 +440,10 @@ stage_kd_data() {
     local f
     for f in "$DATA"/*; do ln -sfn "$f" "$DATA_KD/"; done
   fi
+  local engine=()
+  [ -z "$KD_ENGINE" ] || engine=(--engine "$KD_ENGINE")
   run wd-kd-data "$DATA_KD" --teacher-path "$TEACHER" -s "$SRC" -t "$TGT" --beam "$KD_BEAM" \
-    --lenpen "$KD_LENPEN" --max-tokens "$KD_MAX_TOKENS" $(device_flags)
+    --lenpen "$KD_LENPEN" --max-tokens "$KD_MAX_TOKENS" "${engine[@]}" $(device_flags)
 }
 
 # original + KD data: fairseq concatenates train and train1 (--upsample-primary 1 is
@@ -561,7 +566,7 @@ SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SAC
   EFFECTIVE_TOKENS ALLOW_BATCH_MISMATCH LR WARMUP PHASE2_WARMUP DROPOUT ATTENTION_DROPOUT
   ACTIVATION_DROPOUT LABEL_SMOOTHING SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES
   PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST PHASE2_AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
-  KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS BEAM LENPEN
+  KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE BEAM LENPEN
   EVAL_BATCH_SIZE BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
 
 settings() {

@@ -1,0 +1,168 @@
+"""KD-data speed and memory: ``wd-kd-data`` with each engine on the same corpus.
+
+For each corpus size (the training split repeated ``--repeat`` times) and engine
+(fairseq; CTranslate2 float32 and int8) this runs ``wd-kd-data`` from scratch in its
+own process and records wall time, decoding sentences/s (``summary.json``), peak RSS
+(``wait4``) and fallback counts; ratios are taken against the fairseq engine of the same
+size, in the same run. JSON goes to ``WORKDIR/results/kd_data_speed*.json``, a table to
+stdout.
+
+Corpus and teacher:
+
+* ``--data DATA --teacher-path TEACHER.pt``: yours (e.g. the Bible demo's data-bin and
+  teacher);
+* ``--toy``: the test suite's toy corpus (1,200 pairs of random words, reversed and
+  mapped) and its tiny trained teacher, built in WORKDIR: fast, for memory scaling;
+* neither: the shared benchmark assets (``common.Assets``: a random-weight teacher of
+  the authors' size, 512 random sentences); random weights run most hypotheses to the
+  length limit, so both engines do the same (maximal) work per sentence.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import common
+from common import REPO, Assets, BenchmarkError, print_table, run
+
+ENGINES = ("fairseq", "ctranslate2:float32", "ctranslate2:int8")
+
+
+def repeated_bin(data: Path, split: str, times: int, dest: Path, limit: int = 0) -> Path:
+    """``dest``: links to every file of ``data`` except ``split``, which is ``split``
+    (its first ``limit`` sentences if given) repeated ``times`` times (both sides)."""
+    from fairseq.data import indexed_dataset
+
+    if (dest / "done").exists():
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for path in data.iterdir():
+        if path.is_file() and not path.name.startswith(f"{split}."):
+            os.symlink(path.resolve(), dest / path.name)
+    for idx in data.glob(f"{split}.*.idx"):
+        prefix = str(idx)[:-len(".idx")]
+        index = indexed_dataset.MMapIndexedDataset.Index(str(idx))
+        builder = indexed_dataset.MMapIndexedDatasetBuilder(
+            str(dest / (Path(prefix).name + ".bin")), dtype=index.dtype)
+        dataset = indexed_dataset.MMapIndexedDataset(prefix)
+        for _ in range(times):
+            if limit:
+                for i in range(min(limit, len(dataset))):
+                    builder.add_item(dataset[i])
+            else:
+                builder.merge_file_(prefix)
+        builder.finalize(str(dest / (Path(prefix).name + ".idx")))
+    (dest / "done").write_text("")
+    return dest
+
+
+def toy_assets(workdir: Path):
+    """The test suite's toy corpus, data-bin and post-norm teacher (built once)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import preprocess, train_teacher, write_toy_corpus
+
+    root = workdir / "toy"
+    data, teacher = root / "data-bin", root / "teacher" / "checkpoint_last.pt"
+    if not teacher.exists():
+        print(f"[assets] building the toy corpus and teacher in {root}", flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+        write_toy_corpus(root / "raw")
+        preprocess(root / "raw", data)
+        train_teacher(data, root / "teacher")
+    return data, teacher
+
+
+def main():
+    parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser.add_argument("--data", type=Path, help="fairseq data-bin with a training split")
+    parser.add_argument("--teacher-path", type=Path, help="its teacher checkpoint")
+    parser.add_argument("--toy", action="store_true", help="the test suite's toy corpus and teacher")
+    parser.add_argument("--repeat", type=int, nargs="+", default=[1],
+                        help="corpus sizes, as repetitions of the training split (default: 1)")
+    parser.add_argument("--sentences", type=int,
+                        help="first repeat the split up to about this many sentences (e.g. 28000)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="only the first N sentences of the split (before repeating)")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES),
+                        help=f"engine[:quantization] (default: {' '.join(ENGINES)})")
+    parser.add_argument("--beam", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    args = parser.parse_args()
+    if args.device == "cuda":
+        raise BenchmarkError("--device cuda: not written yet (CPU only). Fix: --device cpu")
+    if (args.data is None) != (args.teacher_path is None):
+        raise BenchmarkError("pass both --data and --teacher-path, or neither")
+    if args.data:
+        data, teacher, corpus = args.data, args.teacher_path, "user"
+    elif args.toy:
+        data, teacher = toy_assets(args.workdir)
+        corpus = "toy"
+    else:
+        assets = Assets(args.workdir)
+        data, teacher, corpus = assets.data(), assets.teacher(), "random-teacher"
+    from fairseq.data import indexed_dataset
+
+    src_idx = sorted(data.glob("train.*-*.*.idx"))[0]
+    base = len(indexed_dataset.MMapIndexedDataset.Index(str(src_idx)))
+    base = min(base, args.limit) if args.limit else base
+    unit = max(1, round(args.sentences / base)) if args.sentences else 1
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+    rows = []
+    for times in args.repeat:
+        name = f"{corpus}-x{unit * times}" + (f"-first{args.limit}" if args.limit else "")
+        copy = repeated_bin(data, "train", unit * times, args.workdir / "kd_data_speed" / name,
+                            args.limit)
+        for spec in args.engines:
+            engine, _, quantization = spec.partition(":")
+            shutil.rmtree(copy / "kd-train1", ignore_errors=True)  # from scratch
+            for old in copy.glob("train1.*"):
+                old.unlink()
+            flags = ["--engine", engine, "--cpu", "--threads", args.threads, "--beam", args.beam,
+                     "--max-tokens", args.max_tokens]
+            flags += ["--quantization", quantization] if quantization else []
+            result = run(["wd-kd-data", copy, "--teacher-path", teacher, *flags], env=env)
+            summary = json.loads((copy / "kd-train1" / "summary.json").read_text())
+            rows.append({
+                "sentences": summary["sentences"], "engine": spec,
+                "runs": summary["quantization"], "seconds": round(result.seconds, 1),
+                "sentences_per_second": summary["sentences_per_second"],
+                "peak_rss_mib": round(result.peak_rss_mib, 1),
+                "fallback": summary["fallback_to_reference"],
+            })
+            print(rows[-1], flush=True)
+    for row in rows:
+        fairseq = [r for r in rows if r["sentences"] == row["sentences"] and r["engine"] == "fairseq"]
+        if fairseq:
+            row["speed_vs_fairseq"] = round(row["sentences_per_second"]
+                                            / fairseq[0]["sentences_per_second"], 2)
+    info = common.environment("cpu") | {"load_average_at_end": os.getloadavg(),
+                                        "cpu_flags": _isa_flags()}
+    results = {"command": " ".join(["python"] + sys.argv), "corpus": corpus, "teacher": str(teacher),
+               "threads": args.threads, "beam": args.beam, "environment": info, "rows": rows}
+    path = common.write_results(args, "kd_data_speed" + ("" if corpus == "user" else f"-{corpus}"),
+                                results)
+    print_table(rows, ["sentences", "engine", "runs", "seconds", "sentences_per_second",
+                       "speed_vs_fairseq", "peak_rss_mib", "fallback"])
+    print(f"wrote {path}")
+
+
+def _isa_flags() -> str:
+    """The vector extensions of this CPU that int8 kernels depend on (lscpu flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(sorted(f for f in flags if f.startswith("avx") or "vnni" in f))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchmarkError as e:
+        sys.exit(f"kd_data_speed: error: {e}")

@@ -1,0 +1,201 @@
+"""The decoding half of ``wd-kd-data``: a fixed batch plan and the two engines that run it.
+
+Both engines decode the same sentences with the same search:
+
+* beam ``B``, length penalty ``lp``: a finished hypothesis of ``n`` tokens plus EOS
+  scores ``sum(log p) / (n + 1) ** lp`` (fairseq divides by ``step + 1``; CTranslate2
+  divides by the hypothesis length, which counts EOS), and
+  the search ends once ``B`` hypotheses have finished (CTranslate2's ``patience=1``;
+  with ``lp = 0`` it stops when the top beam ends, which picks the same hypothesis);
+* the length limit of a source of ``s`` tokens (EOS included, as in the data-bin) is
+  ``L = min(int(a * s + b), max_target_positions - 1)``. fairseq computes it from the
+  padded batch width; the plan batches only sources of one length, so every engine
+  applies it per sentence. fairseq forces EOS after ``L`` tokens; CTranslate2 gets
+  ``max_decoding_length = L + 1`` and cuts there. A hypothesis of ``L`` or more
+  tokens counts as overlong in both and falls back to the reference, so the two only
+  differ in which overlong candidate wins (fairseq scores its forced EOS, CTranslate2
+  scores the cut hypothesis without one);
+* ``<unk>`` allowed and unpenalised in both. fairseq sets the log-probabilities of
+  ``<pad>`` (and, at the first step, of EOS) to -inf after its log-softmax;
+  CTranslate2 can only forbid tokens before its log-softmax, which renormalises the
+  others. So ``<pad>`` (CTranslate2's ``<blank>``) is left allowed, as fairseq's
+  scores of every other token are then identical (a hypothesis containing it falls
+  back to the reference; its probability is tiny, as fairseq never trains on it as a
+  target), while EOS is forbidden at the first step in both (fairseq ``min_len=1``,
+  CTranslate2 ``min_decoding_length=1``): CTranslate2 then adds ``-log(1 - p(EOS))``
+  of that step to every hypothesis of the sentence. After length normalisation that
+  constant favours shorter hypotheses slightly, and is the reason (with floating-point
+  near-ties) the two engines' top hypotheses differ with beam > 1: on the toy corpus
+  of the tests about 1% of sentences, each engine's choice being the better one under
+  its own scores;
+* when more hypotheses finish in one step than the beam still needs, fairseq keeps the
+  first ones in raw-score order and CTranslate2 keeps the best normalised one.
+
+The plan is a function of the source lengths and batch settings only, never of what
+is already done, so a resumed run decodes each remaining sentence in the same batch as
+an uninterrupted run would: the results are identical, not just close.
+"""
+
+import logging
+import os
+import time
+from collections import deque
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from fairseq import utils
+from fairseq.data import LanguagePairDataset
+from fairseq.dataclass.configs import GenerationConfig
+
+logger = logging.getLogger("wd_fairseq.kd_data")
+
+#: A progress line at most this often (and once at the end).
+PROGRESS_SECONDS = 30
+#: CTranslate2's name of fairseq's <pad>.
+PAD_TOKEN = "<blank>"
+#: (corpus index, hypothesis tokens without EOS, score: length-normalised log-probability)
+Hypothesis = Tuple[int, List[str], float]
+
+
+def length_limit(size: int, max_len_a: float, max_len_b: int, max_target: int) -> int:
+    """fairseq's ``max_len`` for a source of ``size`` tokens (EOS included)."""
+    return min(int(max_len_a * size + max_len_b), max_target - 1)
+
+
+def batch_plan(sizes: np.ndarray, decodable: np.ndarray, max_tokens: Optional[int],
+               batch_size: Optional[int]) -> List[np.ndarray]:
+    """Batches of corpus indices: ``decodable`` sorted by (source length, index), one
+    length per batch, each at most ``batch_size`` sentences and ``max_tokens`` source
+    tokens (a single longer sentence gets a batch of its own)."""
+    order = decodable[np.lexsort((decodable, sizes[decodable]))]
+    batches = []
+    for run in np.split(order, np.flatnonzero(np.diff(sizes[order])) + 1):
+        if not len(run):
+            continue
+        per_batch = len(run)
+        if max_tokens:
+            per_batch = min(per_batch, max(1, max_tokens // int(sizes[run[0]])))
+        if batch_size:
+            per_batch = min(per_batch, batch_size)
+        batches += [run[i:i + per_batch] for i in range(0, len(run), per_batch)]
+    return batches
+
+
+class Progress:
+    """Logs sentences done, sentences/s and an ETA at most every PROGRESS_SECONDS."""
+
+    def __init__(self, total: int, label: str = ""):
+        self.total, self.done, self.label = total, 0, label
+        self.start = self.reported = time.time()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.time()
+        if now - self.reported < PROGRESS_SECONDS and self.done < self.total:
+            return
+        self.reported = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate else float("inf")
+        logger.info("%sdecoded %d/%d sentences (%.1f sentences/s, ETA %s)", self.label, self.done,
+                    self.total, rate, _clock(eta))
+
+
+def _clock(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class FairseqEngine:
+    """fairseq's ``SequenceGenerator`` on one device."""
+
+    name = "fairseq"
+
+    def __init__(self, teacher, task, beam: int, lenpen: float, max_len_a: float,
+                 max_len_b: int, device: torch.device):
+        self.teacher, self.task, self.device = teacher, task, device
+        self.max_len_a, self.max_len_b = max_len_a, max_len_b
+        self.generator = task.build_generator(
+            [teacher], GenerationConfig(beam=beam, lenpen=lenpen, nbest=1, max_len_a=max_len_a,
+                                        max_len_b=max_len_b))
+
+    def max_positions(self) -> Tuple[int, int]:
+        """(longest source, ``max_target`` of :func:`length_limit`)."""
+        return (min(self.teacher.max_positions()[0], self.task.cfg.max_source_positions),
+                self.generator.max_len)
+
+    def translate(self, source, batches: Sequence[np.ndarray]) -> Iterator[List[Hypothesis]]:
+        """Hypotheses of each batch of ``source`` (a fairseq dataset), batch by batch."""
+        dataset = LanguagePairDataset(source, source.sizes, self.task.source_dictionary,
+                                      shuffle=False)
+        tgt_dict = self.task.target_dictionary
+        for batch in batches:
+            sample = dataset.collater([dataset[int(i)] for i in batch])
+            if self.device.type == "cuda":
+                sample = utils.move_to_cuda(sample, device=self.device)
+            hypos = self.task.inference_step(self.generator, [self.teacher], sample)
+            yield [(index, [tgt_dict[t] for t in nbest[0]["tokens"][:-1].tolist()],
+                    float(nbest[0]["score"])) for index, nbest in zip(sample["id"].tolist(), hypos)]
+
+
+class CTranslate2Engine:
+    """A CTranslate2 ``Translator`` on the CPU (``intra_threads``) or on every visible GPU."""
+
+    name = "ctranslate2"
+
+    def __init__(self, model_dir: str, quantization: str, device: str, threads: int, beam: int,
+                 lenpen: float, max_len_a: float, max_len_b: int, src_dict,
+                 max_positions: Tuple[int, int]):
+        import ctranslate2
+
+        self.devices = (list(range(ctranslate2.get_cuda_device_count())) if device == "cuda"
+                        else [0])
+        self.translator = ctranslate2.Translator(
+            model_dir, device=device, device_index=self.devices, compute_type=quantization,
+            inter_threads=1, intra_threads=threads if device == "cpu" else 0)
+        self.compute_type = self.translator.compute_type
+        self.device, self.threads = device, threads if device == "cpu" else None
+        self.beam, self.lenpen = beam, lenpen
+        self.max_len_a, self.max_len_b = max_len_a, max_len_b
+        self.src_dict = src_dict
+        self._max_positions = max_positions
+
+    def max_positions(self) -> Tuple[int, int]:
+        return self._max_positions
+
+    def translate(self, source, batches: Sequence[np.ndarray]) -> Iterator[List[Hypothesis]]:
+        """As :meth:`FairseqEngine.translate`; up to two batches per device in flight."""
+        pending = deque()
+        window = 2 * len(self.devices)
+        for batch in batches:
+            pending.append((batch, self._submit(source, batch)))
+            if len(pending) >= window:
+                yield self._collect(*pending.popleft())
+        while pending:
+            yield self._collect(*pending.popleft())
+
+    def _submit(self, source, batch: np.ndarray):
+        tokens = [[self.src_dict[t] for t in source[int(i)][:-1].tolist()] for i in batch]
+        size = int(source.sizes[batch[0]])
+        limit = length_limit(size, self.max_len_a, self.max_len_b, self._max_positions[1])
+        return self.translator.translate_batch(
+            tokens, asynchronous=True, beam_size=self.beam, patience=1,
+            length_penalty=self.lenpen, max_decoding_length=limit + 1, min_decoding_length=1,
+            return_end_token=True, max_input_length=0, return_scores=True)
+
+    @staticmethod
+    def _collect(batch: np.ndarray, results) -> List[Hypothesis]:
+        hypotheses = []
+        for index, result in zip(batch.tolist(), results):
+            result = result.result()
+            tokens = result.hypotheses[0]  # ends with EOS unless cut at the limit
+            hypotheses.append((index, tokens[:-1] if tokens[-1:] == ["</s>"] else tokens,
+                               result.scores[0]))
+        return hypotheses
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
