@@ -188,7 +188,8 @@ def test_averages_follow_their_rules_and_only_what_they_need_is_kept(recipe_run)
     assert len(list((work / "wd_phase1").glob("checkpoint_*_*.pt"))) <= 1
     notes = json.loads((work / "results.json").read_text())["notes"]
     assert "teacher: average of the last 2 epoch checkpoints" in notes
-    assert "kd_student, wd_student: average of the last 2 saves, 5 updates apart" in notes
+    assert "kd_student: average of the last 2 saves, 5 updates apart" in notes
+    assert "wd_student: average of the last 2 saves, 5 updates apart" in notes
     assert "- teacher: average of the last 2 epoch checkpoints" in (work / "results.md").read_text()
 
 
