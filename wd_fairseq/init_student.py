@@ -20,17 +20,15 @@ Shared tables stay shared. The result is a stock ``transformer`` checkpoint for
 """
 
 import argparse
-import shlex
 import sys
 from typing import Dict, List
 
 import torch
-from fairseq import tasks
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.transformer import TransformerModel
-from omegaconf import open_dict
 
-from .materialize import check_output, phase2_flags, save_atomic, stock_checkpoint
+from .materialize import (check_output, phase2_flags, print_written, run_task, save_atomic,
+                          stock_checkpoint)
 from .model import DROPOUT_FIELDS, SHAPE_FIELDS, transformer_arg_names
 from .teacher import WDSetupError, load_teacher, read_checkpoint
 
@@ -149,15 +147,7 @@ def init_student(teacher_path: str, student_path: str, flags: Dict, layers: str 
     check_output(student_path)
     state = read_checkpoint(teacher_path, "TEACHER")
     cfg = state["cfg"]
-    if data is not None:
-        with open_dict(cfg):
-            cfg.task.data = data
-    try:
-        task = tasks.setup_task(cfg.task)
-    except FileNotFoundError as e:
-        raise WDSetupError(
-            f"TEACHER {teacher_path}: the data-bin of its run ({cfg.task.data}) is missing "
-            f"({e}). Fix: pass --data with the data-bin holding its dictionaries") from e
+    task = run_task(cfg, f"TEACHER {teacher_path}", data)
     teacher, teacher_args = load_teacher(teacher_path, task)
     teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
     args = student_shape(teacher_args, flags)
@@ -204,10 +194,7 @@ def cli_main(argv=None):
         phase2 = init_student(args.teacher, args.student, flags, args.layers, args.dims, args.data)
     except WDSetupError as e:
         sys.exit(f"wd-init-student: error: {e}")
-    print(f"wrote {args.student}")
-    print("train it (stock fairseq): fairseq-train DATA "
-          + " ".join(shlex.quote(f) for f in phase2)
-          + f" --finetune-from-model {shlex.quote(args.student)} ...")
+    print_written(args.student, phase2, "train it")
 
 
 if __name__ == "__main__":

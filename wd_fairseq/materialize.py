@@ -60,6 +60,29 @@ def phase2_flags(student_args: Dict) -> List[str]:
     return flags
 
 
+def run_task(cfg, what: str, data: Optional[str] = None):
+    """The task of the run that wrote a checkpoint (config ``cfg``), with its data-bin
+    replaced by ``data`` if given; ``what`` names the checkpoint in errors."""
+    if data is not None:
+        with open_dict(cfg):
+            cfg.task.data = data
+    try:
+        return tasks.setup_task(cfg.task)
+    except FileNotFoundError as e:
+        raise WDSetupError(
+            f"{what}: the data-bin of its run ({cfg.task.data}) is missing "
+            f"({e}). Fix: pass --data with the data-bin holding its dictionaries"
+        ) from e
+
+
+def print_written(student: str, flags: List[str], next_step: str) -> None:
+    """What was written, and the stock fairseq-train command that trains it."""
+    print(f"wrote {student}")
+    print(f"{next_step} (stock fairseq): fairseq-train DATA "
+          + " ".join(shlex.quote(f) for f in flags)
+          + f" --finetune-from-model {shlex.quote(student)} ...")
+
+
 def load_phase1(path: str, data: Optional[str] = None):
     """The phase-1 WD model of checkpoint ``path`` (fp32, eval mode) and its task."""
     state = read_checkpoint(path, "PHASE1")
@@ -70,16 +93,7 @@ def load_phase1(path: str, data: Optional[str] = None):
             "checkpoint written by fairseq-train --arch wd_transformer*"
         )
     cfg = state["cfg"]
-    if data is not None:
-        with open_dict(cfg):
-            cfg.task.data = data
-    try:
-        task = tasks.setup_task(cfg.task)
-    except FileNotFoundError as e:
-        raise WDSetupError(
-            f"PHASE1 {path}: the data-bin of the run ({cfg.task.data}) is missing "
-            f"({e}). Fix: pass --data with the data-bin holding its dictionaries"
-        ) from e
+    task = run_task(cfg, f"PHASE1 {path}", data)
     model = task.build_model(cfg.model, from_checkpoint=True)
     model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
     del state["model"]  # only the config is needed from here on
@@ -184,10 +198,7 @@ def cli_main(argv=None):
         flags = materialize(args.phase1, args.student, args.data)
     except WDSetupError as e:
         sys.exit(f"wd-materialize: error: {e}")
-    print(f"wrote {args.student}")
-    print("phase 2 (stock fairseq): fairseq-train DATA "
-          + " ".join(shlex.quote(f) for f in flags)
-          + f" --finetune-from-model {shlex.quote(args.student)} ...")
+    print_written(args.student, flags, "phase 2")
 
 
 if __name__ == "__main__":
