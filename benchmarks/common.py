@@ -78,7 +78,8 @@ TRAIN_FLAGS = [
     "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
     "--max-tokens", "1024", "--max-update", "1", "--seed", "1", "--cpu",
     "--disable-validation", "--no-save-optimizer-state", "--no-epoch-checkpoints",
-    "--no-progress-bar", "--num-workers", "0", "--required-batch-size-multiple", "1",
+    "--no-progress-bar", "--num-workers", "0", "--data-buffer-size", "0",
+    "--required-batch-size-multiple", "1",
 ]
 
 

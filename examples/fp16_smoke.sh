@@ -83,7 +83,8 @@ COMMON=(
   --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt
   --warmup-updates 10 --criterion label_smoothed_cross_entropy --label-smoothing 0.1
   --max-tokens 4096 --seed 1 --no-progress-bar --log-format json --log-interval 1
-  --disable-validation --no-epoch-checkpoints --num-workers 0 "${FLAGS[@]}"
+  --disable-validation --no-epoch-checkpoints --num-workers 0 --data-buffer-size 0
+  "${FLAGS[@]}"
 )
 
 run corpus "$PYTHON" "$HERE/fp16_smoke_tools.py" corpus "$WORK/raw"

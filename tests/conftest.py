@@ -28,7 +28,7 @@ TRAIN_FLAGS = [
     "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20",
     "--max-tokens", "2000", "--criterion", "label_smoothed_cross_entropy",
     "--label-smoothing", "0.1", "--seed", "1", "--no-progress-bar", "--log-interval", "20",
-    "--no-epoch-checkpoints", "--num-workers", "0",
+    "--no-epoch-checkpoints", "--num-workers", "0", "--data-buffer-size", "0",
 ]
 
 

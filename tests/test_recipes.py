@@ -154,6 +154,7 @@ def test_every_training_stage_logs_its_batch_and_trains_with_the_dropout(recipe_
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             assert re.search(rf"(?<![a-z_]){name}'?(: |=)0\.1\b", log), (stage, name)
         assert "'distributed_world_size': 1" in log, stage
+        assert "'data_buffer_size': 0" in log, stage  # no prefetch thread to abort the exit
     flags = (work / "wd_phase2" / "flags").read_text().split()
     for flag in ("--dropout", "--attention-dropout", "--activation-dropout"):
         assert flags[flags.index(flag) + 1] == "0.1"  # phase 2 rebuilds the student's dropout

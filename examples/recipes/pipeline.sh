@@ -373,6 +373,11 @@ retention_flags() {
 # $2: how many checkpoints it averages (default AVG_LAST).
 # --distributed-world-size is the GPU count the update frequency was computed from, so
 # fairseq cannot train on more (or fewer) GPUs than the batch assumes.
+# --data-buffer-size 0: no fairseq prefetch thread. A run that stops at --max-update
+# mid-epoch leaves that daemon thread collating (and, on GPUs, pinning) the next batches;
+# if Python exits while it is inside torch, the process aborts after its last save
+# ("terminate called without an active exception", exit 134) and the stage fails.
+# Prefetching stays with the DataLoader worker (--num-workers 1).
 train_flags() {
   TRAIN_FLAGS=(--optimizer adam --adam-betas "(0.9,0.98)" --lr "$LR" --lr-scheduler inverse_sqrt
     --warmup-init-lr 1e-7 --weight-decay 0.0 --clip-norm 0.0 --dropout "$DROPOUT"
@@ -380,7 +385,7 @@ train_flags() {
     --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" --distributed-world-size "$NUM_GPUS"
     --seed "$SEED" --save-interval-updates "$SAVE_INTERVAL_UPDATES" $(retention_flags "$1" "${2:-}")
     --no-progress-bar --log-format simple --log-interval 100 --num-workers 1
-    --skip-invalid-size-inputs-valid-test $(device_flags) "${TRAIN_EXTRA_ARGS[@]}")
+    --data-buffer-size 0 --skip-invalid-size-inputs-valid-test $(device_flags) "${TRAIN_EXTRA_ARGS[@]}")
 }
 
 teacher_shape() {
