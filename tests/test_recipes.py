@@ -45,7 +45,7 @@ TINY = dict(
     KD_UPDATES="10", PHASE1_UPDATES="10", PHASE2_UPDATES="10", SAVE_INTERVAL_UPDATES="5",
     AVG_LAST="2", KD_ALPHA="0.5", KD_TEMPERATURE="2", KD_MAX_TOKENS="2000",
     EVAL_BATCH_SIZE="64", SPEED_BATCH_SIZE="32", GENERATE_EXTRA="--max-len-a 1.5 --max-len-b 5",
-    TRAIN_EXTRA="--validate-interval 100",
+    TRAIN_EXTRA="--validate-interval 100", KD_EXTRA="--filter-length-ratio 50",
 )
 
 
@@ -119,6 +119,10 @@ def test_full_pipeline_runs_every_stage(recipe_run):
     assert (work / "data-bin-kd" / "train1.en-ro.ro.bin").is_file()
     assert os.path.realpath(work / "data-bin-kd" / "valid.en-ro.ro.bin") == \
         str(work / "data-bin" / "valid.en-ro.ro.bin")
+    # wd-kd-data's default engine, with the extra flags of KD_EXTRA
+    kd = json.loads((work / "data-bin-kd" / "kd-train1" / "summary.json").read_text())
+    assert (kd["engine"], kd["manifest"]["quantization"]) == ("ctranslate2", "int8")
+    assert kd["manifest"]["filters"]["max_length_ratio"] == 50
     for stage in ("kd_student", "wd_phase1", "wd_phase2"):
         log = (work / "logs" / f"{stage}.log").read_text()
         assert "train1 en-ro 300 examples" in log, stage  # original + KD data

@@ -84,6 +84,8 @@
 #   KD_BEAM (6) KD_LENPEN (1.0) KD_MAX_TOKENS (4096)   KD data (docs/method.md section 1)
 #   KD_ENGINE           wd-kd-data --engine: ctranslate2 or fairseq (default: wd-kd-data's,
 #                       CTranslate2 where the teacher converts)
+#   KD_EXTRA            extra wd-kd-data flags (e.g. --quantization float32, or the optional
+#                       filters --filter-length-ratio R --filter-min-score S)
 #   BEAM (6) LENPEN (1.0) EVAL_BATCH_SIZE (128)         evaluation
 #   BLEU_CONVENTION     tokenized BLEU: moses, moses-lc (NIST) or ende-compound (WMT14 En-De)
 #   SPEED_BATCH_SIZE (1)  sentences per batch in the speed stage (first test set)
@@ -170,6 +172,7 @@ EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}
 BLEU_CONVENTION=${BLEU_CONVENTION:-moses}
 SPEED_BATCH_SIZE=${SPEED_BATCH_SIZE:-1}
 GENERATE_EXTRA=${GENERATE_EXTRA:-}
+KD_EXTRA=${KD_EXTRA:-}
 FORCE=${FORCE:-0}
 PLAN=0
 
@@ -186,6 +189,7 @@ MODEL_CKPTS=("$TEACHER" "$KD_STUDENT" "$WD_INIT_CKPT" "$WD_STUDENT")
 # user-given extra flags: split on whitespace, as on a command line
 read -r -a TRAIN_EXTRA_ARGS <<< "$TRAIN_EXTRA"
 read -r -a GENERATE_EXTRA_ARGS <<< "$GENERATE_EXTRA"
+read -r -a KD_EXTRA_ARGS <<< "$KD_EXTRA"
 read -r -a TEST_SET_NAMES <<< "$TEST_SETS"
 
 log() { echo "[$(date '+%F %T')] [$PAIR_NAME] $*"; }
@@ -448,7 +452,7 @@ stage_kd_data() {
   local engine=()
   [ -z "$KD_ENGINE" ] || engine=(--engine "$KD_ENGINE")
   run wd-kd-data "$DATA_KD" --teacher-path "$TEACHER" -s "$SRC" -t "$TGT" --beam "$KD_BEAM" \
-    --lenpen "$KD_LENPEN" --max-tokens "$KD_MAX_TOKENS" "${engine[@]}" $(device_flags)
+    --lenpen "$KD_LENPEN" --max-tokens "$KD_MAX_TOKENS" "${engine[@]}" $(device_flags) "${KD_EXTRA_ARGS[@]}"
 }
 
 # original + KD data: fairseq concatenates train and train1 (--upsample-primary 1 is
@@ -571,7 +575,7 @@ SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SAC
   EFFECTIVE_TOKENS ALLOW_BATCH_MISMATCH LR WARMUP PHASE2_WARMUP DROPOUT ATTENTION_DROPOUT
   ACTIVATION_DROPOUT LABEL_SMOOTHING SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES
   PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST PHASE2_AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
-  KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE BEAM LENPEN
+  KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE KD_EXTRA BEAM LENPEN
   EVAL_BATCH_SIZE BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
 
 settings() {
