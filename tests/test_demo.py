@@ -159,3 +159,30 @@ def test_demo_arguments(tmp_path):
     assert "--fresh" in demo("--help", work=tmp_path).stdout
     proc = demo("--fresh", work=tmp_path)  # not a demo directory: refused, nothing deleted
     assert proc.returncode == 1 and "not made by demo.sh" in proc.stderr and tmp_path.exists()
+
+
+def test_paired_compares_models_of_different_runs(tmp_path):
+    """KD students of two runs (e.g. two kinds of KD data): each system against the base on
+    the same resamples; runs scored on other references are refused."""
+    worse = [" ".join(h.split()[:-1]) for h in KD_HYPS]
+    base, same, better, other = (fake_run(tmp_path / "base"), fake_run(tmp_path / "same"),
+                                 fake_run(tmp_path / "better", kd_hyps=REFS),
+                                 fake_run(tmp_path / "worse", kd_hyps=worse))
+    prefix = str(tmp_path / "paired")
+    tools.main(["paired", "--base", f"a={base}:kd_student", "--system", f"b={same}:kd_student",
+                f"c={better}:kd_student", f"d={other}:kd_student", "--out-prefix", prefix,
+                "--samples", "100"])
+    doc = json.loads(open(prefix + ".json").read())
+    same_row, better_row, worse_row = doc["comparison"]
+    assert same_row["minus_base"] == 0 and same_row["ci95"] == [0, 0]
+    expected = 100.0 - BLEU().corpus_score(KD_HYPS, [REFS]).score
+    assert better_row["minus_base"] == pytest.approx(expected, abs=0.01) and better_row["ci95"][0] > 0
+    assert worse_row["ci95"][1] < 0 and worse_row["resamples_not_better"] == 1
+    assert "| c | 100.00 |" in open(prefix + ".md").read()
+    shifted = fake_run(tmp_path / "shifted", refs=[r + " amen" for r in REFS])
+    with pytest.raises(SystemExit, match="test references differ"):
+        tools.main(["paired", "--base", f"a={base}:kd_student", "--system", f"b={shifted}:kd_student",
+                    "--out-prefix", prefix])
+    with pytest.raises(SystemExit, match="expected LABEL=WORK:MODEL"):
+        tools.main(["paired", "--base", f"a={base}:student", "--system", f"b={same}:kd_student",
+                    "--out-prefix", prefix])

@@ -5,6 +5,7 @@
                     [--pair es-en]
     tools.py report --work WORK --out-prefix PREFIX [--title T] [--note LINE ...]
     tools.py compare --work NAME=WORK ... --out-prefix PREFIX [--samples 1000] [--note LINE ...]
+    tools.py paired --base LABEL=WORK:MODEL --system LABEL=WORK:MODEL ... --out-prefix PREFIX
 
 ``subset`` writes a raw-text directory for pipeline.sh (RAW_DIR) with N training pairs
 of at most W words per side (and optionally fewer valid/test pairs), spread evenly over
@@ -12,6 +13,8 @@ the corpus. ``report`` turns one pipeline run into the demo's table (JSON, Markd
 a PNG of BLEU against decoding speed. ``compare`` puts the KD and WD students of several
 runs (seeds) side by side, with paired bootstrap confidence intervals of the BLEU
 difference WD - KD, scored in each run's own target language (``wd-evaluate`` records it).
+``paired`` compares models of different runs on the same test set (e.g. KD students trained
+on two kinds of KD data): each system against the base, on the same bootstrap resamples.
 """
 
 import argparse
@@ -268,6 +271,56 @@ def compare(args) -> None:
     print("\n".join(lines))
 
 
+def run_model(spec: str) -> Dict:
+    """``LABEL=WORK:MODEL`` -> the model's row of that run (first test set), its
+    hypotheses and references, and the label."""
+    label, _, where = spec.partition("=")
+    work, _, model = where.rpartition(":")
+    if not (label and work and model in dict(MODELS)):
+        sys.exit(f"{spec}: expected LABEL=WORK:MODEL with MODEL one of {', '.join(dict(MODELS))}")
+    row = next(r for r in load_run(work) if r["model"] == model)
+    lang = target_lang(work, [row])
+    refs = read_lines(os.path.join(work, "raw", f"{row['test_set']}.{lang}"))
+    hyps = read_lines(os.path.join(work, "eval", f"{model}.{row['test_set']}.hyp"))
+    return dict(row, label=label, work=work, lang=lang, refs=refs, hyps=hyps)
+
+
+def paired(args) -> None:
+    base, systems = run_model(args.base), [run_model(s) for s in args.system]
+    for system in systems:
+        if (system["refs"], system["lang"]) != (base["refs"], base["lang"]):
+            sys.exit(f"{system['work']}: its test references differ from {base['work']}'s. "
+                     "Fix: compare runs scored on the same test set")
+    stats = [bleu_statistics(m["hyps"], base["refs"], base["lang"]) for m in [base, *systems]]
+    diffs = paired_bootstrap([(stats[0], s) for s in stats[1:]], args.samples, args.seed)
+    lines = [f"# {args.title}", "", f"Base: {base['label']} ({base['sacrebleu']:.2f} sacreBLEU, "
+             f"{base['chrf']:.2f} chrF).", "",
+             "| system | sacreBLEU | chrF | - base | 95% CI (paired bootstrap) | resamples <= base |",
+             "|---|---:|---:|---:|---|---:|"]
+    results = []
+    for j, system in enumerate(systems):
+        observed = corpus_bleu(stats[j + 1].sum(0)) - corpus_bleu(stats[0].sum(0))
+        result = interval(observed, diffs[:, j])
+        result = {"system": system["label"], "base": base["label"], "sacrebleu": system["sacrebleu"],
+                  "chrf": system["chrf"], "minus_base": result.pop("wd_minus_kd"), "ci95": result["ci95"],
+                  "resamples_not_better": result["resamples_wd_not_better"]}
+        results.append(result)
+        lines.append(f"| {result['system']} | {result['sacrebleu']:.2f} | {result['chrf']:.2f} | "
+                     f"{result['minus_base']:+.2f} | [{result['ci95'][0]:+.2f}, {result['ci95'][1]:+.2f}] | "
+                     f"{100 * result['resamples_not_better']:.1f}% |")
+    runs = ", ".join("{label} = {work}:{model}".format(**m) for m in [base, *systems])
+    notes = [f"- runs: {runs}",
+             f"- paired bootstrap: {args.samples} resamples of the {len(base['refs'])} test sentences "
+             f"(seed {args.seed}), the same resamples for every system",
+             f"- sacreBLEU {base['sacrebleu_signature']}"] + [f"- {n}" for n in args.note]
+    lines += [""] + notes
+    write_atomic(args.out_prefix + ".md", "\n".join(lines) + "\n")
+    write_atomic(args.out_prefix + ".json", json.dumps(
+        {"title": args.title, "base": {k: base[k] for k in ("label", "work", "model", "sacrebleu", "chrf")},
+         "comparison": results, "notes": notes}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,6 +349,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=12345, help="seed of the resampling")
     p.add_argument("--note", action="append", default=[], help="a line under the tables")
     p.set_defaults(run=compare)
+    p = sub.add_parser("paired")
+    p.add_argument("--base", required=True, metavar="LABEL=WORK:MODEL",
+                   help="e.g. fairseq-KD=work/demo:kd_student (MODEL: teacher, kd_student, "
+                   "wd_phase1 or wd_student)")
+    p.add_argument("--system", required=True, nargs="+", metavar="LABEL=WORK:MODEL")
+    p.add_argument("--out-prefix", required=True, help="writes PREFIX.json and PREFIX.md")
+    p.add_argument("--title", default="Paired comparison")
+    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the resampling")
+    p.add_argument("--note", action="append", default=[], help="a line under the table")
+    p.set_defaults(run=paired)
     args = parser.parse_args(argv)
     args.run(args)
 
