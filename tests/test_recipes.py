@@ -237,6 +237,21 @@ def test_rerun_skips_finished_stages_and_names_unknown_ones(recipe_run):
     assert "prepare teacher kd_data" in proc.stderr
 
 
+def test_eval_models_scores_only_the_models_named(recipe_run):
+    work, env, _ = recipe_run
+    records = {name: work / "eval" / f"{name}.test.json" for name in ("teacher", "kd_student")}
+    before = {name: path.stat().st_mtime_ns for name, path in records.items()}
+    run_recipe("examples/wmt16_en_ro/run.sh", "evaluate",
+               env=dict(env, FORCE="1", EVAL_MODELS="kd_student"))
+    assert records["teacher"].stat().st_mtime_ns == before["teacher"]
+    assert records["kd_student"].stat().st_mtime_ns > before["kd_student"]
+    rows = json.loads((work / "results.json").read_text())["rows"]
+    assert {"teacher", "kd_student", "wd_phase1", "wd_student"} <= {r["model"] for r in rows}
+    proc = run_recipe("examples/wmt16_en_ro/run.sh", "evaluate",
+                      env=dict(env, FORCE="1", EVAL_MODELS="kd_student student"), check=False)
+    assert proc.returncode != 0 and "EVAL_MODELS: unknown model 'student'" in proc.stderr
+
+
 def test_update_counts_without_a_final_save_are_refused_before_any_work(tmp_path):
     env = dict(TINY, WORK=str(tmp_path), KD_UPDATES="24")
     proc = run_recipe("examples/wmt16_en_ro/run.sh", env=env, check=False)

@@ -278,7 +278,13 @@ def run_model(spec: str) -> Dict:
     work, _, model = where.rpartition(":")
     if not (label and work and model in dict(MODELS)):
         sys.exit(f"{spec}: expected LABEL=WORK:MODEL with MODEL one of {', '.join(dict(MODELS))}")
-    row = next(r for r in load_run(work) if r["model"] == model)
+    with open(os.path.join(work, "results.json"), encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    row = next((r for r in rows if r["model"] == model and "sacrebleu" in r
+                and r["test_set"] == rows[0]["test_set"]), None)
+    if row is None:
+        sys.exit(f"{work}/results.json: no scores of {model}. Fix: run its evaluate stage "
+                 f"(EVAL_MODELS={model})")
     lang = target_lang(work, [row])
     refs = read_lines(os.path.join(work, "raw", f"{row['test_set']}.{lang}"))
     hyps = read_lines(os.path.join(work, "eval", f"{model}.{row['test_set']}.hyp"))

@@ -87,6 +87,8 @@
 #   KD_EXTRA            extra wd-kd-data flags (e.g. --quantization float32, or the optional
 #                       filters --filter-length-ratio R --filter-min-score S)
 #   BEAM (6) LENPEN (1.0) EVAL_BATCH_SIZE (128)         evaluation
+#   EVAL_MODELS         the models evaluate and speed score (default: all, "teacher kd_student
+#                       wd_phase1 wd_student"); e.g. kd_student alone for a KD-data variant
 #   BLEU_CONVENTION     tokenized BLEU: moses, moses-lc (NIST) or ende-compound (WMT14 En-De)
 #   SPEED_BATCH_SIZE (1)  sentences per batch in the speed stage (first test set)
 #   GENERATE_EXTRA      extra fairseq-generate flags for evaluate and speed (e.g. --max-len-b 50)
@@ -169,6 +171,7 @@ KD_ENGINE=${KD_ENGINE:-}
 BEAM=${BEAM:-6}
 LENPEN=${LENPEN:-1.0}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}
+EVAL_MODELS=${EVAL_MODELS:-teacher kd_student wd_phase1 wd_student}
 BLEU_CONVENTION=${BLEU_CONVENTION:-moses}
 SPEED_BATCH_SIZE=${SPEED_BATCH_SIZE:-1}
 GENERATE_EXTRA=${GENERATE_EXTRA:-}
@@ -537,11 +540,15 @@ results_table() {
     --json "$WORK/results.json" --markdown "$WORK/results.md" "${notes[@]}"
 }
 
+# Is model $1 one of EVAL_MODELS?
+evaluated() { [[ " $EVAL_MODELS " == *" $1 "* ]]; }
+
 stage_evaluate() {
   act mkdir -p "$WORK/eval"
   local i name set
   for i in "${!MODEL_NAMES[@]}"; do
     name=${MODEL_NAMES[$i]}
+    evaluated "$name" || continue
     for set in "${TEST_SET_NAMES[@]}"; do
       references "$set"
       generate "${MODEL_CKPTS[$i]}" "$set" "$WORK/eval/$name.$set.gen" --batch-size "$EVAL_BATCH_SIZE"
@@ -558,6 +565,7 @@ stage_speed() {
   local i name set=${TEST_SET_NAMES[0]}
   for i in "${!MODEL_NAMES[@]}"; do
     name=${MODEL_NAMES[$i]}
+    evaluated "$name" || continue
     generate "${MODEL_CKPTS[$i]}" "$set" "$WORK/speed/$name.$set.gen" --batch-size "$SPEED_BATCH_SIZE"
     run wd-evaluate speed --generate-log "$WORK/speed/$name.$set.gen" --name "$name" --test-set "$set" \
       --out "$WORK/speed/$name.$set.json" > /dev/null
@@ -576,7 +584,7 @@ SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SAC
   ACTIVATION_DROPOUT LABEL_SMOOTHING SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES
   PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST PHASE2_AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
   KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE KD_EXTRA BEAM LENPEN
-  EVAL_BATCH_SIZE BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
+  EVAL_BATCH_SIZE EVAL_MODELS BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
 
 settings() {
   local v
@@ -622,6 +630,9 @@ run_stage() {
 # The settings that would fail only after hours of work, checked before any stage.
 check_settings() {
   local v
+  for v in $EVAL_MODELS; do
+    [[ " ${MODEL_NAMES[*]} " == *" $v "* ]] || die "EVAL_MODELS: unknown model '$v'. Fix: choose from ${MODEL_NAMES[*]}"
+  done
   for v in TEACHER_AVERAGE STUDENT_AVERAGE; do
     case "${!v}" in epochs|updates) ;; *) die "$v=${!v}: unknown averaging rule. Fix: set $v=epochs or $v=updates" ;; esac
   done
