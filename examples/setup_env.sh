@@ -13,6 +13,10 @@ if [ ! -x "$WD_VENV/bin/python" ]; then
 fi
 # No pip pin: fairseq-fixed 0.12.3.1 (hydra-core 1.3, omegaconf 2.3) resolves and installs
 # with current pip (checked with pip 26.3); only fairseq 0.12.2's omegaconf<2.1 needed pip<24.1.
-echo "[setup] installing wd_fairseq and its pinned dependencies (first time on Python 3.11: fairseq-fixed compiles, ~11 min)"
+if "$WD_VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('fairseq') is None)"; then
+  echo "[setup] updating wd_fairseq in $WD_VENV"
+else
+  echo "[setup] installing wd_fairseq and its pinned dependencies (first time on Python 3.11: fairseq-fixed compiles, ~11 min)"
+fi
 "$WD_VENV/bin/python" -m pip install -q --disable-pip-version-check "$WD_ROOT[test,demo]"
 export PATH="$WD_VENV/bin:$PATH"

@@ -252,6 +252,23 @@ def test_eval_models_scores_only_the_models_named(recipe_run):
     assert proc.returncode != 0 and "EVAL_MODELS: unknown model 'student'" in proc.stderr
 
 
+def test_selection_student_trains_from_the_teachers_selection(recipe_run):
+    """The optional sel_student stage (Selection + KD): wd-init-student, then the KD
+    student's training from it; scored alone with EVAL_MODELS."""
+    work, env, _ = recipe_run
+    run_recipe("examples/wmt16_en_ro/run.sh", "sel_student", env=env)
+    log = (work / "logs" / "sel_student.log").read_text()
+    assert re.search(r"loading pretrained model from .*/sel_student/init\.pt", log)
+    assert "kd_loss" in log and "num_updates 10" in log  # KD_ALPHA=0.5, KD_UPDATES=10
+    assert (work / "sel_student" / "checkpoint_avg.pt").is_file()
+    run_recipe("examples/wmt16_en_ro/run.sh", "evaluate",
+               env=dict(env, FORCE="1", EVAL_MODELS="sel_student"))
+    document = json.loads((work / "results.json").read_text())
+    assert any(r["model"] == "sel_student" and "sacrebleu" in r for r in document["rows"])
+    assert any("sel_student: KD training from wd-init-student --layers spread --dims first" in n
+               for n in document["notes"])
+
+
 def test_update_counts_without_a_final_save_are_refused_before_any_work(tmp_path):
     env = dict(TINY, WORK=str(tmp_path), KD_UPDATES="24")
     proc = run_recipe("examples/wmt16_en_ro/run.sh", env=env, check=False)

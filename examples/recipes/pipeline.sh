@@ -18,6 +18,9 @@
 #   evaluate    fairseq-generate every model on every test set; sacreBLEU (+signature),
 #               chrF, tokenized BLEU -> $WORK/results.{json,md}
 #   speed       decoding speed of every model (SPEED_BATCH_SIZE) relative to the teacher
+# Optional, by name only (e.g. pipeline.sh sel_student; EVAL_MODELS=sel_student evaluate):
+#   sel_student Selection + KD, the cheap weight-transfer baseline: the KD student's training
+#               started from a student selected from the teacher (wd-init-student)
 # A finished stage leaves $WORK/done/STAGE and is skipped when run again (FORCE=1 redoes
 # the stages named on the command line). Training stages interrupted halfway resume from
 # their checkpoint_last.pt; every stage logs to $WORK/logs/STAGE.log.
@@ -86,6 +89,7 @@
 #                       CTranslate2 where the teacher converts)
 #   KD_EXTRA            extra wd-kd-data flags (e.g. --quantization float32, or the optional
 #                       filters --filter-length-ratio R --filter-min-score S)
+#   SEL_LAYERS (spread) SEL_DIMS (first)   sel_student: wd-init-student --layers/--dims
 #   BEAM (6) LENPEN (1.0) EVAL_BATCH_SIZE (128)         evaluation
 #   EVAL_MODELS         the models evaluate and speed score (default: all, "teacher kd_student
 #                       wd_phase1 wd_student"); e.g. kd_student alone for a KD-data variant
@@ -172,6 +176,8 @@ BEAM=${BEAM:-6}
 LENPEN=${LENPEN:-1.0}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}
 EVAL_MODELS=${EVAL_MODELS:-teacher kd_student wd_phase1 wd_student}
+SEL_LAYERS=${SEL_LAYERS:-spread}
+SEL_DIMS=${SEL_DIMS:-first}
 BLEU_CONVENTION=${BLEU_CONVENTION:-moses}
 SPEED_BATCH_SIZE=${SPEED_BATCH_SIZE:-1}
 GENERATE_EXTRA=${GENERATE_EXTRA:-}
@@ -187,8 +193,9 @@ KD_STUDENT=$WORK/kd_student/checkpoint_avg.pt
 WD_INIT_CKPT=$WORK/wd_phase2/init.pt
 WD_STUDENT=$WORK/wd_phase2/checkpoint_avg.pt
 # every evaluated model and its checkpoint (wd_phase1 = materialised, before phase 2)
-MODEL_NAMES=(teacher kd_student wd_phase1 wd_student)
-MODEL_CKPTS=("$TEACHER" "$KD_STUDENT" "$WD_INIT_CKPT" "$WD_STUDENT")
+SEL_STUDENT=$WORK/sel_student/checkpoint_avg.pt
+MODEL_NAMES=(teacher kd_student wd_phase1 wd_student sel_student)
+MODEL_CKPTS=("$TEACHER" "$KD_STUDENT" "$WD_INIT_CKPT" "$WD_STUDENT" "$SEL_STUDENT")
 # user-given extra flags: split on whitespace, as on a command line
 read -r -a TRAIN_EXTRA_ARGS <<< "$TRAIN_EXTRA"
 read -r -a GENERATE_EXTRA_ARGS <<< "$GENERATE_EXTRA"
@@ -493,6 +500,19 @@ stage_wd_phase2() {
   average "$WORK/wd_phase2" "$STUDENT_AVERAGE" "$PHASE2_AVG_LAST"
 }
 
+# Selection + KD: kd_student's training from wd-init-student's selection of the teacher
+# (fairseq resumes from checkpoint_last.pt once there is one, and ignores init.pt then).
+stage_sel_student() {
+  act mkdir -p "$WORK/sel_student"
+  [ -e "$WORK/sel_student/init.pt" ] || run wd-init-student "$TEACHER" "$WORK/sel_student/init.pt" \
+    --data "$DATA" $(student_decoder) --layers "$SEL_LAYERS" --dims "$SEL_DIMS"
+  train_flags "$STUDENT_AVERAGE"; criterion_flags kd
+  train "$DATA_KD" --arch transformer $(teacher_shape) $(student_decoder) --upsample-primary 1 \
+    --finetune-from-model "$WORK/sel_student/init.pt" "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" \
+    --warmup-updates "$WARMUP" --max-update "$KD_UPDATES" --save-dir "$WORK/sel_student"
+  average "$WORK/sel_student" "$STUDENT_AVERAGE"
+}
+
 # -- evaluation ---------------------------------------------------------------------
 
 # fairseq-generate of checkpoint $1 on test set $2, stdout and log into file $3; extra flags
@@ -515,6 +535,7 @@ table_notes() {
   echo "teacher: average of the last $AVG_LAST $(rule_words "$TEACHER_AVERAGE")"
   echo "kd_student: average of the last $AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
   echo "wd_student: average of the last $PHASE2_AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
+  [ ! -d "$WORK/sel_student" ] || echo "sel_student: KD training from wd-init-student --layers $SEL_LAYERS --dims $SEL_DIMS, average as kd_student"
   echo "batch: $EFFECTIVE_TOKENS tokens per update ($NUM_GPUS x $MAX_TOKENS x $UPDATE_FREQ); dropout $DROPOUT, attention dropout $ATTENTION_DROPOUT, activation dropout $ACTIVATION_DROPOUT"
 }
 
@@ -583,7 +604,7 @@ SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SAC
   EFFECTIVE_TOKENS ALLOW_BATCH_MISMATCH LR WARMUP PHASE2_WARMUP DROPOUT ATTENTION_DROPOUT
   ACTIVATION_DROPOUT LABEL_SMOOTHING SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES
   PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST PHASE2_AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
-  KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE KD_EXTRA BEAM LENPEN
+  KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE KD_EXTRA SEL_LAYERS SEL_DIMS BEAM LENPEN
   EVAL_BATCH_SIZE EVAL_MODELS BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
 
 settings() {
@@ -661,7 +682,7 @@ main() {
   local stages=("$@") stage
   [ ${#stages[@]} -gt 0 ] || stages=("${STAGES[@]}")
   for stage in "${stages[@]}"; do
-    declare -F "stage_$stage" > /dev/null || die "unknown stage '$stage'. Stages: ${STAGES[*]} (or config, plan)"
+    declare -F "stage_$stage" > /dev/null || die "unknown stage '$stage'. Stages: ${STAGES[*]}; optional: sel_student (or config, plan)"
   done
   mkdir -p "$WORK/logs" "$WORK/done"
   for stage in "${stages[@]}"; do run_stage "$stage"; done
