@@ -18,7 +18,10 @@ rewritten after each, so a run stopped early still reports what finished):
   in fp16 (beam 6 batch 1 on 48 sentences; beam 6 and 1, batch 64 on 480), plus the
   CTranslate2 rows where CTranslate2 can use the GPU.
 
-KD-data throughput is not measured: ``wd-kd-data`` has no engine beyond fairseq's yet.
+- ``kd_data``: ``kd_data_speed.py``: ``wd-kd-data`` sentences/s with fairseq fp16,
+  CTranslate2 float16 and int8_float16 on every visible GPU, beam 6, the random-weight
+  teacher of the authors' size (every hypothesis runs to the length limit); an engine
+  that cannot run is recorded with its error.
 
 ``--dry-run`` runs every part on the CPU at toy sizes (fp32 smoke, ``--assets
 tiny``): it checks this script and the ones it calls, and measures nothing.
@@ -38,7 +41,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PARTS = ("environment", "smoke", "phase1", "decoding")
+PARTS = ("environment", "smoke", "phase1", "decoding", "kd_data")
 PRECISIONS = ("fp16", "amp")
 BF16 = ("not run: fairseq 0.12's --bf16 sets --tpu and trains on TPUs only (on a GPU "
         "its Trainer fails in get_tpu_device); bf16 numerics are tested on the CPU")
@@ -191,6 +194,15 @@ def decoding(args, logs: Path) -> dict:
     return results
 
 
+def kd_data(args, logs: Path) -> dict:
+    status = benchmark("kd_data_speed.py", args, logs, "kd_data_speed",
+                       "--limit", "48" if args.dry_run else "512")
+    if status["ok"]:
+        status["summary"] = {row["engine"]: row.get("speed_vs_fairseq", row.get("error"))
+                             for row in status["results"]["rows"]}
+    return status
+
+
 def write_report(path: Path, report: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str))
@@ -235,7 +247,8 @@ def main():
     steps = {"environment": lambda: environment(args.dry_run),
              "smoke": lambda: smoke(args, args.work, logs),
              "phase1": lambda: phase1(args, logs),
-             "decoding": lambda: decoding(args, logs)}
+             "decoding": lambda: decoding(args, logs),
+             "kd_data": lambda: kd_data(args, logs)}
     for part in parts:
         elapsed = time.perf_counter() - started
         if elapsed > args.budget_s:
@@ -276,6 +289,7 @@ def summary(report: dict) -> dict:
     out["phase1"] = parts.get("phase1", {}).get("summary", parts.get("phase1", {}).get("log_tail"))
     decoding_part = parts.get("decoding", {})
     out["decoding"] = decoding_part.get("speedups_vs_fairseq_teacher")
+    out["kd_data"] = parts.get("kd_data", {}).get("summary")
     out["failed"] = [p for p, s in parts.items() if isinstance(s, dict) and s.get("ok") is False]
     return out
 

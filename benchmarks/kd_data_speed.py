@@ -1,11 +1,12 @@
 """KD-data speed and memory: ``wd-kd-data`` with each engine on the same corpus.
 
 For each corpus size (the training split repeated ``--repeat`` times) and engine
-(fairseq; CTranslate2 float32 and int8) this runs ``wd-kd-data`` from scratch in its
-own process and records wall time, decoding sentences/s (``summary.json``), peak RSS
-(``wait4``) and fallback counts; ratios are taken against the fairseq engine of the same
-size, in the same run. JSON goes to ``WORKDIR/results/kd_data_speed*.json``, a table to
-stdout.
+(CPU: fairseq, CTranslate2 float32 and int8 with ``--threads``; GPU, ``--device cuda``:
+fairseq fp16, CTranslate2 float16 and int8_float16 on every visible GPU) this runs
+``wd-kd-data`` from scratch in its own process and records wall time, decoding
+sentences/s (``summary.json``), peak RSS (``wait4``) and fallback counts; ratios are
+taken against the fairseq engine of the same size, in the same run. JSON goes to
+``WORKDIR/results/kd_data_speed*.json``, a table to stdout.
 
 Corpus and teacher:
 
@@ -26,9 +27,24 @@ import sys
 from pathlib import Path
 
 import common
-from common import REPO, Assets, BenchmarkError, print_table, run
+from common import REPO, BenchmarkError, print_table, run
 
-ENGINES = ("fairseq", "ctranslate2:float32", "ctranslate2:int8")
+#: engine[:precision] measured by default, by device (fairseq:fp16 is --fp16).
+ENGINES = {"cpu": ("fairseq", "ctranslate2:float32", "ctranslate2:int8"),
+           "cuda": ("fairseq:fp16", "ctranslate2:float16", "ctranslate2:int8_float16")}
+
+
+def engine_flags(spec: str, device: str, threads: int) -> list:
+    """wd-kd-data flags of ``engine[:precision]`` on ``device``."""
+    engine, _, precision = spec.partition(":")
+    flags = ["--engine", engine] + (["--cpu", "--threads", threads] if device == "cpu" else [])
+    if engine == "fairseq" and precision:
+        if precision != "fp16":
+            raise BenchmarkError(f"{spec}: the fairseq engine's only precision flag is fp16")
+        if device == "cpu":
+            raise BenchmarkError(f"{spec}: fp16 decoding needs --device cuda")
+        return flags + ["--fp16"]
+    return flags + (["--quantization", precision] if precision else [])
 
 
 def repeated_bin(data: Path, split: str, times: int, dest: Path, limit: int = 0) -> Path:
@@ -87,22 +103,25 @@ def main():
                         help="first repeat the split up to about this many sentences (e.g. 28000)")
     parser.add_argument("--limit", type=int, default=0,
                         help="only the first N sentences of the split (before repeating)")
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES),
-                        help=f"engine[:quantization] (default: {' '.join(ENGINES)})")
+    parser.add_argument("--engines", nargs="+",
+                        help="engine[:precision] (default: "
+                        + "; ".join(f"{d}: {' '.join(e)}" for d, e in ENGINES.items()) + ")")
     parser.add_argument("--beam", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=4096)
     args = parser.parse_args()
-    if args.device == "cuda":
-        raise BenchmarkError("--device cuda: not written yet (CPU only). Fix: --device cpu")
+    device = common.resolve_device(args.device)
+    engines = args.engines or ENGINES[device]
     if (args.data is None) != (args.teacher_path is None):
         raise BenchmarkError("pass both --data and --teacher-path, or neither")
+    if args.workdir is None and (args.data or args.toy):
+        args.workdir = REPO / "work" / "bench"
     if args.data:
         data, teacher, corpus = args.data, args.teacher_path, "user"
     elif args.toy:
         data, teacher = toy_assets(args.workdir)
         corpus = "toy"
     else:
-        assets = Assets(args.workdir)
+        assets = common.assets_of(args)
         data, teacher, corpus = assets.data(), assets.teacher(), "random-teacher"
     from fairseq.data import indexed_dataset
 
@@ -117,36 +136,41 @@ def main():
         name = f"{corpus}-x{unit * times}" + (f"-first{args.limit}" if args.limit else "")
         copy = repeated_bin(data, "train", unit * times, args.workdir / "kd_data_speed" / name,
                             args.limit)
-        for spec in args.engines:
-            engine, _, quantization = spec.partition(":")
+        for spec in engines:
             shutil.rmtree(copy / "kd-train1", ignore_errors=True)  # from scratch
             for old in copy.glob("train1.*"):
                 old.unlink()
-            flags = ["--engine", engine, "--cpu", "--threads", args.threads, "--beam", args.beam,
-                     "--max-tokens", args.max_tokens]
-            flags += ["--quantization", quantization] if quantization else []
-            result = run(["wd-kd-data", copy, "--teacher-path", teacher, *flags], env=env)
+            flags = engine_flags(spec, device, args.threads) + [
+                "--beam", args.beam, "--max-tokens", args.max_tokens]
+            try:
+                result = run(["wd-kd-data", copy, "--teacher-path", teacher, *flags], env=env)
+            except BenchmarkError as error:  # e.g. CTranslate2 without its CUDA libraries
+                rows.append({"sentences": None, "engine": spec, "error": str(error)[-600:]})
+                print(f"{spec}: failed; recorded, the other engines still run", flush=True)
+                continue
             summary = json.loads((copy / "kd-train1" / "summary.json").read_text())
             rows.append({
                 "sentences": summary["sentences"], "engine": spec,
-                "runs": summary["quantization"], "seconds": round(result.seconds, 1),
+                "runs": summary["quantization"], "devices": len(summary["devices"]),
+                "seconds": round(result.seconds, 1),
                 "sentences_per_second": summary["sentences_per_second"],
                 "peak_rss_mib": round(result.peak_rss_mib, 1),
                 "fallback": summary["fallback_to_reference"],
             })
             print(rows[-1], flush=True)
     for row in rows:
-        fairseq = [r for r in rows if r["sentences"] == row["sentences"] and r["engine"] == "fairseq"]
+        fairseq = [r for r in rows if r["sentences"] == row["sentences"]
+                   and r["engine"].startswith("fairseq")]
         if fairseq:
             row["speed_vs_fairseq"] = round(row["sentences_per_second"]
                                             / fairseq[0]["sentences_per_second"], 2)
-    info = common.environment("cpu") | {"load_average_at_end": os.getloadavg(),
+    info = common.environment(device) | {"load_average_at_end": os.getloadavg(),
                                         "cpu_flags": _isa_flags()}
     results = {"command": " ".join(["python"] + sys.argv), "corpus": corpus, "teacher": str(teacher),
                "threads": args.threads, "beam": args.beam, "environment": info, "rows": rows}
     path = common.write_results(args, "kd_data_speed" + ("" if corpus == "user" else f"-{corpus}"),
                                 results)
-    print_table(rows, ["sentences", "engine", "runs", "seconds", "sentences_per_second",
+    print_table(rows, ["sentences", "engine", "runs", "devices", "seconds", "sentences_per_second",
                        "speed_vs_fairseq", "peak_rss_mib", "fallback"])
     print(f"wrote {path}")
 

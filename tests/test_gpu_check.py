@@ -38,7 +38,7 @@ def test_gpu_check_dry_run_runs_every_part_through_the_same_scripts(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     parts = report["parts"]
     assert report["dry_run"] and all(parts[p]["ok"] for p in
-                                     ("environment", "smoke", "phase1", "decoding")), parts
+                                     ("environment", "smoke", "phase1", "decoding", "kd_data")), parts
     assert parts["environment"]["cuda_available"] is False
     teacher, phase1 = parts["smoke"]["fp32"]["runs"]
     assert (teacher["updates"], phase1["updates"]) == (4, 2)
@@ -52,6 +52,9 @@ def test_gpu_check_dry_run_runs_every_part_through_the_same_scripts(tmp_path):
     assert {(r["model"], r["engine"]) for r in rows} >= {
         ("teacher", "fairseq"), ("stu1", "fairseq"), ("stu2", "fairseq")}
     assert all(r["tokens"] == rows[0]["tokens"] for r in rows)
+    kd_rows = json.loads((out / "kd_data_speed.json").read_text())["rows"]
+    assert [r["engine"] for r in kd_rows] == ["fairseq", "ctranslate2:float32", "ctranslate2:int8"]
+    assert all(r["sentences"] == 48 and r["sentences_per_second"] > 0 for r in kd_rows)
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
     assert "logs/smoke-fp32-phase1.log" in names and "logs/phase1_update.log" in names
