@@ -158,8 +158,8 @@ def main():
                 "fallback": summary["fallback_to_reference"],
             })
             print(rows[-1], flush=True)
-    for row in rows:
-        fairseq = [r for r in rows if r["sentences"] == row["sentences"]
+    for row in (r for r in rows if "error" not in r):
+        fairseq = [r for r in rows if r["sentences"] == row["sentences"] and "error" not in r
                    and r["engine"].startswith("fairseq")]
         if fairseq:
             row["speed_vs_fairseq"] = round(row["sentences_per_second"]
