@@ -184,5 +184,8 @@ def test_paired_compares_models_of_different_runs(tmp_path):
         tools.main(["paired", "--base", f"a={base}:kd_student", "--system", f"b={shifted}:kd_student",
                     "--out-prefix", prefix])
     with pytest.raises(SystemExit, match="expected LABEL=WORK:MODEL"):
-        tools.main(["paired", "--base", f"a={base}:student", "--system", f"b={same}:kd_student",
+        tools.main(["paired", "--base", f"a={base}", "--system", f"b={same}:kd_student",
+                    "--out-prefix", prefix])
+    with pytest.raises(SystemExit, match="no scores of sel_student"):
+        tools.main(["paired", "--base", f"a={base}:sel_student", "--system", f"b={same}:kd_student",
                     "--out-prefix", prefix])

@@ -276,8 +276,8 @@ def run_model(spec: str) -> Dict:
     hypotheses and references, and the label."""
     label, _, where = spec.partition("=")
     work, _, model = where.rpartition(":")
-    if not (label and work and model in dict(MODELS)):
-        sys.exit(f"{spec}: expected LABEL=WORK:MODEL with MODEL one of {', '.join(dict(MODELS))}")
+    if not (label and work and model):
+        sys.exit(f"{spec}: expected LABEL=WORK:MODEL (e.g. base=work/demo:kd_student)")
     with open(os.path.join(work, "results.json"), encoding="utf-8") as f:
         rows = json.load(f)["rows"]
     row = next((r for r in rows if r["model"] == model and "sacrebleu" in r
@@ -327,6 +327,15 @@ def paired(args) -> None:
     print("\n".join(lines))
 
 
+def add_bootstrap_args(p: argparse.ArgumentParser, title: str, writes: str) -> None:
+    """Output and resampling options of ``compare`` and ``paired``."""
+    p.add_argument("--out-prefix", required=True, help=f"writes {writes}")
+    p.add_argument("--title", default=title)
+    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the resampling")
+    p.add_argument("--note", action="append", default=[], help="a line under the tables")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,22 +358,14 @@ def main(argv=None):
     p = sub.add_parser("compare")
     p.add_argument("--work", required=True, nargs="+", metavar="NAME=WORK",
                    help="pipeline.sh work directories of the runs (e.g. seed1=DIR)")
-    p.add_argument("--out-prefix", required=True, help="writes PREFIX.json, PREFIX.md, PREFIX.png")
-    p.add_argument("--title", default="KD against WD")
-    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=12345, help="seed of the resampling")
-    p.add_argument("--note", action="append", default=[], help="a line under the tables")
+    add_bootstrap_args(p, "KD against WD", "PREFIX.json, PREFIX.md, PREFIX.png")
     p.set_defaults(run=compare)
     p = sub.add_parser("paired")
     p.add_argument("--base", required=True, metavar="LABEL=WORK:MODEL",
-                   help="e.g. fairseq-KD=work/demo:kd_student (MODEL: teacher, kd_student, "
-                   "wd_phase1 or wd_student)")
+                   help="e.g. fairseq-KD=work/demo:kd_student (MODEL: a model of the run's "
+                   "results.json: teacher, kd_student, wd_phase1, wd_student, sel_student)")
     p.add_argument("--system", required=True, nargs="+", metavar="LABEL=WORK:MODEL")
-    p.add_argument("--out-prefix", required=True, help="writes PREFIX.json and PREFIX.md")
-    p.add_argument("--title", default="Paired comparison")
-    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=12345, help="seed of the resampling")
-    p.add_argument("--note", action="append", default=[], help="a line under the table")
+    add_bootstrap_args(p, "Paired comparison", "PREFIX.json and PREFIX.md")
     p.set_defaults(run=paired)
     args = parser.parse_args(argv)
     args.run(args)
