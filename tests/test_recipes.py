@@ -199,12 +199,13 @@ def test_averages_follow_their_rules_and_only_what_they_need_is_kept(recipe_run)
 
 
 def test_stage_logs_show_progress_not_library_noise(recipe_run):
-    """No tensorboardX hint, no hydra deprecation warnings, no hydra DEBUG lines in any
-    stage's log (wd_fairseq/quiet_logs.py); the progress and results are still there."""
+    """No tensorboardX hint, no hydra deprecation warnings, no hydra DEBUG lines, no tqdm
+    bars (subword-nmt's) in any stage's log (wd_fairseq/quiet_logs.py, TQDM_DISABLE); the
+    progress and results are still there."""
     work = recipe_run[0]
     for stage in STAGES:
         log = (work / "logs" / f"{stage}.log").read_text()
-        for noise in ("tensorboardX", "UserWarning", "deprecat", "DEBUG:hydra"):
+        for noise in ("tensorboardX", "UserWarning", "deprecat", "DEBUG:hydra", "it/s]"):
             assert noise not in log, (stage, noise)
     assert "num_updates" in (work / "logs" / "teacher.log").read_text()
 

@@ -201,6 +201,8 @@ read -r -a TRAIN_EXTRA_ARGS <<< "$TRAIN_EXTRA"
 read -r -a GENERATE_EXTRA_ARGS <<< "$GENERATE_EXTRA"
 read -r -a KD_EXTRA_ARGS <<< "$KD_EXTRA"
 read -r -a TEST_SET_NAMES <<< "$TEST_SETS"
+# no tqdm bars (subword-nmt's) in logs and consoles; progress comes as log lines
+export TQDM_DISABLE=${TQDM_DISABLE:-1}
 
 log() { echo "[$(date '+%F %T')] [$PAIR_NAME] $*"; }
 die() { echo "pipeline.sh: error: $*" >&2; exit 1; }
