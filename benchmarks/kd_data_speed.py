@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import common
@@ -92,6 +93,36 @@ def toy_assets(workdir: Path):
     return data, teacher
 
 
+def bare_ctranslate2(copy: Path, quantization: str, threads: int, beam: int,
+                     max_tokens: int) -> dict:
+    """CTranslate2's own speed on the same sentences: one bare ``translate_batch`` with the
+    model ``wd-kd-data`` just converted (CPU; sorted by length, batches of ``max_tokens``
+    source tokens), which shows what ``wd-kd-data`` adds. One length limit serves all
+    sentences (the longest source's): fair for a trained teacher, whose hypotheses end on
+    their own; with random weights every hypothesis runs to it, so the bare run does more."""
+    import ctranslate2
+    from fairseq.data import Dictionary, indexed_dataset
+
+    for idx in copy.glob("train.*-*.*.idx"):
+        pair, lang = idx.name[len("train."):-len(".idx")].split(".")
+        if lang == pair.split("-")[0]:
+            dataset = indexed_dataset.MMapIndexedDataset(str(idx)[:-len(".idx")])
+            dictionary = Dictionary.load(str(copy / f"dict.{lang}.txt"))
+    tokens = sorted(([dictionary[t] for t in dataset[i][:-1].tolist()] for i in range(len(dataset))),
+                    key=len)
+    translator = ctranslate2.Translator(str(copy / "kd-train1" / f"ct2-{quantization}"),
+                                        device="cpu", compute_type=quantization,
+                                        intra_threads=threads)
+    start = time.perf_counter()
+    translator.translate_batch(tokens, max_batch_size=max_tokens, batch_type="tokens",
+                               beam_size=beam, max_decoding_length=2 * len(tokens[-1]) + 13,
+                               return_scores=True)
+    seconds = time.perf_counter() - start
+    return {"sentences": len(tokens), "engine": f"bare ctranslate2:{quantization}",
+            "runs": translator.compute_type, "seconds": round(seconds, 1),
+            "sentences_per_second": round(len(tokens) / seconds, 2)}
+
+
 def main():
     parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--data", type=Path, help="fairseq data-bin with a training split")
@@ -106,6 +137,9 @@ def main():
     parser.add_argument("--engines", nargs="+",
                         help="engine[:precision] (default: "
                         + "; ".join(f"{d}: {' '.join(e)}" for d, e in ENGINES.items()) + ")")
+    parser.add_argument("--bare", metavar="QUANT",
+                        help="CPU: also time a bare CTranslate2 translate_batch of the same "
+                        "sentences with the model the ctranslate2:QUANT run converted")
     parser.add_argument("--beam", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=4096)
     args = parser.parse_args()
@@ -158,6 +192,10 @@ def main():
                 "fallback": summary["fallback_to_reference"],
             })
             print(rows[-1], flush=True)
+            if args.bare and spec == f"ctranslate2:{args.bare}" and device == "cpu":
+                rows.append(bare_ctranslate2(copy, args.bare, args.threads, args.beam,
+                                             args.max_tokens))
+                print(rows[-1], flush=True)
     for row in (r for r in rows if "error" not in r):
         fairseq = [r for r in rows if r["sentences"] == row["sentences"] and "error" not in r
                    and r["engine"].startswith("fairseq")]
