@@ -103,11 +103,11 @@ def bare_ctranslate2(copy: Path, quantization: str, threads: int, beam: int,
     import ctranslate2
     from fairseq.data import Dictionary, indexed_dataset
 
-    for idx in copy.glob("train.*-*.*.idx"):
-        pair, lang = idx.name[len("train."):-len(".idx")].split(".")
-        if lang == pair.split("-")[0]:
-            dataset = indexed_dataset.MMapIndexedDataset(str(idx)[:-len(".idx")])
-            dictionary = Dictionary.load(str(copy / f"dict.{lang}.txt"))
+    sides = {idx.name.split(".")[2]: idx for idx in copy.glob("train.*-*.*.idx")}
+    pair = next(iter(sides.values())).name.split(".")[1]
+    source = pair.split("-")[0]
+    dataset = indexed_dataset.MMapIndexedDataset(str(sides[source])[:-len(".idx")])
+    dictionary = Dictionary.load(str(copy / f"dict.{source}.txt"))
     tokens = sorted(([dictionary[t] for t in dataset[i][:-1].tolist()] for i in range(len(dataset))),
                     key=len)
     translator = ctranslate2.Translator(str(copy / "kd-train1" / f"ct2-{quantization}"),

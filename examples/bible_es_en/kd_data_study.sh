@@ -15,18 +15,17 @@
 set -euo pipefail
 
 main() {
-  local here repo out
-  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-  repo=$(cd "$here/../.." && pwd)
+  local repo out
+  repo=$(cd "$HERE/../.." && pwd)
   source "$repo/examples/setup_env.sh"
   export PYTHON=python OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
   BASE=$(cd "${BASE:-$repo/work/demo}" && pwd)
   STUDY=${STUDY:-$repo/work/kd_data_study}
-  out=${OUT:-$here/kd_data_study}
+  out=${OUT:-$HERE/kd_data_study}
   FILTERS=${FILTERS:-"--filter-length-ratio 2.0 --filter-min-score -1.6"}
   [ -e "$BASE/done/teacher" ] || { echo "kd_data_study.sh: $BASE has no finished teacher. Fix: run bash examples/demo.sh first (or set BASE)" >&2; exit 1; }
   export RAW_DIR=$BASE/corpus-demo
-  WORK=$BASE source "$here/demo_settings.sh"
+  WORK=$BASE source "$HERE/demo_settings.sh"
   mkdir -p "$STUDY"
   exec > >(tee -a "$STUDY/study.log") 2>&1
   echo "[kd-data-study] start $(date -u '+%F %T UTC'), load:$(uptime | sed 's/.*load average://')"
@@ -41,13 +40,13 @@ main() {
 
   echo "[kd-data-study] end $(date -u '+%F %T UTC'), load:$(uptime | sed 's/.*load average://')"
   mkdir -p "$out"
-  python "$here/tools.py" paired --base "fairseq KD data=$STUDY/fairseq-s1:kd_student" \
+  python "$HERE/tools.py" paired --base "fairseq KD data=$STUDY/fairseq-s1:kd_student" \
     --system "fairseq KD data, seed 2=$STUDY/fairseq-s2:kd_student" \
     "CTranslate2 int8=$STUDY/int8-s1:kd_student" "CTranslate2 float32=$STUDY/float32-s1:kd_student" \
     "CTranslate2 int8, filtered=$STUDY/filtered-s1:kd_student" \
     --out-prefix "$out/seed1" --title "KD student by KD data, seed 1 (Bible Es-En demo)" \
     --note "filters: $FILTERS"
-  python "$here/tools.py" paired --base "fairseq KD data=$STUDY/fairseq-s2:kd_student" \
+  python "$HERE/tools.py" paired --base "fairseq KD data=$STUDY/fairseq-s2:kd_student" \
     --system "CTranslate2 int8=$STUDY/int8-s2:kd_student" \
     "CTranslate2 int8, filtered=$STUDY/filtered-s2:kd_student" \
     --out-prefix "$out/seed2" --title "KD student by KD data, seed 2 (Bible Es-En demo)" \
@@ -55,7 +54,7 @@ main() {
   {
     echo "# $(nproc) CPUs; BASE=$BASE; every variant: run.sh kd_data kd_student evaluate"
     echo "bash examples/bible_es_en/kd_data_study.sh"
-    WORK=$STUDY/fairseq-s1 bash "$here/run.sh" config
+    WORK=$STUDY/fairseq-s1 bash "$HERE/run.sh" config
     for v in "$STUDY"/*/data-bin-kd/kd-train1/summary.json; do
       python -c 'import json, sys; s = json.load(open(sys.argv[1])); print(sys.argv[1], {k: s.get(k) for k in ("engine", "quantization", "threads", "sentences_per_second", "counts")})' "$v"
     done
