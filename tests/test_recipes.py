@@ -253,6 +253,22 @@ def test_eval_models_scores_only_the_models_named(recipe_run):
     assert proc.returncode != 0 and "EVAL_MODELS: unknown model 'student'" in proc.stderr
 
 
+def test_extra_models_are_scored_under_their_names(recipe_run, tmp_path):
+    """EXTRA_MODELS: any checkpoint (here a copy of the KD student's last save) scored
+    beside the pipeline's models; a malformed entry or a taken name is refused."""
+    work, env, _ = recipe_run
+    first_save = tmp_path / "kd_last.pt"  # (EXTRA_MODELS paths have no spaces; WORK's do)
+    shutil.copy(work / "kd_student" / "checkpoint_last.pt", first_save)
+    run_recipe("examples/wmt16_en_ro/run.sh", "evaluate", env=dict(
+        env, FORCE="1", EVAL_MODELS="kd_5", EXTRA_MODELS=f"kd_5={first_save}"))
+    rows = json.loads((work / "results.json").read_text())["rows"]
+    assert any(r["model"] == "kd_5" and "sacrebleu" in r for r in rows)
+    assert "kd_student" in {r["model"] for r in rows}  # earlier records stay in the table
+    for extra, message in [("kd 5", "'kd' is not NAME=CHECKPOINT"), ("teacher=x.pt", "the name 'teacher' is taken")]:
+        proc = run_recipe("examples/wmt16_en_ro/run.sh", "config", env=dict(env, EXTRA_MODELS=extra), check=False)
+        assert proc.returncode != 0 and message in proc.stderr
+
+
 def test_selection_student_trains_from_the_teachers_selection(recipe_run):
     """The optional sel_student stage (Selection + KD): wd-init-student, then the KD
     student's training from it; scored alone with EVAL_MODELS."""

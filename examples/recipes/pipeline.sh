@@ -93,6 +93,9 @@
 #   BEAM (6) LENPEN (1.0) EVAL_BATCH_SIZE (128)         evaluation
 #   EVAL_MODELS         the models evaluate and speed score (default: all, "teacher kd_student
 #                       wd_phase1 wd_student"); e.g. kd_student alone for a KD-data variant
+#   EXTRA_MODELS        more models for EVAL_MODELS to name: "NAME=CHECKPOINT ..." (e.g. an
+#                       intermediate checkpoint, kd_1600=/path/checkpoint_avg_1600.pt); names of
+#                       letters, digits, _ . -; no spaces in the paths
 #   BLEU_CONVENTION     tokenized BLEU: moses, moses-lc (NIST) or ende-compound (WMT14 En-De)
 #   SPEED_BATCH_SIZE (1)  sentences per batch in the speed stage (first test set)
 #   GENERATE_EXTRA      extra fairseq-generate flags for evaluate and speed (e.g. --max-len-b 50)
@@ -176,6 +179,7 @@ BEAM=${BEAM:-6}
 LENPEN=${LENPEN:-1.0}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}
 EVAL_MODELS=${EVAL_MODELS:-teacher kd_student wd_phase1 wd_student}
+EXTRA_MODELS=${EXTRA_MODELS:-}
 SEL_LAYERS=${SEL_LAYERS:-spread}
 SEL_DIMS=${SEL_DIMS:-first}
 BLEU_CONVENTION=${BLEU_CONVENTION:-moses}
@@ -196,6 +200,13 @@ WD_STUDENT=$WORK/wd_phase2/checkpoint_avg.pt
 SEL_STUDENT=$WORK/sel_student/checkpoint_avg.pt
 MODEL_NAMES=(teacher kd_student wd_phase1 wd_student sel_student)
 MODEL_CKPTS=("$TEACHER" "$KD_STUDENT" "$WD_INIT_CKPT" "$WD_STUDENT" "$SEL_STUDENT")
+for _model in $EXTRA_MODELS; do
+  [[ "$_model" =~ ^([A-Za-z0-9_.-]+)=(.+)$ ]] \
+    || { echo "pipeline.sh: error: EXTRA_MODELS: '$_model' is not NAME=CHECKPOINT. Fix: e.g. EXTRA_MODELS=\"kd_1600=/path/to/checkpoint.pt\" (name: letters, digits, _ . -)" >&2; exit 1; }
+  [[ " ${MODEL_NAMES[*]} " != *" ${BASH_REMATCH[1]} "* ]] \
+    || { echo "pipeline.sh: error: EXTRA_MODELS: the name '${BASH_REMATCH[1]}' is taken. Fix: name it otherwise" >&2; exit 1; }
+  MODEL_NAMES+=("${BASH_REMATCH[1]}"); MODEL_CKPTS+=("${BASH_REMATCH[2]}")
+done
 # user-given extra flags: split on whitespace, as on a command line
 read -r -a TRAIN_EXTRA_ARGS <<< "$TRAIN_EXTRA"
 read -r -a GENERATE_EXTRA_ARGS <<< "$GENERATE_EXTRA"
@@ -607,7 +618,7 @@ SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SAC
   ACTIVATION_DROPOUT LABEL_SMOOTHING SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES
   PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST PHASE2_AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
   KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE KD_EXTRA SEL_LAYERS SEL_DIMS BEAM LENPEN
-  EVAL_BATCH_SIZE EVAL_MODELS BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
+  EVAL_BATCH_SIZE EVAL_MODELS EXTRA_MODELS BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
 
 settings() {
   local v

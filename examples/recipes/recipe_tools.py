@@ -201,14 +201,14 @@ def checkpoints_to_average(directory: str, rule: str, last: int) -> List[str]:
     return chosen
 
 
-def average(args) -> None:
-    """Average the model tensors of checkpoints (the config etc. of the last one)."""
+def average_checkpoints(checkpoints: List[str], out: str) -> None:
+    """Write to ``out`` (atomically) the mean of the model tensors of ``checkpoints``, with
+    the config etc. of the last one."""
     import torch
 
     import wd_fairseq  # noqa: F401  (allow-lists fairseq checkpoint types for torch.load)
     from wd_fairseq.materialize import save_atomic
 
-    checkpoints = checkpoints_to_average(args.dir, args.rule, args.last)
     total = None
     for path in checkpoints:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -227,7 +227,12 @@ def average(args) -> None:
         k: (v / len(checkpoints)).to(dtypes[k]) if v.is_floating_point() else v
         for k, v in total.items()
     }
-    save_atomic(state, args.out)
+    save_atomic(state, out)
+
+
+def average(args) -> None:
+    checkpoints = checkpoints_to_average(args.dir, args.rule, args.last)
+    average_checkpoints(checkpoints, args.out)
     names = ", ".join(os.path.basename(p) for p in checkpoints)
     print(f"average: wrote {args.out} from {len(checkpoints)} checkpoints ({args.rule}: {names})")
 

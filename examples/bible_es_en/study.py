@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""Helpers of examples/bible_es_en/study.sh: budgets read off long runs, one record per
+finished part, and the report.
+
+    study.py budgets --arms ARM=RUN ... --budgets B ... --phase1 P --interval I --out DIR
+    study.py part --part NAME --run RUN [--arms ARM=RUN ...] [--phase1 P] --out PART.json
+                  --command CMD --settings FILE
+    study.py report --parts PART.json ... --out-prefix PREFIX
+
+Arms: ``kd`` and ``sel`` (a pipeline run whose kd_student / sel_student trained to the
+largest budget), ``wd`` and ``wd_slice`` (runs whose phase 1 trained P updates and phase 2
+the rest). Every save was kept (``--keep-interval-updates -1``). The model of an arm at
+budget B (total training updates) is the average of its saves at updates B - I and B (WD:
+phase-2 saves at B - P - I and B - P); WD at B = P is the materialised phase-1 student.
+``budgets`` writes those averages as DIR/ARM_B.pt and prints ``ARM_B=PATH ...`` for
+pipeline.sh's EXTRA_MODELS; the evaluate stage of one run scores them all. ``part``
+records the scores, a paired bootstrap of every arm against KD and against Selection + KD
+at each budget, the training wall-clock at each budget (fairseq's ``wall`` at that update;
+WD: phase 1 + materialisation + phase 2), settings and stage times. ``report`` puts the
+finished parts together: mean and standard deviation over seeds, the per-seed intervals,
+and a plot of BLEU against updates and against training wall-clock.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "recipes"))
+from recipe_tools import average_checkpoints  # noqa: E402
+from tools import (bleu_statistics, corpus_bleu, interval, paired_bootstrap,  # noqa: E402
+                   read_lines, write_atomic)
+
+#: arm -> (label, the save dir of its training in the arm's run)
+ARMS = {"kd": ("KD", "kd_student"), "sel": ("Selection + KD", "sel_student"),
+        "wd": ("WD faithful", "wd_phase2"), "wd_slice": ("WD slice", "wd_phase2")}
+#: the arms every other arm is compared with, at the same budget
+BASES = ("kd", "sel")
+_INTERVAL_SAVE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
+_EPOCH_SAVE = re.compile(r"^checkpoint\d+\.pt$")
+_WALL = re.compile(r"num_updates[= ](\d+)\b.*\bwall[= ](\d+(?:\.\d+)?)")
+
+
+def arm_runs(items: Sequence[str]) -> Dict[str, str]:
+    runs = {}
+    for item in items:
+        arm, _, run = item.partition("=")
+        if arm not in ARMS or not run:
+            sys.exit(f"--arms {item}: expected ARM=RUN with ARM one of {', '.join(ARMS)}")
+        runs[arm] = run
+    return runs
+
+
+def saves_by_update(directory: str) -> Dict[int, str]:
+    """{update: checkpoint} of every save in a fairseq save dir (interval saves by name,
+    epoch-end saves by the update count stored in them)."""
+    found = {}
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        path = os.path.join(directory, name)
+        if m := _INTERVAL_SAVE.match(name):
+            found[int(m.group(1))] = path
+        elif _EPOCH_SAVE.match(name):
+            import torch
+
+            import wd_fairseq  # noqa: F401  (allow-lists fairseq checkpoint types)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            found[int(state["optimizer_history"][-1]["num_updates"])] = path
+    return found
+
+
+def budget_checkpoints(arm: str, run: str, budget: int, phase1: int, interval: int) -> List[str]:
+    """The checkpoints whose average is ``arm`` at ``budget`` total updates ([] if the
+    budget is not one of the arm's: WD before the end of phase 1)."""
+    wd = arm.startswith("wd")
+    if wd and budget < phase1:
+        return []
+    if wd and budget == phase1:
+        return [os.path.join(run, "wd_phase2", "init.pt")]
+    directory = os.path.join(run, ARMS[arm][1])
+    updates = budget - phase1 if wd else budget
+    saves = saves_by_update(directory)
+    needed = [updates - interval, updates] if updates > interval else [updates]
+    missing = [u for u in needed if u not in saves]
+    if missing:
+        sys.exit(f"{directory}: no save at update(s) {missing} (has {sorted(saves)}). Fix: train the "
+                 "arm to this budget with every save kept (TRAIN_EXTRA=--keep-interval-updates -1)")
+    return [saves[u] for u in needed]
+
+
+def budgets(args) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    models = []
+    for arm, run in arm_runs(args.arms).items():
+        for budget in sorted(set(args.budgets + ([args.phase1] if arm.startswith("wd") else []))):
+            checkpoints = budget_checkpoints(arm, run, budget, args.phase1, args.interval)
+            if not checkpoints:
+                continue
+            out = os.path.join(args.out, f"{arm}_{budget}.pt")
+            if not os.path.exists(out) or os.path.getmtime(out) < max(map(os.path.getmtime, checkpoints)):
+                average_checkpoints(checkpoints, out)
+            models.append(f"{arm}_{budget}={out}")
+    print(" ".join(models))
+
+
+def wall_at(log: str, update: int) -> Optional[float]:
+    """fairseq's ``wall`` (seconds since training started, kept across resumes) at
+    ``update`` in a stage log; the last such line wins."""
+    wall = None
+    with open(log, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = _WALL.search(line)
+            if m and int(m.group(1)) == update:
+                wall = float(m.group(2))
+    return wall
+
+
+def stage_times(run: str) -> Dict[str, int]:
+    path = os.path.join(run, "stage_times.tsv")
+    times = {}
+    if os.path.exists(path):
+        for line in read_lines(path):
+            stage, seconds = line.split("\t")
+            times[stage] = times.get(stage, 0) + int(seconds)
+    return times
+
+
+def training_wall(arm: str, run: str, budget: int, phase1: int) -> Optional[float]:
+    """Training wall-clock of ``arm`` up to ``budget`` updates, WD's generator included."""
+    logs = os.path.join(run, "logs")
+    if not arm.startswith("wd"):
+        return wall_at(os.path.join(logs, f"{ARMS[arm][1]}.log"), budget)
+    phase1_wall = wall_at(os.path.join(logs, "wd_phase1.log"), phase1)
+    materialize = stage_times(run).get("materialize")
+    if phase1_wall is None or materialize is None:
+        return None
+    if budget == phase1:
+        return phase1_wall + materialize
+    phase2_wall = wall_at(os.path.join(logs, "wd_phase2.log"), budget - phase1)
+    return None if phase2_wall is None else phase1_wall + materialize + phase2_wall
+
+
+def machine() -> Dict:
+    """CPU count and model, and the load average as the part ends."""
+    model = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        model = next((line.split(":", 1)[1].strip() for line in read_lines("/proc/cpuinfo")
+                      if line.startswith("model name")), model)
+    return {"cpus": os.cpu_count(), "cpu": model, "load_at_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def results_rows(run: str) -> Tuple[Dict[str, Dict], str]:
+    """{model: row} of a run's results.json (its first test set) and that test set."""
+    with open(os.path.join(run, "results.json"), encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    test_set = rows[0]["test_set"]
+    return {r["model"]: r for r in rows if r["test_set"] == test_set and "sacrebleu" in r}, test_set
+
+
+def part(args) -> None:
+    record = {"part": args.part, "command": args.command, "machine": machine(),
+              "settings": read_lines(args.settings), "stage_times": {}}
+    rows, test_set = results_rows(args.run)
+    if args.part == "base":
+        teacher = rows["teacher"]
+        record["teacher"] = {k: teacher[k] for k in ("sacrebleu", "chrf", "sacrebleu_signature", "target_lang")}
+        record["stage_times"]["base"] = stage_times(args.run)
+    else:
+        runs = arm_runs(args.arms)
+        lang = next(iter(rows.values()))["target_lang"]
+        refs = read_lines(os.path.join(args.run, "raw", f"{test_set}.{lang}"))
+        models, stats = [], {}
+        for name, row in rows.items():
+            arm, _, budget = name.rpartition("_")
+            if arm not in runs or not budget.isdigit():
+                continue
+            budget = int(budget)
+            hyps = read_lines(os.path.join(args.run, "eval", f"{name}.{test_set}.hyp"))
+            stats[arm, budget] = bleu_statistics(hyps, refs, lang)
+            models.append({"arm": arm, "budget": budget, "sacrebleu": row["sacrebleu"], "chrf": row["chrf"],
+                           "train_wall_s": training_wall(arm, runs[arm], budget, args.phase1)})
+        pairs = [(base, arm, budget) for (arm, budget) in sorted(stats) for base in BASES
+                 if base != arm and (base, budget) in stats]
+        diffs = paired_bootstrap([(stats[b, n], stats[a, n]) for b, a, n in pairs], args.samples, args.seed)
+        record["comparisons"] = []
+        for j, (base, arm, budget) in enumerate(pairs):
+            observed = corpus_bleu(stats[arm, budget].sum(0)) - corpus_bleu(stats[base, budget].sum(0))
+            result = interval(observed, diffs[:, j])
+            record["comparisons"].append({"arm": arm, "base": base, "budget": budget,
+                                          "minus_base": result["wd_minus_kd"], "ci95": result["ci95"],
+                                          "resamples_not_better": result["resamples_wd_not_better"]})
+        record.update(seed=int(args.part.removeprefix("seed")), test_set=test_set, target_lang=lang,
+                      sentences=len(refs), phase1=args.phase1, interval=args.interval, models=sorted(models, key=lambda m: (m["arm"], m["budget"])),
+                      bootstrap={"samples": args.samples, "seed": args.seed},
+                      sacrebleu_signature=next(iter(rows.values()))["sacrebleu_signature"])
+        record["stage_times"] = {arm: stage_times(run) for arm, run in runs.items()}
+    write_atomic(args.out, json.dumps(record, indent=2) + "\n")
+    print(f"study.py: wrote {args.out}")
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def pm(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def report(args) -> None:
+    parts = [json.load(open(p, encoding="utf-8")) for p in args.parts]
+    base = next((p for p in parts if p["part"] == "base"), None)
+    seeds = sorted((p for p in parts if p["part"] != "base"), key=lambda p: p["seed"])
+    if base is None or not seeds:
+        sys.exit("study.py report: needs the base part and at least one seed part. Fix: run study.sh base seed1")
+    cells: Dict[Tuple[str, int], List[Dict]] = {}
+    for p in seeds:
+        for m in p["models"]:
+            cells.setdefault((m["arm"], m["budget"]), []).append(dict(m, seed=p["seed"]))
+    comparisons: Dict[Tuple[str, str, int], List[Dict]] = {}
+    for p in seeds:
+        for c in p["comparisons"]:
+            comparisons.setdefault((c["arm"], c["base"], c["budget"]), []).append(dict(c, seed=p["seed"]))
+    teacher = base["teacher"]
+    rows = []
+    for (arm, budget), ms in sorted(cells.items(), key=lambda kv: (kv[0][1], list(ARMS).index(kv[0][0]))):
+        walls = [m["train_wall_s"] for m in ms if m["train_wall_s"] is not None]
+        row = {"arm": arm, "label": ARMS[arm][0], "budget": budget, "seeds": [m["seed"] for m in ms],
+               "sacrebleu": [m["sacrebleu"] for m in ms], "chrf": [m["chrf"] for m in ms],
+               "sacrebleu_mean_std": mean_std([m["sacrebleu"] for m in ms]),
+               "chrf_mean_std": mean_std([m["chrf"] for m in ms]),
+               "train_wall_min": round(float(np.mean(walls)) / 60, 1) if walls else None}
+        for b in BASES:
+            row[f"vs_{b}"] = comparisons.get((arm, b, budget), [])
+        rows.append(row)
+
+    def versus(row: Dict, b: str) -> str:
+        cs = row[f"vs_{b}"]
+        if not cs:
+            return ""
+        return "<br>".join(f"s{c['seed']}: {c['minus_base']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" for c in cs)
+
+    lines = [f"# {args.title}", "",
+             f"Teacher: {teacher['sacrebleu']:.2f} sacreBLEU, {teacher['chrf']:.2f} chrF. "
+             f"Seeds: {', '.join(str(p['seed']) for p in seeds)}; {seeds[0]['sentences']} test sentences.", "",
+             "| updates | arm | seeds | sacreBLEU | chrF | training wall-clock (min) | - KD per seed [95% CI] | - Selection + KD per seed [95% CI] |",
+             "|---:|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['budget']} | {r['label']} | {','.join(map(str, r['seeds']))} | {pm(r['sacrebleu'])} | "
+                     f"{pm(r['chrf'])} | {'' if r['train_wall_min'] is None else r['train_wall_min']} | "
+                     f"{versus(r, 'kd')} | {versus(r, 'sel')} |")
+    first = seeds[0]
+    notes = [f"- sacreBLEU {first['sacrebleu_signature']}; mean ± standard deviation over seeds",
+             f"- the model at N updates: the average of the saves at N - {first['interval']} and N (WD: phase 1 "
+             f"{first['phase1']} updates, then phase-2 saves; WD at {first['phase1']} = the materialised phase-1 student)",
+             f"- paired bootstrap per seed: {first['bootstrap']['samples']} resamples of the test sentences "
+             f"(seed {first['bootstrap']['seed']}), the same resamples for every arm of a seed",
+             "- training wall-clock: fairseq's wall at that update, one CPU thread beside another arm's "
+             "training on a 2-core machine; WD: phase 1 + materialisation + phase 2"]
+    notes += [f"- {n}" for n in args.note]
+    lines += [""] + notes
+    write_atomic(args.out_prefix + ".md", "\n".join(lines) + "\n")
+    document = {"title": args.title, "teacher": teacher, "rows": rows, "notes": notes,
+                "parts": [{"part": p["part"], "command": p["command"], "machine": p["machine"],
+                           "stage_times": p["stage_times"]} for p in parts],
+                "plot": os.path.basename(args.out_prefix) + ".png"}
+    write_atomic(args.out_prefix + ".json", json.dumps(document, indent=2) + "\n")
+    plot(rows, seeds, teacher, args.out_prefix + ".png", args.title)
+    print("\n".join(lines))
+
+
+def plot(rows: List[Dict], seeds: List[Dict], teacher: Dict, path: str, title: str) -> None:
+    """BLEU against updates and against training wall-clock: each seed a dot, the mean a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for k, arm in enumerate(ARMS):
+        mine = [r for r in rows if r["arm"] == arm]
+        if not mine:
+            continue
+        color = f"C{k}"
+        axes[0].plot([r["budget"] for r in mine], [r["sacrebleu_mean_std"][0] for r in mine], "-", color=color,
+                     label=ARMS[arm][0])
+        for p in seeds:
+            ms = sorted((m for m in p["models"] if m["arm"] == arm), key=lambda m: m["budget"])
+            axes[0].plot([m["budget"] for m in ms], [m["sacrebleu"] for m in ms], ".", color=color, alpha=0.6)
+            timed = [m for m in ms if m["train_wall_s"] is not None]
+            axes[1].plot([m["train_wall_s"] / 60 for m in timed], [m["sacrebleu"] for m in timed], ".-",
+                         color=color, alpha=0.6, label=ARMS[arm][0] if p is seeds[0] else None)
+    for ax in axes:
+        ax.axhline(teacher["sacrebleu"], color="gray", linestyle="--", linewidth=1, label="teacher")
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("training updates (lines: mean over seeds)")
+    axes[1].set_xlabel("training wall-clock, minutes (one line per seed)")
+    axes[0].set_ylabel("sacreBLEU (test)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("budgets")
+    p.add_argument("--arms", nargs="+", required=True, metavar="ARM=RUN")
+    p.add_argument("--budgets", nargs="+", type=int, required=True, help="total training updates")
+    p.add_argument("--phase1", type=int, required=True, help="WD phase-1 updates")
+    p.add_argument("--interval", type=int, required=True, help="updates between saves")
+    p.add_argument("--out", required=True, help="directory of the averaged checkpoints")
+    p.set_defaults(func=budgets)
+    p = sub.add_parser("part")
+    p.add_argument("--part", required=True, help="base or seedN")
+    p.add_argument("--run", required=True, help="the run whose evaluate stage scored the part's models")
+    p.add_argument("--arms", nargs="*", default=[], metavar="ARM=RUN")
+    p.add_argument("--phase1", type=int, default=0)
+    p.add_argument("--interval", type=int, default=0, help="updates between saves")
+    p.add_argument("--out", required=True)
+    p.add_argument("--command", required=True, help="the command that makes this part")
+    p.add_argument("--settings", required=True, help="file with the part's resolved settings")
+    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the resampling")
+    p.set_defaults(func=part)
+    p = sub.add_parser("report")
+    p.add_argument("--parts", nargs="+", required=True)
+    p.add_argument("--out-prefix", required=True, help="writes PREFIX.md, PREFIX.json, PREFIX.png")
+    p.add_argument("--title", default="Which method? KD, Selection + KD and WD at equal updates")
+    p.add_argument("--note", action="append", default=[])
+    p.set_defaults(func=report)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The method study (examples/bible_es_en/study.sh and study.py): a tiny study on the
+reversed pair (en->es) through the shared pipeline, budgets read off one run per arm, the
+part records and the report; and the pieces study.py reads (saves, fairseq's wall)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from test_recipes import run_recipe
+
+sys.path.insert(0, str(REPO / "examples" / "bible_es_en"))
+import study  # noqa: E402
+
+#: Tiny sizes; the study's own settings otherwise. Seed 1 trains every arm to 20 updates
+#: (WD: phase 1 10 + phase 2 10), saving every 5.
+TINY = dict(
+    SRC="en", TGT="es", PAIR_NAME="tiny en-es", WORKERS="1", BPE_MERGES="30", BPE_VOCAB_THRESHOLD="1",
+    TEACHER_LAYERS="2", TEACHER_DIM="32", TEACHER_FFN="64", TEACHER_HEADS="4",
+    STUDENT_DEC_LAYERS="1", STUDENT_DEC_DIM="16", STUDENT_DEC_FFN="32", STUDENT_DEC_HEADS="4",
+    MAX_TOKENS="1000", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="30",
+    TEACHER_AVERAGE="updates", AVG_LAST="2", SAVE_INTERVAL_UPDATES="5", PHASE1="10", LONG="20",
+    LONG_BUDGETS="20", PARTS="base seed1", KD_MAX_TOKENS="2000", EVAL_BATCH_SIZE="64",
+    GENERATE_EXTRA="--max-len-a 1.5 --max-len-b 5", TRAIN_EXTRA="--validate-interval 100",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    base = tmp_path_factory.mktemp("study")
+    full, raw = base / "corpus", base / "raw"
+    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/corpus.py"), str(full)],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/tools.py"), "subset", "--corpus",
+                    str(full), "--out", str(raw), "--train", "300", "--max-words", "20", "--valid", "40",
+                    "--test", "30", "--pair", "en-es"], check=True, capture_output=True)
+    env = dict(TINY, RAW_DIR=str(raw), STUDY=str(base / "runs"), OUT=str(base / "out"))
+    proc = run_recipe("examples/bible_es_en/study.sh", env=env)
+    return base, env, proc
+
+
+def test_study_scores_every_arm_at_every_budget_in_the_runs_target_language(tiny_study):
+    base, _, proc = tiny_study
+    out = base / "out"
+    assert {p.name for p in out.iterdir()} == {"base.json", "seed1.json", "results.md", "results.json", "results.png"}
+    part = json.loads((out / "seed1.json").read_text())
+    assert part["target_lang"] == "es" and part["seed"] == 1 and part["sentences"] == 30
+    # every arm at 20 updates; the WD arms also at the end of phase 1 (materialised)
+    assert {(m["arm"], m["budget"]) for m in part["models"]} == {
+        ("kd", 20), ("sel", 20), ("wd", 10), ("wd", 20), ("wd_slice", 10), ("wd_slice", 20)}
+    for m in part["models"]:
+        assert m["train_wall_s"] is not None and m["train_wall_s"] >= 0
+        assert 0 <= m["sacrebleu"] <= 100 and m["chrf"] > 0
+    # WD's wall-clock counts phase 1 and the materialisation
+    wall = {(m["arm"], m["budget"]): m["train_wall_s"] for m in part["models"]}
+    assert wall["wd", 20] > wall["wd", 10] >= part["stage_times"]["wd"]["materialize"]
+    # every arm against KD and against Selection + KD at the same budget
+    pairs = {(c["arm"], c["base"], c["budget"]) for c in part["comparisons"]}
+    assert pairs == {("sel", "kd", 20), ("wd", "kd", 20), ("wd", "sel", 20), ("wd_slice", "kd", 20),
+                     ("wd_slice", "sel", 20), ("kd", "sel", 20)}
+    assert set(part["stage_times"]) == {"kd", "sel", "wd", "wd_slice"}
+    assert "TEACHER_LAYERS=2" in part["settings"] and "SEED=1" in part["settings"]
+    report = json.loads((out / "results.json").read_text())
+    assert report["teacher"]["target_lang"] == "es"
+    assert {(r["arm"], r["budget"]) for r in report["rows"]} == {(m["arm"], m["budget"]) for m in part["models"]}
+    md = (out / "results.md").read_text()
+    assert "| 20 | WD faithful | 1 |" in md and "s1: " in md
+    assert (out / "results.png").stat().st_size > 10_000
+
+
+def test_budget_checkpoint_is_the_average_of_its_two_last_saves(tiny_study):
+    base, _, _ = tiny_study
+    runs = base / "runs"
+    average = torch.load(runs / "seed1-eval/budgets/kd_20.pt", weights_only=True)["model"]
+    found = study.saves_by_update(str(runs / "seed1-kd/kd_student"))
+    saves = [torch.load(found[update], weights_only=True)["model"] for update in (15, 20)]
+    for name, tensor in average.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor, (saves[0][name].double() + saves[1][name].double()).div(2).to(tensor.dtype))
+    # WD at 20 = phase-2 saves at 5 and 10; WD at 10 = the materialised phase-1 student
+    assert study.budget_checkpoints("wd", str(runs / "seed1-wd"), 10, 10, 5) == [str(runs / "seed1-wd/wd_phase2/init.pt")]
+    assert [p.rsplit("_", 1)[1] for p in study.budget_checkpoints("wd", str(runs / "seed1-wd"), 20, 10, 5)] == ["5.pt", "10.pt"]
+
+
+def test_finished_parts_are_reused_and_a_missing_save_is_named(tiny_study):
+    base, env, _ = tiny_study
+    before = (base / "out" / "seed1.json").stat().st_mtime_ns
+    proc = run_recipe("examples/bible_es_en/study.sh", env=env)
+    assert "part seed1: reused" in proc.stdout and "part base: reused" in proc.stdout
+    assert (base / "out" / "seed1.json").stat().st_mtime_ns == before
+    with pytest.raises(SystemExit, match=r"no save at update\(s\) \[25, 30\].*--keep-interval-updates -1"):
+        study.budget_checkpoints("kd", str(base / "runs" / "seed1-kd"), 30, 10, 5)
+    proc = run_recipe("examples/bible_es_en/study.sh", "seed", env=env, check=False)
+    assert proc.returncode == 1 and "unknown part 'seed'" in proc.stderr
+
+
+def test_wall_at_reads_fairseqs_wall_at_an_update_and_the_last_resume_wins(tmp_path):
+    log = tmp_path / "stage.log"
+    log.write_text(
+        "2026 | INFO | train_inner | epoch 001:    200 / 524 loss=9.1, num_updates=200, lr=0.0005, train_wall=70, wall=75\n"
+        "2026 | INFO | train | epoch 001 | loss 8.8 | num_updates 400 | lr 0.0007 | train_wall 150 | wall 160\n"
+        "2026 | INFO | train_inner | epoch 001:    200 / 524 loss=9.1, num_updates=200, lr=0.0005, train_wall=71, wall=77\n")
+    assert study.wall_at(str(log), 200) == 77 and study.wall_at(str(log), 400) == 160
+    assert study.wall_at(str(log), 2000) is None
