@@ -28,7 +28,7 @@ from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.transformer import TransformerModel
 
 from .materialize import (check_output, phase2_flags, print_written, run_task, save_atomic,
-                          stock_checkpoint)
+                          stock_checkpoint, task_flags)
 from .model import DROPOUT_FIELDS, SHAPE_FIELDS, transformer_arg_names
 from .teacher import WDSetupError, load_teacher, read_checkpoint
 
@@ -159,7 +159,7 @@ def init_student(teacher_path: str, student_path: str, flags: Dict, layers: str 
             teacher.state_dict(), student.state_dict(), layer_map,
             coordinates(teacher_args, args, dims)), strict=True)
     save_atomic(stock_checkpoint(student, args, cfg), student_path)
-    return phase2_flags(args)
+    return task_flags(cfg.task) + phase2_flags(args)
 
 
 def cli_main(argv=None):

@@ -33,6 +33,11 @@ PHASE2_FLAGS = (
 )
 
 
+#: Settings of fairseq's multilingual task that training and decoding a student repeat.
+MULTILINGUAL_TASK_FLAGS = ("lang_pairs", "encoder_langtok", "decoder_langtok", "langs", "lang_dict",
+                           "lang_tok_style", "fixed_dictionary")
+
+
 def _plain(value):
     """Containers of primitives only (what ``torch.load(weights_only=True)`` accepts)."""
     if isinstance(value, argparse.Namespace):
@@ -56,6 +61,27 @@ def phase2_flags(student_args: Dict) -> List[str]:
             if value:
                 flags.append(flag)
         elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def task_flags(task_cfg) -> List[str]:
+    """The task flags a student's ``fairseq-train``/``fairseq-generate`` must repeat: none
+    for the translation task, ``--task`` and the language settings for the others
+    (e.g. ``translation_multi_simple_epoch``). ``task_cfg``: a run's ``cfg.task``."""
+    settings = vars(task_cfg) if isinstance(task_cfg, argparse.Namespace) else dict(task_cfg)
+    name = settings.get("_name") or settings.get("task")
+    if name in (None, "translation"):
+        return []
+    flags = ["--task", name]
+    for key in MULTILINGUAL_TASK_FLAGS:
+        value = settings.get(key)
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, ",".join(map(str, value))]
+        elif value not in (None, False):
             flags += [flag, str(value)]
     return flags
 
@@ -175,13 +201,14 @@ def save_atomic(obj, path: str) -> None:
 
 
 def materialize(phase1: str, student: str, data: Optional[str] = None) -> List[str]:
-    """Write the stock student of ``phase1`` to ``student``; return the phase-2 flags."""
+    """Write the stock student of ``phase1`` to ``student``; return the phase-2 flags
+    (the task's first, where it is not the translation task)."""
     check_output(student)
     model, task, state = load_phase1(phase1, data)
     with torch.no_grad():
         checkpoint = student_checkpoint(model, task, state)
     save_atomic(checkpoint, student)
-    return phase2_flags(model.student_args)
+    return task_flags(state["cfg"].task) + phase2_flags(model.student_args)
 
 
 def cli_main(argv=None):

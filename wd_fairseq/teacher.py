@@ -109,11 +109,19 @@ def check_translation_transformer(args: dict, path: str, flag: str) -> str:
     return arch
 
 
+def task_langs(task) -> Tuple[Optional[str], Optional[str]]:
+    """The task's source and target language (None where it has none, e.g. the
+    multilingual task in training); tasks keep their settings in ``cfg`` or ``args``."""
+    settings = getattr(task, "cfg", None) or getattr(task, "args", None)
+    return getattr(settings, "source_lang", None), getattr(settings, "target_lang", None)
+
+
 def check_dictionaries(state: dict, task, path: str) -> None:
     """The teacher's embedding tables must index the data's dictionaries."""
+    src, tgt = task_langs(task)
     sides = (
-        ("source", "src", task.cfg.source_lang, task.source_dictionary, "encoder"),
-        ("target", "tgt", task.cfg.target_lang, task.target_dictionary, "decoder"),
+        ("source", "src", src, task.source_dictionary, "encoder"),
+        ("target", "tgt", tgt, task.target_dictionary, "decoder"),
     )
     for side, short, _, dictionary, module in sides:
         table = state["model"].get(f"{module}.embed_tokens.weight")

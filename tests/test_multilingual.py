@@ -1,0 +1,84 @@
+"""Multilingual teachers (fairseq's translation_multi_simple_epoch task, one joined
+dictionary with __xx__ language tokens): a tiny es<->en teacher trained here with stock
+fairseq-train on the shipped Bible corpus, WD phase 1 for every direction, the
+materialised student decoded by stock fairseq without the plugin."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TRAIN_FLAGS, USER_DIR, run_cli
+from test_pipeline import hypotheses
+
+PAIRS = ["es-en", "en-es"]
+#: the task flags of the teacher, the students and decoding (M2M-100's recipe, in small)
+TASK = ["--task", "translation_multi_simple_epoch", "--lang-pairs", ",".join(PAIRS),
+        "--encoder-langtok", "src", "--decoder-langtok", "--langs", "es,en"]
+TEACHER = ["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2",
+           "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+           "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+           "--encoder-normalize-before", "--decoder-normalize-before", "--share-all-embeddings"]
+STUDENT = ["--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
+           "--decoder-attention-heads", "4"]
+
+
+@pytest.fixture(scope="module")
+def multilingual(tmp_path_factory):
+    """(data-bin, fixed dictionary, teacher): 600 Bible verse pairs in each direction,
+    joint BPE, one dictionary; the teacher trained 60 updates on both directions."""
+    base = tmp_path_factory.mktemp("multilingual")
+    full, raw = base / "corpus", base / "raw"
+    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/corpus.py"), str(full)],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/tools.py"), "subset", "--corpus",
+                    str(full), "--out", str(raw), "--train", "600", "--max-words", "15", "--valid", "30",
+                    "--test", "30"], check=True, capture_output=True)
+    codes = base / "codes"
+    joint = "".join((raw / f"train.{lang}").read_text(encoding="utf-8") for lang in ("es", "en"))
+    with open(codes, "w", encoding="utf-8") as out:
+        subprocess.run([sys.executable, "-m", "subword_nmt.learn_bpe", "-s", "200"], input=joint,
+                       stdout=out, check=True, text=True)
+    for split in ("train", "valid", "test"):
+        for lang in ("es", "en"):
+            with open(raw / f"{split}.{lang}", encoding="utf-8") as inp, \
+                    open(base / f"bpe.{split}.{lang}", "w", encoding="utf-8") as out:
+                subprocess.run([sys.executable, "-m", "subword_nmt.apply_bpe", "-c", str(codes)],
+                               stdin=inp, stdout=out, check=True)
+    data = base / "data-bin"
+    prefixes = [f"--{split}pref" if split != "train" else "--trainpref" for split in ("train", "valid", "test")]
+    splits = [a for p, s in zip(prefixes, ("train", "valid", "test")) for a in (p, base / f"bpe.{s}")]
+    run_cli("fairseq-preprocess", "-s", "es", "-t", "en", *splits, "--joined-dictionary",
+            "--destdir", data, "--workers", "1")
+    run_cli("fairseq-preprocess", "-s", "en", "-t", "es", *splits, "--srcdict", data / "dict.en.txt",
+            "--tgtdict", data / "dict.es.txt", "--destdir", data, "--workers", "1")
+    fixed = data / "dict.es.txt"
+    teacher = base / "teacher"
+    run_cli("fairseq-train", data, *TASK, "--fixed-dictionary", fixed, *TEACHER, *TRAIN_FLAGS,
+            "--max-update", "60", "--save-dir", teacher, "--disable-validation")
+    return data, fixed, teacher / "checkpoint_last.pt"
+
+
+def generate(data, fixed, path, pair, *extra):
+    src, tgt = pair.split("-")
+    proc = run_cli("fairseq-generate", data, *TASK, "--fixed-dictionary", fixed, "-s", src, "-t", tgt,
+                   "--path", path, "--beam", "3", "--batch-size", "16", "--gen-subset", "test",
+                   "--required-batch-size-multiple", "1", "--max-len-b", "10", *extra)
+    hyps = hypotheses(proc.stdout)
+    assert len(hyps) == 30
+    return hyps
+
+
+def test_phase1_for_every_direction_materialises_into_a_stock_multilingual_student(multilingual, tmp_path):
+    data, fixed, teacher = multilingual
+    run_cli("fairseq-train", data, *TASK, "--fixed-dictionary", fixed, "--user-dir", USER_DIR,
+            "--arch", "wd_transformer", "--teacher-path", teacher, *STUDENT, *TRAIN_FLAGS,
+            "--max-update", "10", "--save-dir", tmp_path / "phase1")
+    proc = run_cli("wd-materialize", tmp_path / "phase1" / "checkpoint_last.pt", tmp_path / "student.pt")
+    # the printed phase-2 command carries the task's flags
+    hint = next(line for line in proc.stdout.splitlines() if line.startswith("phase 2"))
+    assert "--task translation_multi_simple_epoch --lang-pairs es-en,en-es" in hint
+    assert "--encoder-langtok src --decoder-langtok" in hint
+    for pair in PAIRS:
+        phase1 = generate(data, fixed, tmp_path / "phase1" / "checkpoint_last.pt", pair, "--user-dir", USER_DIR)
+        assert generate(data, fixed, tmp_path / "student.pt", pair) == phase1
