@@ -169,13 +169,13 @@ def test_teacher_beam_and_quantization_invalidate_cache_and_shards(
     collect = kd_decoding.CTranslate2Engine._collect
     batches = {"n": 0, "fail_at": None}
 
-    def counting_collect(batch, results):
+    def counting_collect(self, batch, results):
         batches["n"] += 1
         if batches["n"] == batches["fail_at"]:
             raise Interrupt("simulated kill")
-        return collect(batch, results)
+        return collect(self, batch, results)
 
-    monkeypatch.setattr(kd_decoding.CTranslate2Engine, "_collect", staticmethod(counting_collect))
+    monkeypatch.setattr(kd_decoding.CTranslate2Engine, "_collect", counting_collect)
 
     def interrupted(**settings):
         """Shard contents after a run killed at its 4th batch; whether it restarted."""

@@ -3,6 +3,8 @@ dictionary with __xx__ language tokens): a tiny es<->en teacher trained here wit
 fairseq-train on the shipped Bible corpus, WD phase 1 for every direction, the
 materialised student decoded by stock fairseq without the plugin."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -26,7 +28,7 @@ STUDENT = ["--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-
 @pytest.fixture(scope="module")
 def multilingual(tmp_path_factory):
     """(data-bin, fixed dictionary, teacher): 600 Bible verse pairs in each direction,
-    joint BPE, one dictionary; the teacher trained 60 updates on both directions."""
+    joint BPE, one dictionary; the teacher trained 300 updates on both directions."""
     base = tmp_path_factory.mktemp("multilingual")
     full, raw = base / "corpus", base / "raw"
     subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/corpus.py"), str(full)],
@@ -55,7 +57,7 @@ def multilingual(tmp_path_factory):
     fixed = data / "dict.es.txt"
     teacher = base / "teacher"
     run_cli("fairseq-train", data, *TASK, "--fixed-dictionary", fixed, *TEACHER, *TRAIN_FLAGS,
-            "--max-update", "60", "--save-dir", teacher, "--disable-validation")
+            "--max-update", "300", "--save-dir", teacher, "--disable-validation")
     return data, fixed, teacher / "checkpoint_last.pt"
 
 
@@ -82,3 +84,34 @@ def test_phase1_for_every_direction_materialises_into_a_stock_multilingual_stude
     for pair in PAIRS:
         phase1 = generate(data, fixed, tmp_path / "phase1" / "checkpoint_last.pt", pair, "--user-dir", USER_DIR)
         assert generate(data, fixed, tmp_path / "student.pt", pair) == phase1
+
+
+def kd_data(data, teacher, directory, pair, *flags):
+    """wd-kd-data for one direction of a copy of ``data``; (summary, train1 target lines)."""
+    shutil.copytree(data, directory)
+    src, tgt = pair.split("-")
+    run_cli("wd-kd-data", directory, "--teacher-path", teacher, "-s", src, "-t", tgt, "--beam", "1",
+            "--max-len-a", "1.2", "--max-len-b", "10", *flags)
+    work = directory / f"kd-train1.{pair}"
+    summary = json.loads((work / "summary.json").read_text())
+    return summary, (work / f"train1.{tgt}").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_kd_data_of_a_direction_agrees_across_engines_without_language_tokens(multilingual, tmp_path, pair):
+    """Both engines put the language tokens in (source prefix, forced target prefix) and
+    take them out of the KD targets; CTranslate2 float32 greedy equals fairseq's."""
+    data, _, teacher = multilingual
+    fairseq, fairseq_lines = kd_data(data, teacher, tmp_path / "fairseq", pair, "--engine", "fairseq")
+    ct2, ct2_lines = kd_data(data, teacher, tmp_path / "ct2", pair, "--engine", "ctranslate2",
+                             "--quantization", "float32")
+    src, tgt = pair.split("-")
+    assert fairseq["manifest"]["lang_tokens"] == {"source": f"__{src}__", "target": f"__{tgt}__"}
+    assert fairseq["counts"]["ok"] >= 5  # (a tiny teacher: most hypotheses repeat to the limit)
+    assert ct2["counts"] == fairseq["counts"]
+    assert ct2_lines == fairseq_lines
+    assert not any("__" in line for line in fairseq_lines)
+    assert (tmp_path / "fairseq" / f"train1.{pair}.{tgt}.idx").is_file()
+    # the multilingual task trains on train + train1 of that direction
+    run_cli("fairseq-train", tmp_path / "fairseq", *TASK, "--fixed-dictionary", tmp_path / "fairseq" / "dict.es.txt",
+            *TEACHER, *TRAIN_FLAGS, "--max-update", "2", "--save-dir", tmp_path / "check", "--disable-validation")

@@ -22,15 +22,15 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from fairseq.data import Dictionary
 from fairseq.data.data_utils import infer_language_pair
-from omegaconf import OmegaConf
 
 from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
 
+from .multilingual import MULTILINGUAL_TASK, direction_task, is_multilingual, task_settings
 from .teacher import WDSetupError, check_translation_transformer, model_args, read_checkpoint
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
@@ -49,13 +49,15 @@ def _ctranslate2():
     return ctranslate2.__version__, FairseqConverter
 
 
-def converter_args(state: dict, path: str, data: Optional[str],
-                   flag: str = "STUDENT") -> argparse.Namespace:
+def converter_args(state: dict, path: str, data: Optional[str], flag: str = "STUDENT",
+                   direction: Tuple[Optional[str], Optional[str]] = (None, None)) -> argparse.Namespace:
     """The legacy ``args`` the converter reads: the checkpoint's task and model
-    configs in one Namespace, with ``data`` pointing at the dictionaries."""
+    configs in one Namespace, with ``data`` pointing at the dictionaries. A multilingual
+    model is converted for ``direction`` (default: its first language pair); its
+    vocabulary, language tokens included, serves every direction."""
     args = model_args(state)
     check_translation_transformer(args, path, flag)
-    task = OmegaConf.to_container(state["cfg"]["task"], resolve=True, enum_to_str=True)
+    task = task_settings(state["cfg"]["task"])
     source = "--data" if data else f"{flag} {path}: its run's data-bin"
     data = data or task.get("data")
     if not data or not os.path.isdir(data):
@@ -63,6 +65,8 @@ def converter_args(state: dict, path: str, data: Optional[str],
             f"{source} {data}: no such directory. Fix: pass --data with the data-bin "
             "holding the dictionaries the student was trained with"
         )
+    if is_multilingual(task):
+        return _multilingual_converter_args(state, args, task, path, data, flag, direction)
     src, tgt = task.get("source_lang"), task.get("target_lang")
     if src is None or tgt is None:
         src, tgt = infer_language_pair(data)
@@ -83,6 +87,25 @@ def converter_args(state: dict, path: str, data: Optional[str],
             )
     task_name = task.pop("_name")
     return argparse.Namespace(**{**task, **args, "task": task_name, "data": data,
+                                 "source_lang": src, "target_lang": tgt})
+
+
+def _multilingual_converter_args(state: dict, args: dict, task: dict, path: str, data: str,
+                                 flag: str, direction) -> argparse.Namespace:
+    src, tgt = direction
+    if src is None or tgt is None:
+        pairs = task["lang_pairs"]
+        src, tgt = (pairs.split(",") if isinstance(pairs, str) else pairs)[0].split("-")
+    run = direction_task(task, data, src, tgt, f"{flag} {path}")
+    for side, dictionary in (("encoder", run.source_dictionary), ("decoder", run.target_dictionary)):
+        rows = state["model"][f"{side}.embed_tokens.weight"].shape[0]
+        if len(dictionary) != rows:
+            raise WDSetupError(
+                f"{flag} {path}: its {side} table has {rows} rows, but its multilingual task "
+                f"on {data} builds a dictionary of {len(dictionary)} (language tokens "
+                "included). Fix: pass --data with the data-bin (and dictionary) the model "
+                "was trained with")
+    return argparse.Namespace(**{**vars(run.args), **args, "task": MULTILINGUAL_TASK, "data": data,
                                  "source_lang": src, "target_lang": tgt})
 
 
@@ -107,7 +130,8 @@ def _replace_dir(new: str, target: str, scratch: str) -> None:
 
 
 def export(student: str, output: str, data: Optional[str] = None,
-           quantization: str = "int8", force: bool = False, flag: str = "STUDENT") -> str:
+           quantization: str = "int8", force: bool = False, flag: str = "STUDENT",
+           direction: Tuple[Optional[str], Optional[str]] = (None, None)) -> str:
     """Convert ``student`` (stock transformer checkpoint) to a CTranslate2 model
     directory ``output``; return the CTranslate2 version used. ``flag`` names the
     checkpoint in error messages."""
@@ -126,7 +150,7 @@ def export(student: str, output: str, data: Optional[str] = None,
             "Fix: create it or choose another output directory"
         )
     state = read_checkpoint(student, flag)  # also allow-lists Namespace for the converter
-    args = converter_args(state, student, data, flag)
+    args = converter_args(state, student, data, flag, direction)
     check_heads(args, student, version, flag)
     with tempfile.TemporaryDirectory(prefix=".wd-export-ct2-", dir=parent) as scratch:
         legacy = os.path.join(scratch, "legacy.pt")
@@ -149,7 +173,8 @@ def export(student: str, output: str, data: Optional[str] = None,
 
 
 def cached_export(checkpoint: str, cache_dir: str, data: str, quantization: str,
-                  identity: dict, flag: str) -> dict:
+                  identity: dict, flag: str,
+                  direction: Tuple[Optional[str], Optional[str]] = (None, None)) -> dict:
     """``cache_dir``, the export of ``checkpoint`` (file ``identity``: size, mtime,
     content hash) with ``quantization`` and the dictionaries of ``data``, converted
     now unless it already holds exactly that. Returns its ``wd-cache.json``:
@@ -170,7 +195,7 @@ def cached_export(checkpoint: str, cache_dir: str, data: str, quantization: str,
     parent, tmp = os.path.dirname(os.path.abspath(cache_dir)), cache_dir + ".tmp"
     for stale in [tmp] + glob.glob(os.path.join(parent, ".wd-export-ct2-*")):
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed conversion
-    export(checkpoint, tmp, data, quantization, force=True, flag=flag)
+    export(checkpoint, tmp, data, quantization, force=True, flag=flag, direction=direction)
     args = model_args(read_checkpoint(checkpoint, flag))
     cached = {"key": key, "max_positions": [
         args.get("max_source_positions") or DEFAULT_MAX_SOURCE_POSITIONS,

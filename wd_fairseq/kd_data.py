@@ -49,8 +49,9 @@ from fairseq.data import Dictionary, data_utils, indexed_dataset
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .kd_decoding import (PAD_TOKEN, CTranslate2Engine, FairseqEngine, Progress, batch_plan,
-                          cpu_threads, length_limit)
-from .teacher import WDSetupError, load_teacher
+                          cpu_threads, hypothesis_limit)
+from .multilingual import NO_LANG_TOKENS, LangTokens, direction_task, is_multilingual, lang_tokens
+from .teacher import WDSetupError, load_teacher, read_checkpoint, task_langs
 
 logger = logging.getLogger("wd_fairseq.kd_data")
 
@@ -66,17 +67,41 @@ MAX_OPEN_SHARDS = 128
 
 
 def infer_langs(data: str, split: str) -> Tuple[str, str]:
-    """(source, target) languages of ``DATA/{split}.{src}-{tgt}.{src}.idx``."""
+    """(source, target) languages of ``DATA/{split}.{src}-{tgt}.{src}.idx``, the one
+    direction of a bilingual data-bin."""
     found = sorted(glob.glob(os.path.join(data, f"{split}.*-*.*.idx")))
+    pairs = []
     for path in found:
         pair, lang = os.path.basename(path)[len(split) + 1:-len(".idx")].split(".")
         src, tgt = pair.split("-")
         if lang == src:
-            return src, tgt
+            pairs.append((src, tgt))
+    if len(pairs) > 1:
+        raise WDSetupError(
+            f"DATA {data}: split '{split}' has several directions "
+            f"({', '.join('-'.join(p) for p in pairs)}). Fix: pass --source-lang and "
+            "--target-lang (one run per direction)")
+    if pairs:
+        return pairs[0]
     raise WDSetupError(
         f"DATA {data}: no binarised split '{split}' ({split}.SRC-TGT.SRC.idx). Fix: "
         "pass a data-bin written by fairseq-preprocess, or set --source-lang/--target-lang"
     )
+
+
+def kd_task(data: str, teacher_path: str, source_lang: str, target_lang: str):
+    """(task, language tokens) that decode ``source_lang``-``target_lang`` of ``data`` with
+    the teacher: fairseq's translation task, or the teacher's own multilingual task set
+    up for that direction (its dictionary with language tokens)."""
+    state = read_checkpoint(teacher_path, "--teacher-path")
+    run_task = state["cfg"]["task"] if state.get("cfg") is not None else state.get("args")
+    del state
+    if is_multilingual(run_task):
+        task = direction_task(run_task, data, source_lang, target_lang, f"--teacher-path {teacher_path}")
+        return task, lang_tokens(task, source_lang, target_lang)
+    task = TranslationTask.setup_task(
+        TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang))
+    return task, NO_LANG_TOKENS
 
 
 class Split:
@@ -386,9 +411,7 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
         )
     if source_lang is None or target_lang is None:
         source_lang, target_lang = infer_langs(data, split)
-    task = TranslationTask.setup_task(
-        TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang)
-    )
+    task, tokens = kd_task(data, teacher_path, source_lang, target_lang)
     inp = Split(data, split, source_lang, target_lang)
     out = Split(data, out_split, source_lang, target_lang)
     source, impl = load_side(inp, source_lang, task.source_dictionary)
@@ -409,9 +432,13 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
         "beam": beam, "lenpen": lenpen, "max_len_a": max_len_a, "max_len_b": max_len_b,
         "max_tokens": max_tokens, "batch_size": batch_size, "filters": filters._asdict(),
     }
+    if tokens != NO_LANG_TOKENS:
+        common["lang_tokens"] = tokens._asdict()
     manifests = {e: {**common, **_engine_settings(e, _device(cpu, e), quantization, fp16)}
                  for e in candidates}
-    store = ShardStore(os.path.join(data, f"kd-{out_split}"))
+    # a multilingual data-bin holds several directions: one work directory each
+    work_dir = f"kd-{out_split}" + (f".{source_lang}-{target_lang}" if tokens != NO_LANG_TOKENS else "")
+    store = ShardStore(os.path.join(data, work_dir))
     summary_path = os.path.join(store.directory, "summary.json")
     if out.visible():
         if not overwrite and os.path.exists(summary_path):
@@ -430,7 +457,7 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
         os.remove(stale)
 
     os.makedirs(store.directory, exist_ok=True)
-    decoder = _build_engine(candidates, manifests, teacher_path, task, data, store.directory,
+    decoder = _build_engine(candidates, manifests, teacher_path, task, tokens, data, store.directory,
                             beam, lenpen, max_len_a, max_len_b, threads, explicit=engine is not None)
     manifest = manifests[decoder.name]
     if decoder.name == "fairseq" and decoder.device.type == "cuda":
@@ -528,7 +555,7 @@ def decode_into(decoder, source, batches: List[np.ndarray], store: ShardStore, s
     for hypotheses in decoder.translate(source, batches):
         for index, tokens, score in hypotheses:
             size = int(source.sizes[index])
-            limit = length_limit(size, max_len_a, max_len_b, max_target)
+            limit = hypothesis_limit(size, decoder.tokens, max_len_a, max_len_b, max_target)
             flag = classify(tokens, limit, size - 1, score, filters)
             rows.append((index, flag, " ".join(tokens)))
         progress.update(len(hypotheses))
@@ -560,11 +587,10 @@ def _run_workers(job: Dict, devices: List[str], batches: List[np.ndarray]) -> No
 def _fairseq_worker(job: Dict, worker: int, device: str, batches: List[np.ndarray]) -> None:
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         level=logging.INFO, stream=sys.stdout, force=True)
-    task = TranslationTask.setup_task(TranslationConfig(
-        data=job["data"], source_lang=job["source_lang"], target_lang=job["target_lang"]))
+    task, tokens = kd_task(job["data"], job["teacher_path"], job["source_lang"], job["target_lang"])
     split = Split(job["data"], job["split"], job["source_lang"], job["target_lang"])
     source, _ = load_side(split, job["source_lang"], task.source_dictionary)
-    engine = _fairseq_engine(job["teacher_path"], task, torch.device(device), job["fp16"],
+    engine = _fairseq_engine(job["teacher_path"], task, tokens, torch.device(device), job["fp16"],
                              job["threads"], job["beam"], job["lenpen"], job["max_len_a"],
                              job["max_len_b"])
     decode_into(engine, source, batches, ShardStore(job["directory"], worker), job["save_every"],
@@ -572,7 +598,7 @@ def _fairseq_worker(job: Dict, worker: int, device: str, batches: List[np.ndarra
                 label=f"worker {worker} ({device}): ")
 
 
-def _fairseq_engine(teacher_path: str, task, device: torch.device, fp16: bool,
+def _fairseq_engine(teacher_path: str, task, tokens: LangTokens, device: torch.device, fp16: bool,
                     threads: Optional[int], beam: int, lenpen: float, max_len_a: float,
                     max_len_b: int) -> FairseqEngine:
     if device.type == "cpu" and threads:
@@ -581,10 +607,11 @@ def _fairseq_engine(teacher_path: str, task, device: torch.device, fp16: bool,
     teacher = teacher.to(device).eval()
     if fp16:
         teacher = teacher.half()
-    return FairseqEngine(teacher, task, beam, lenpen, max_len_a, max_len_b, device)
+    return FairseqEngine(teacher, task, tokens, beam, lenpen, max_len_a, max_len_b, device)
 
 
-def _build_engine(candidates: List[str], manifests: Dict, teacher_path: str, task, data: str,
+def _build_engine(candidates: List[str], manifests: Dict, teacher_path: str, task,
+                  tokens: LangTokens, data: str,
                   work_dir: str, beam: int, lenpen: float, max_len_a: float, max_len_b: int,
                   threads: Optional[int], explicit: bool):
     """The first engine of ``candidates`` that accepts the teacher. An automatic choice
@@ -597,7 +624,8 @@ def _build_engine(candidates: List[str], manifests: Dict, teacher_path: str, tas
             quantization = settings["quantization"]
             try:
                 cached = cached_export(teacher_path, os.path.join(work_dir, f"ct2-{quantization}"),
-                                       data, quantization, settings["teacher"], "--teacher-path")
+                                       data, quantization, settings["teacher"], "--teacher-path",
+                                       task_langs(task))
             except WDSetupError as e:
                 if explicit:
                     raise
@@ -606,10 +634,10 @@ def _build_engine(candidates: List[str], manifests: Dict, teacher_path: str, tas
             return CTranslate2Engine(
                 os.path.join(work_dir, f"ct2-{quantization}"), quantization, settings["device"],
                 threads or cpu_threads(), beam, lenpen, max_len_a, max_len_b,
-                task.source_dictionary,
-                (min(cached["max_positions"][0], task.cfg.max_source_positions),
+                task.source_dictionary, tokens,
+                (min(cached["max_positions"][0], task.max_positions()[0]),
                  cached["max_positions"][1]))
-        return _fairseq_engine(teacher_path, task, torch.device(settings["device"]),
+        return _fairseq_engine(teacher_path, task, tokens, torch.device(settings["device"]),
                                settings["fp16"], threads, beam, lenpen, max_len_a, max_len_b)
     raise AssertionError("fairseq is always a candidate of an automatic choice")
 

@@ -31,6 +31,11 @@ Both engines decode the same sentences with the same search:
 * when more hypotheses finish in one step than the beam still needs, fairseq keeps the
   first ones in raw-score order and CTranslate2 keeps the best normalised one.
 
+A multilingual teacher's sentences carry language tokens (``multilingual.LangTokens``):
+both engines put the source token first in every source and force the target token as
+the first output token (fairseq: the task's prefix; CTranslate2: ``target_prefix``),
+and strip it from the hypothesis. Its log-probability is part of the score in both.
+
 The plan is a function of the source lengths and batch settings only, never of what
 is already done, so a resumed run decodes each remaining sentence in the same batch as
 an uninterrupted run would: the results are identical, not just close.
@@ -45,8 +50,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from fairseq import utils
-from fairseq.data import LanguagePairDataset
+from fairseq.data import LanguagePairDataset, PrependTokenDataset
 from fairseq.dataclass.configs import GenerationConfig
+
+from .multilingual import LangTokens
 
 logger = logging.getLogger("wd_fairseq.kd_data")
 
@@ -61,6 +68,15 @@ Hypothesis = Tuple[int, List[str], float]
 def length_limit(size: int, max_len_a: float, max_len_b: int, max_target: int) -> int:
     """fairseq's ``max_len`` for a source of ``size`` tokens (EOS included)."""
     return min(int(max_len_a * size + max_len_b), max_target - 1)
+
+
+def hypothesis_limit(size: int, tokens: LangTokens, max_len_a: float, max_len_b: int,
+                     max_target: int) -> int:
+    """The length at which a hypothesis (its target language token stripped) of a
+    source of ``size`` tokens was cut: :func:`length_limit` of the source as the teacher
+    sees it (language token included), less the forced target language token."""
+    return (length_limit(size + (tokens.source is not None), max_len_a, max_len_b, max_target)
+            - (tokens.target is not None))
 
 
 def batch_plan(sizes: np.ndarray, decodable: np.ndarray, max_tokens: Optional[int],
@@ -113,9 +129,9 @@ class FairseqEngine:
 
     name = "fairseq"
 
-    def __init__(self, teacher, task, beam: int, lenpen: float, max_len_a: float,
-                 max_len_b: int, device: torch.device):
-        self.teacher, self.task, self.device = teacher, task, device
+    def __init__(self, teacher, task, tokens: LangTokens, beam: int, lenpen: float,
+                 max_len_a: float, max_len_b: int, device: torch.device):
+        self.teacher, self.task, self.tokens, self.device = teacher, task, tokens, device
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
         self.generator = task.build_generator(
             [teacher], GenerationConfig(beam=beam, lenpen=lenpen, nbest=1, max_len_a=max_len_a,
@@ -123,21 +139,24 @@ class FairseqEngine:
 
     def max_positions(self) -> Tuple[int, int]:
         """(longest source, ``max_target`` of :func:`length_limit`)."""
-        return (min(self.teacher.max_positions()[0], self.task.cfg.max_source_positions),
+        return (min(self.teacher.max_positions()[0], self.task.max_positions()[0]),
                 self.generator.max_len)
 
     def translate(self, source, batches: Sequence[np.ndarray]) -> Iterator[List[Hypothesis]]:
         """Hypotheses of each batch of ``source`` (a fairseq dataset), batch by batch."""
-        dataset = LanguagePairDataset(source, source.sizes, self.task.source_dictionary,
-                                      shuffle=False)
-        tgt_dict = self.task.target_dictionary
+        src_dict, tgt_dict = self.task.source_dictionary, self.task.target_dictionary
+        if self.tokens.source is not None:
+            source = PrependTokenDataset(source, src_dict.index(self.tokens.source))
+        dataset = LanguagePairDataset(source, source.sizes, src_dict, shuffle=False)
         for batch in batches:
             sample = dataset.collater([dataset[int(i)] for i in batch])
             if self.device.type == "cuda":
                 sample = utils.move_to_cuda(sample, device=self.device)
+            # (the multilingual task forces the target language token as a prefix)
             hypos = self.task.inference_step(self.generator, [self.teacher], sample)
-            yield [(index, [tgt_dict[t] for t in nbest[0]["tokens"][:-1].tolist()],
-                    float(nbest[0]["score"])) for index, nbest in zip(sample["id"].tolist(), hypos)]
+            yield [(index, strip_prefix([tgt_dict[t] for t in nbest[0]["tokens"][:-1].tolist()],
+                                        self.tokens.target), float(nbest[0]["score"]))
+                   for index, nbest in zip(sample["id"].tolist(), hypos)]
 
 
 class CTranslate2Engine:
@@ -146,7 +165,7 @@ class CTranslate2Engine:
     name = "ctranslate2"
 
     def __init__(self, model_dir: str, quantization: str, device: str, threads: int, beam: int,
-                 lenpen: float, max_len_a: float, max_len_b: int, src_dict,
+                 lenpen: float, max_len_a: float, max_len_b: int, src_dict, tokens: LangTokens,
                  max_positions: Tuple[int, int]):
         import ctranslate2
 
@@ -159,7 +178,7 @@ class CTranslate2Engine:
         self.device, self.threads = device, threads if device == "cpu" else None
         self.beam, self.lenpen = beam, lenpen
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
-        self.src_dict = src_dict
+        self.src_dict, self.tokens = src_dict, tokens
         self._max_positions = max_positions
 
     def max_positions(self) -> Tuple[int, int]:
@@ -177,23 +196,31 @@ class CTranslate2Engine:
             yield self._collect(*pending.popleft())
 
     def _submit(self, source, batch: np.ndarray):
-        tokens = [[self.src_dict[t] for t in source[int(i)][:-1].tolist()] for i in batch]
-        size = int(source.sizes[batch[0]])
-        limit = length_limit(size, self.max_len_a, self.max_len_b, self._max_positions[1])
+        first = [self.tokens.source] if self.tokens.source is not None else []
+        tokens = [first + [self.src_dict[t] for t in source[int(i)][:-1].tolist()] for i in batch]
+        limit = hypothesis_limit(int(source.sizes[batch[0]]), self.tokens, self.max_len_a,
+                                 self.max_len_b, self._max_positions[1])
+        prefix = [[self.tokens.target]] * len(batch) if self.tokens.target is not None else None
+        # CTranslate2's lengths count the prefix: with one, min_decoding_length=1 allows EOS
+        # right after it, as fairseq (whose min_len=1 only bans EOS at the forced step)
         return self.translator.translate_batch(
-            tokens, asynchronous=True, beam_size=self.beam, patience=1,
-            length_penalty=self.lenpen, max_decoding_length=limit + 1, min_decoding_length=1,
-            return_end_token=True, max_input_length=0, return_scores=True)
+            tokens, target_prefix=prefix, asynchronous=True, beam_size=self.beam, patience=1,
+            length_penalty=self.lenpen, max_decoding_length=limit + 1 + (prefix is not None),
+            min_decoding_length=1, return_end_token=True, max_input_length=0, return_scores=True)
 
-    @staticmethod
-    def _collect(batch: np.ndarray, results) -> List[Hypothesis]:
+    def _collect(self, batch: np.ndarray, results) -> List[Hypothesis]:
         hypotheses = []
         for index, result in zip(batch.tolist(), results):
             result = result.result()
             tokens = result.hypotheses[0]  # ends with EOS unless cut at the limit
-            hypotheses.append((index, tokens[:-1] if tokens[-1:] == ["</s>"] else tokens,
-                               result.scores[0]))
+            tokens = tokens[:-1] if tokens[-1:] == ["</s>"] else tokens
+            hypotheses.append((index, strip_prefix(tokens, self.tokens.target), result.scores[0]))
         return hypotheses
+
+
+def strip_prefix(tokens: List[str], prefix: Optional[str]) -> List[str]:
+    """A hypothesis without the forced target language token it starts with."""
+    return tokens[1:] if prefix is not None and tokens[:1] == [prefix] else tokens
 
 
 def cpu_threads() -> int:

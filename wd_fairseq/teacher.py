@@ -135,7 +135,9 @@ def check_dictionaries(state: dict, task, path: str) -> None:
     data_dir = _teacher_data_dir(state)
     for side, short, lang, dictionary, _ in sides if data_dir else ():
         teacher_dict = os.path.join(data_dir, f"dict.{lang}.txt")
-        if os.path.isfile(teacher_dict) and Dictionary.load(teacher_dict).symbols != dictionary.symbols:
+        # (a multilingual task appends its language tokens to the file's entries)
+        symbols = Dictionary.load(teacher_dict).symbols if os.path.isfile(teacher_dict) else None
+        if symbols is not None and symbols != dictionary.symbols[:len(symbols)]:
             raise WDSetupError(
                 f"--teacher-path {path}: the teacher was trained with {teacher_dict}, "
                 f"which differs from the data's {side} dictionary. Fix: binarise the data "
