@@ -51,6 +51,7 @@ setup(
             "wd-evaluate = wd_fairseq.evaluation:cli_main",
             "wd-train = wd_fairseq.launch:cli_main",
             "wd-init-student = wd_fairseq.init_student:cli_main",
+            "wd-trim-vocab = wd_fairseq.trim_vocab:cli_main",
         ],
     },
 )

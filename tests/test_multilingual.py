@@ -115,3 +115,59 @@ def test_kd_data_of_a_direction_agrees_across_engines_without_language_tokens(mu
     # the multilingual task trains on train + train1 of that direction
     run_cli("fairseq-train", tmp_path / "fairseq", *TASK, "--fixed-dictionary", tmp_path / "fairseq" / "dict.es.txt",
             *TEACHER, *TRAIN_FLAGS, "--max-update", "2", "--save-dir", tmp_path / "check", "--disable-validation")
+
+
+@pytest.fixture(scope="module")
+def few(multilingual, tmp_path_factory):
+    """A data-bin of the es-en direction with only 40 training pairs (the teacher's
+    dictionary): the tokens a narrow student needs are a fraction of the teacher's."""
+    data, fixed, _ = multilingual
+    base = tmp_path_factory.mktemp("few")
+    bpe = data.parent
+    for split, n in (("train", 40), ("valid", 10), ("test", 10)):
+        for lang in ("es", "en"):
+            lines = (bpe / f"bpe.{split}.{lang}").read_text(encoding="utf-8").splitlines()[:n]
+            (base / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = base / "data-bin"
+    run_cli("fairseq-preprocess", "-s", "es", "-t", "en", "--trainpref", base / "train", "--validpref",
+            base / "valid", "--testpref", base / "test", "--srcdict", fixed, "--tgtdict", fixed,
+            "--destdir", out, "--workers", "1")
+    return out
+
+
+def test_trimmed_teacher_keeps_the_used_tokens_and_their_scores(multilingual, few, tmp_path):
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq.data import Dictionary, data_utils
+
+    import wd_fairseq  # noqa: F401
+    from wd_fairseq.multilingual import direction_task
+
+    _, _, teacher = multilingual
+    proc = run_cli("wd-trim-vocab", teacher, few, tmp_path / "trimmed", "--pairs", "es-en")
+    summary = json.loads((tmp_path / "trimmed" / "trim.json").read_text())
+    old_size, new_size = summary["target_vocabulary"]
+    assert new_size < old_size and "vocabulary" in proc.stdout  # (a tiny BPE: mostly characters)
+    old_dict, new_dict = (Dictionary.load(str(d / "dict.en.txt")) for d in (few, tmp_path / "trimmed"))
+    # the renumbered data reads as the same text
+    for lang in ("es", "en"):
+        old = data_utils.load_indexed_dataset(str(few / f"train.es-en.{lang}"), old_dict)
+        new = data_utils.load_indexed_dataset(str(tmp_path / "trimmed" / f"train.es-en.{lang}"), new_dict)
+        assert [old_dict.string(old[i]) for i in range(len(old))] == [new_dict.string(new[i]) for i in range(len(new))]
+    # the trimmed teacher's logits are the teacher's, for the kept tokens and language tokens
+    models = {}
+    for name, path, data in (("old", teacher, few), ("new", tmp_path / "trimmed" / "teacher.pt", tmp_path / "trimmed")):
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
+        task = direction_task(state["cfg"].task, str(data), "es", "en", name)
+        [models[name]], _ = checkpoint_utils.load_model_ensemble([str(path)], task=task)
+        models[name].eval()
+        models[name + "_dict"] = task.target_dictionary
+    old_task_dict, new_task_dict = models["old_dict"], models["new_dict"]
+    kept = torch.tensor([old_task_dict.index(s) for s in new_task_dict.symbols])
+    assert {"__es__", "__en__"} <= set(new_task_dict.symbols) and len(new_task_dict) == new_size
+    src_new = torch.tensor([[new_task_dict.index("__es__"), 10, 11, 12, new_task_dict.eos()]])
+    prev_new = torch.tensor([[new_task_dict.eos(), new_task_dict.index("__en__"), 13, 14]])
+    with torch.no_grad():
+        out_new = models["new"](src_new, torch.tensor([5]), prev_new)[0]
+        out_old = models["old"](kept[src_new], torch.tensor([5]), kept[prev_new])[0]
+    torch.testing.assert_close(out_new, out_old[..., kept])
