@@ -140,7 +140,7 @@ def test_trimmed_teacher_keeps_the_used_tokens_and_their_scores(multilingual, fe
     from fairseq import checkpoint_utils
     from fairseq.data import Dictionary, data_utils
 
-    import wd_fairseq  # noqa: F401
+    import wd_fairseq  # noqa: F401  (allow-lists fairseq checkpoint types)
     from wd_fairseq.multilingual import direction_task
 
     _, _, teacher = multilingual
@@ -171,3 +171,18 @@ def test_trimmed_teacher_keeps_the_used_tokens_and_their_scores(multilingual, fe
         out_new = models["new"](src_new, torch.tensor([5]), prev_new)[0]
         out_old = models["old"](kept[src_new], torch.tensor([5]), kept[prev_new])[0]
     torch.testing.assert_close(out_new, out_old[..., kept])
+    # a one-direction student of the trimmed teacher has the small vocabulary, and decodes
+    # with stock fairseq under the trimmed run's task flags
+    trimmed = tmp_path / "trimmed"
+    task = ["--task", "translation_multi_simple_epoch", "--lang-pairs", "es-en", "--encoder-langtok", "src",
+            "--decoder-langtok", "--langs", "en,es", "--fixed-dictionary", trimmed / "dict.es.txt"]
+    run_cli("fairseq-train", trimmed, *task, "--user-dir", USER_DIR, "--arch", "wd_transformer",
+            "--teacher-path", trimmed / "teacher.pt", *STUDENT, *TRAIN_FLAGS, "--max-update", "4",
+            "--save-dir", tmp_path / "phase1", "--disable-validation")
+    run_cli("wd-materialize", tmp_path / "phase1" / "checkpoint_last.pt", tmp_path / "student.pt")
+    student = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert student["model"]["decoder.output_projection.weight"].shape[0] == new_size
+    proc = run_cli("fairseq-generate", trimmed, *task, "-s", "es", "-t", "en", "--path", tmp_path / "student.pt",
+                   "--beam", "2", "--batch-size", "8", "--gen-subset", "test", "--max-len-b", "5",
+                   "--required-batch-size-multiple", "1")
+    assert len(hypotheses(proc.stdout)) == 10
