@@ -91,6 +91,21 @@ def test_table_generator_rows_and_full_table(teacher_dim, student_dim):
     assert (gen.proj is None) == (teacher_dim == student_dim)
 
 
+def test_table_generator_with_one_scale_for_every_token():
+    """--wd-table-scale shared: X[y] = A ⊙ tanh(E[y] · P) + B with A, B (1, d_S): the
+    generator's size does not depend on the vocabulary."""
+    gen = randomize(TableGenerator(30, 24, 12, per_token=False))
+    assert gen.scale.shape == gen.shift.shape == (1, 12)
+    assert sum(p.numel() for p in gen.parameters()) == 24 * 12 + 2 * 12
+    E = torch.randn(30, 24)
+    expected = gen.scale * torch.tanh(E @ gen.proj) + gen.shift
+    torch.testing.assert_close(gen(E), expected, rtol=1e-5, atol=1e-5)
+    rows = torch.tensor([7, 3, 29])
+    torch.testing.assert_close(gen.rows(E, rows), expected[rows], rtol=1e-5, atol=1e-5)
+    gen.start_as_slice(E)  # the closest shared start: the mean residual
+    torch.testing.assert_close(gen.shift, (E[:, :12] - torch.tanh(E[:, :12])).mean(0, keepdim=True))
+
+
 def test_projection_generator():
     """docs/method.md 3.7: W_out = O_T · P_o; the teacher's as is at equal width."""
     O = torch.randn(30, 24)

@@ -176,9 +176,13 @@ def test_trimmed_teacher_keeps_the_used_tokens_and_their_scores(multilingual, fe
     trimmed = tmp_path / "trimmed"
     task = ["--task", "translation_multi_simple_epoch", "--lang-pairs", "es-en", "--encoder-langtok", "src",
             "--decoder-langtok", "--langs", "en,es", "--fixed-dictionary", trimmed / "dict.es.txt"]
+    # (with the bounded embedding generators: one scale and shift for every token)
     run_cli("fairseq-train", trimmed, *task, "--user-dir", USER_DIR, "--arch", "wd_transformer",
             "--teacher-path", trimmed / "teacher.pt", *STUDENT, *TRAIN_FLAGS, "--max-update", "4",
-            "--save-dir", tmp_path / "phase1", "--disable-validation")
+            "--save-dir", tmp_path / "phase1", "--disable-validation", "--wd-table-scale", "shared")
+    phase1 = torch.load(tmp_path / "phase1" / "checkpoint_last.pt", weights_only=False)["model"]
+    scales = [k for k in phase1 if "embed_tokens" in k and k.endswith("generator.scale")]
+    assert scales and all(phase1[k].shape[0] == 1 for k in scales)
     run_cli("wd-materialize", tmp_path / "phase1" / "checkpoint_last.pt", tmp_path / "student.pt")
     student = torch.load(tmp_path / "student.pt", weights_only=True)
     assert student["model"]["decoder.output_projection.weight"].shape[0] == new_size

@@ -155,17 +155,20 @@ class TableGenerator(ParameterGenerator):
     teacher: table E (V, d_T) -> student table (V, d_S). P (d_T, d_S) exists only
     when the widths differ (same width: the element-wise recipe, per token).
     ``rows(table, index)`` generates only the rows in ``index``.
+    ``per_token=False`` (``--wd-table-scale shared``, not the authors'): one A and B
+    (1, d_S) for every token, so the generator's size does not grow with V.
     """
 
-    def __init__(self, num_rows: int, teacher_dim: int, student_dim: int):
+    def __init__(self, num_rows: int, teacher_dim: int, student_dim: int, per_token: bool = True):
         super().__init__()
         self.proj: Optional[nn.Parameter] = None
         if teacher_dim != student_dim:
             self.proj = nn.Parameter(
                 nn.init.xavier_normal_(torch.empty(teacher_dim, student_dim))
             )
-        self.scale = nn.Parameter(torch.ones(num_rows, student_dim))
-        self.shift = nn.Parameter(torch.zeros(num_rows, student_dim))
+        rows = num_rows if per_token else 1
+        self.scale = nn.Parameter(torch.ones(rows, student_dim))
+        self.shift = nn.Parameter(torch.zeros(rows, student_dim))
 
     def _project(self, table: Tensor) -> Tensor:
         table = table.float()
@@ -176,7 +179,9 @@ class TableGenerator(ParameterGenerator):
         with fp32_compute(table.device):
             scale, shift = self.scale, self.shift
             if index is not None:
-                table, scale, shift = table[index], scale[index], shift[index]
+                table = table[index]
+                if scale.shape[0] > 1:  # (per token)
+                    scale, shift = scale[index], shift[index]
             return scale.float() * torch.tanh(self._project(table)) + shift.float()
 
     def forward(self, table: Tensor) -> Tensor:
@@ -188,7 +193,9 @@ class TableGenerator(ParameterGenerator):
             self.proj.copy_(_selection(*self.proj.shape))
         x = self._project(table)
         self.scale.fill_(1.0)
-        self.shift.copy_(x - torch.tanh(x))
+        # exact per token; with one shared B the mean over tokens (the closest start)
+        residual = x - torch.tanh(x)
+        self.shift.copy_(residual if self.shift.shape[0] > 1 else residual.mean(0, keepdim=True))
 
 
 class ProjectionGenerator(ParameterGenerator):

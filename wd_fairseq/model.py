@@ -78,6 +78,13 @@ class WDTransformerConfig(FairseqDataclass):
         metadata={"help": "generator initialisation: 'faithful' (the authors': random "
                   "projections) or 'slice' (the student starts as a slice of the teacher)"},
     )
+    wd_table_scale: ChoiceEnum(["token", "shared"]) = field(
+        default="token",
+        metadata={"help": "embedding-table generators: a scale and shift per token and "
+                  "student dimension ('token', the authors': 2 x vocabulary x width "
+                  "parameters) or one shared by every token ('shared': bounded for big "
+                  "vocabularies)"},
+    )
     teacher_config: Optional[str] = field(
         default=None,
         metadata={"help": "set automatically from --teacher-path: the teacher's model "
@@ -229,7 +236,7 @@ class WDTransformerModel(TransformerModel):
         args = student_args(cfg, teacher_args, task)
         model = super().build_model(argparse.Namespace(**args), task)
         model.student_args = args
-        model.attach_teacher(teacher, teacher_args)
+        model.attach_teacher(teacher, teacher_args, safe_getattr(cfg, "wd_table_scale", "token"))
         if loaded and safe_getattr(cfg, "wd_init", "faithful") == "slice":
             model.start_as_slice()
         return model
@@ -241,8 +248,10 @@ class WDTransformerModel(TransformerModel):
 
     # -- generators ---------------------------------------------------------------
 
-    def attach_teacher(self, teacher: TransformerModel, teacher_args: Dict) -> None:
-        """Replace every student tensor by a generator reading ``teacher``."""
+    def attach_teacher(self, teacher: TransformerModel, teacher_args: Dict,
+                       table_scale: str = "token") -> None:
+        """Replace every student tensor by a generator reading ``teacher``
+        (``table_scale``: see ``--wd-table-scale``)."""
         student = list(self.named_parameters(remove_duplicate=False))
         self.teacher = teacher
         teacher_tensors = dict(teacher.named_parameters(remove_duplicate=False))
@@ -271,7 +280,7 @@ class WDTransformerModel(TransformerModel):
                     )
             shapes = [tuple(teacher_tensors[s].shape) for s in sources]
             shape = tuple(getattr(module, tensor_name).shape)
-            generator = self._generator(name, module, shapes[0], shape, len(sources))
+            generator = self._generator(name, module, shapes[0], shape, len(sources), table_scale)
             generate(module, tensor_name, GeneratedTensor(generator, teacher, sources))
 
     def _replace_token_embeddings(self) -> None:
@@ -295,7 +304,7 @@ class WDTransformerModel(TransformerModel):
         return [f"{side}.layers.{j}.{rest}" for j in groups[side][index]]
 
     @staticmethod
-    def _generator(name, module, teacher_shape, shape, group_size):
+    def _generator(name, module, teacher_shape, shape, group_size, table_scale="token"):
         if name.endswith("output_projection.weight"):
             return ProjectionGenerator(teacher_shape[1], shape[1])
         if isinstance(module, nn.Embedding):
@@ -304,7 +313,7 @@ class WDTransformerModel(TransformerModel):
                     f"{name}: the teacher table has {teacher_shape[0]} rows, the "
                     f"student's {shape[0]}. Fix: use the teacher's dictionaries"
                 )
-            return TableGenerator(shape[0], teacher_shape[1], shape[1])
+            return TableGenerator(shape[0], teacher_shape[1], shape[1], per_token=table_scale == "token")
         if len(shape) != len(teacher_shape) or len(shape) not in (1, 2):
             raise WDSetupError(f"{name}: no WD generator for a tensor of shape {shape}")
         if shape == teacher_shape and group_size == 1:
