@@ -190,3 +190,51 @@ def test_trimmed_teacher_keeps_the_used_tokens_and_their_scores(multilingual, fe
                    "--beam", "2", "--batch-size", "8", "--gen-subset", "test", "--max-len-b", "5",
                    "--required-batch-size-multiple", "1")
     assert len(hypotheses(proc.stdout)) == 10
+
+
+def test_a_teacher_trained_with_other_languages_is_refused_with_what_to_pass(multilingual, tmp_path):
+    data, fixed, teacher = multilingual
+    task = [a if a != "es,en" else "es,en,fr" for a in TASK]  # one language token more
+    proc = run_cli("fairseq-train", data, *task, "--fixed-dictionary", fixed, "--user-dir", USER_DIR,
+                   "--arch", "wd_transformer", "--teacher-path", teacher, *STUDENT, *TRAIN_FLAGS,
+                   "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "3 language tokens of --langs/--lang-pairs), -1." in proc.stderr
+    assert "Pass the teacher's own language list" in proc.stderr
+
+
+def nllb_style(teacher, path):
+    """The teacher as fairseq's nllb branch would have saved it with
+    --add-data-source-prefix-tags: 3 more rows after the language tokens."""
+    import argparse
+
+    import torch
+
+    state = torch.load(teacher, weights_only=False)
+    task = vars(state["cfg"]["task"]) if isinstance(state["cfg"]["task"], argparse.Namespace) \
+        else dict(state["cfg"]["task"])
+    state["cfg"]["task"] = argparse.Namespace(**task, add_data_source_prefix_tags=True)
+    for name, table in list(state["model"].items()):
+        if name.endswith(("embed_tokens.weight", "output_projection.weight")):
+            state["model"][name] = torch.cat([table, torch.randn(3, table.shape[1])])
+    torch.save(state, path)
+    return path
+
+
+def test_nllb_data_source_tags_are_handled_by_the_tools_and_refused_by_fairseq_main(multilingual, tmp_path):
+    data, fixed, teacher = multilingual
+    nllb = nllb_style(teacher, tmp_path / "nllb.pt")
+    # fairseq main's task lacks the 3 entries: phase 1 says what to do
+    proc = run_cli("fairseq-train", data, *TASK, "--fixed-dictionary", fixed, "--user-dir", USER_DIR,
+                   "--arch", "wd_transformer", "--teacher-path", nllb, *STUDENT, *TRAIN_FLAGS,
+                   "--max-update", "1", "--save-dir", tmp_path / "refused", check=False)
+    assert proc.returncode != 0 and "+3." in proc.stderr and "wd-trim-vocab" in proc.stderr
+    # wd-kd-data adds them itself
+    summary, lines = kd_data(data, nllb, tmp_path / "kd", "es-en", "--engine", "fairseq")
+    assert summary["sentences"] == 600 and len(lines) == 600
+    # wd-trim-vocab drops them (the data never uses them): its teacher trains in fairseq main
+    run_cli("wd-trim-vocab", nllb, data, tmp_path / "trimmed", "--pairs", "es-en,en-es")
+    trimmed = tmp_path / "trimmed"
+    run_cli("fairseq-train", trimmed, *TASK, "--fixed-dictionary", trimmed / "dict.es.txt", "--user-dir", USER_DIR,
+            "--arch", "wd_transformer", "--teacher-path", trimmed / "teacher.pt", *STUDENT, *TRAIN_FLAGS,
+            "--max-update", "1", "--save-dir", tmp_path / "phase1", "--disable-validation")

@@ -19,6 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from .teacher import WDSetupError
 
 MULTILINGUAL_TASK = "translation_multi_simple_epoch"
+#: Entries fairseq's nllb branch appends after the language tokens with
+#: --add-data-source-prefix-tags (NLLB-200 checkpoints); fairseq main's task does not know
+#: the flag, so its dictionaries are these 3 entries short (fairseq#4557).
+NLLB_DATA_SOURCE_TAGS = ("<MINED_DATA>", "<MMT_BT_DATA>", "<SMT_BT_DATA>")
 
 
 class LangTokens(NamedTuple):
@@ -51,6 +55,11 @@ def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what
     tokens, data from ``data``. A ``--fixed-dictionary`` or ``--lang-dict`` path of the
     run that does not exist here is looked for in ``data``."""
     settings = task_settings(task_cfg)
+    for key in ("add_ssl_task_tokens", "finetune_dict_specs"):
+        if settings.get(key):
+            raise WDSetupError(f"{what}: trained with --{key.replace('_', '-')} (fairseq's nllb "
+                               "branch), which wd_fairseq does not support. Fix: use a checkpoint "
+                               "trained without it")
     if settings.get("lang_tok_replacing_bos_eos"):
         raise WDSetupError(f"{what}: trained with --lang-tok-replacing-bos-eos, which wd_fairseq "
                            "does not support. Fix: use a run with language tokens as prefixes")
@@ -66,12 +75,17 @@ def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what
     settings.update(_name=MULTILINGUAL_TASK, task=MULTILINGUAL_TASK, data=data,
                     source_lang=source_lang, target_lang=target_lang)
     try:
-        return tasks.setup_task(argparse.Namespace(**settings))
+        task = tasks.setup_task(argparse.Namespace(**settings))
     except (FileNotFoundError, AssertionError) as e:
         raise WDSetupError(
             f"{what}: its multilingual task cannot be set up for {source_lang}-{target_lang} "
             f"on {data} ({e}). Fix: pass the data-bin binarised with the run's dictionary, "
             f"with the languages of its --langs / --lang-pairs") from e
+    if settings.get("add_data_source_prefix_tags"):
+        for dictionary in {id(d): d for d in task.dicts.values()}.values():
+            for tag in NLLB_DATA_SOURCE_TAGS:
+                dictionary.add_symbol(tag)
+    return task
 
 
 def lang_tokens(task, source_lang: str, target_lang: str) -> LangTokens:

@@ -125,6 +125,9 @@ def check_dictionaries(state: dict, task, path: str) -> None:
     )
     for side, short, _, dictionary, module in sides:
         table = state["model"].get(f"{module}.embed_tokens.weight")
+        if table is not None and table.shape[0] != len(dictionary) and hasattr(task, "data_manager"):
+            raise WDSetupError(_multilingual_mismatch(state, task, path, side, table.shape[0],
+                                                      len(dictionary)))
         if table is not None and table.shape[0] != len(dictionary):
             raise WDSetupError(
                 f"--teacher-path {path}: the teacher's {side} vocabulary has "
@@ -143,6 +146,25 @@ def check_dictionaries(state: dict, task, path: str) -> None:
                 f"which differs from the data's {side} dictionary. Fix: binarise the data "
                 f"with fairseq-preprocess --{short}dict {teacher_dict}"
             )
+
+
+def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, entries: int) -> str:
+    """Why a multilingual teacher's table and the task's dictionary differ, and what to pass."""
+    langs = getattr(task, "langs", None) or []
+    run = state.get("cfg", {}).get("task") if state.get("cfg") is not None else state.get("args")
+    nllb = bool(getattr(run, "add_data_source_prefix_tags", False))
+    hint = (" The checkpoint was trained with --add-data-source-prefix-tags (fairseq's nllb branch: "
+            "3 more entries after the language tokens), which this fairseq's task does not add: "
+            "run wd-trim-vocab TEACHER.pt DATA OUT first (its teacher and dictionary need no tags), "
+            "or use fairseq's nllb branch" if nllb else
+            " Pass the teacher's own language list, in its order: --langs or --lang-dict (M2M-100: "
+            "the language list of its release; --lang-pairs alone derives the languages from the "
+            "pairs, which gives too few unless every language is in a pair) and its "
+            "--fixed-dictionary (M2M-100: model_dict.128k.txt)")
+    return (f"--teacher-path {path}: the teacher's {side} table has {rows} rows but the "
+            f"multilingual task's dictionary has {entries} entries ({entries - len(langs)} of the "
+            f"dictionary file + {len(langs)} language tokens of --langs/--lang-pairs), "
+            f"{rows - entries:+d}.{hint}")
 
 
 def build_teacher(args: dict, task) -> Tuple[TransformerModel, dict]:

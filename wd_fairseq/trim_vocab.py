@@ -174,7 +174,9 @@ def trimmed_teacher(state: dict, run: dict, data: str, scratch: str, out: str, k
     src, tgt = kept_pairs[0]
     if multilingual:
         old_task = direction_task(run, data, src, tgt, what)
-        new_run = dict(run, data=out, langs=list(langs), lang_dict=None,
+        # (NLLB's data-source tags go: no kept text uses them, and fairseq main's task
+        # cannot add them)
+        new_run = dict(run, data=out, langs=list(langs), lang_dict=None, add_data_source_prefix_tags=False,
                        lang_pairs=",".join("-".join(p) for p in kept_pairs),
                        fixed_dictionary=os.path.join(out, f"dict.{src}.txt") if run.get("fixed_dictionary") else None)
         # the new task's dictionaries, built from the files in scratch (paths of OUT-to-be)
