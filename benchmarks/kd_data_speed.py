@@ -97,7 +97,8 @@ def bare_ctranslate2(copy: Path, quantization: str, threads: int, beam: int,
                      max_tokens: int) -> dict:
     """CTranslate2's own speed on the same sentences: one bare ``translate_batch`` with the
     model ``wd-kd-data`` just converted (CPU; sorted by length, batches of ``max_tokens``
-    source tokens), which shows what ``wd-kd-data`` adds. One length limit serves all
+    source tokens, one one-thread translator per thread as in ``wd-kd-data``), which shows
+    what ``wd-kd-data`` adds. One length limit serves all
     sentences (the longest source's): fair for a trained teacher, whose hypotheses end on
     their own; with random weights every hypothesis runs to it, so the bare run does more."""
     import ctranslate2
@@ -112,7 +113,7 @@ def bare_ctranslate2(copy: Path, quantization: str, threads: int, beam: int,
                     key=len)
     translator = ctranslate2.Translator(str(copy / "kd-train1" / f"ct2-{quantization}"),
                                         device="cpu", compute_type=quantization,
-                                        intra_threads=threads)
+                                        inter_threads=threads, intra_threads=1)
     start = time.perf_counter()
     translator.translate_batch(tokens, max_batch_size=max_tokens, batch_type="tokens",
                                beam_size=beam, max_decoding_length=2 * len(tokens[-1]) + 13,
