@@ -7,7 +7,9 @@ dictionary of 128,112 entries), with the full and a trimmed vocabulary
 For each setting fairseq's own ``Trainer`` (Adam, label-smoothed CE) builds the phase-1
 model and runs update steps on one fixed batch of random sentences: trainable (generator)
 parameters, of which the embedding-table generators, the frozen teacher's parameters, the
-Adam state after a step (bytes of its tensors), and the median update time.
+Adam state after a step (bytes of its tensors), and the median update time; and, for each
+vocabulary, the median time of a student of that vocabulary (stock ``transformer``, random
+weights) to beam-search 16 sentences: what trimming alone saves in decoding.
 
     python benchmarks/big_teacher_cost.py [--trimmed-vocab 32000] [--steps 2] [--threads 2]
 """
@@ -104,6 +106,32 @@ def measure(data: Path, table_scale: str, steps: int) -> dict:
             "batch_tokens": int(sample["ntokens"])}
 
 
+def decoding_seconds(data: Path, steps: int, beam: int = 4, sentences: int = 16) -> float:
+    """Median seconds of one beam search over ``sentences`` training sources with a stock
+    ``transformer`` of the student's shape (random weights: every hypothesis runs to the
+    same length limit, so vocabularies compare on equal work)."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.configs import GenerationConfig
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    argv = [str(data), "--arch", "transformer", *STUDENT, *OPTIM]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    model = task.build_model(cfg.model).eval()
+    dataset = task.dataset("train")
+    sample = dataset.collater([dataset[i] for i in range(sentences)])
+    generator = task.build_generator([model], GenerationConfig(beam=beam, max_len_a=0, max_len_b=30))
+    seconds = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        with torch.no_grad():
+            task.inference_step(generator, [model], sample)
+        if step:
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
 def main():
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--trimmed-vocab", type=int, default=32000,
@@ -117,11 +145,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for vocabulary in (M2M_VOCABULARY, args.trimmed_vocab):
             data = data_bin(Path(tmp) / str(vocabulary), vocabulary)
+            decode = decoding_seconds(data, args.steps)
             for table_scale in ("token", "shared"):
-                rows.append(measure(data, table_scale, args.steps))
+                rows.append(dict(measure(data, table_scale, args.steps), student_decode_s=round(decode, 2)))
                 print(json.dumps(rows[-1]), flush=True)
     columns = ["vocabulary", "table_scale", "trainable_M", "table_generators_M", "teacher_M",
-               "adam_state_GiB", "update_s"]
+               "adam_state_GiB", "update_s", "student_decode_s"]
     print_table(rows, columns)
     load = [round(x, 2) for x in os.getloadavg()]
     results = {"command": "python " + " ".join(sys.argv), "environment": environment("cpu"),

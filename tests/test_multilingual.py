@@ -266,3 +266,51 @@ def test_nllb_data_source_tags_are_handled_by_the_tools_and_refused_by_fairseq_m
     run_cli("fairseq-train", trimmed, *TASK, "--fixed-dictionary", trimmed / "dict.es.txt", "--user-dir", USER_DIR,
             "--arch", "wd_transformer", "--teacher-path", trimmed / "teacher.pt", *STUDENT, *TRAIN_FLAGS,
             "--max-update", "1", "--save-dir", tmp_path / "phase1", "--disable-validation")
+
+
+M2M_LIKE = dict(arch="transformer", _name="transformer", encoder_layers=12, decoder_layers=12,
+                encoder_embed_dim=64, decoder_embed_dim=64, encoder_ffn_embed_dim=256,
+                decoder_ffn_embed_dim=256, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_normalize_before=True, decoder_normalize_before=True, share_all_embeddings=True,
+                share_decoder_input_output_embed=True, dropout=0.1)
+
+
+@pytest.mark.parametrize("table_scale", ["token", "shared"])
+def test_phase1_of_an_m2m_100_shaped_teacher(tmp_path, table_scale, one_thread):
+    """M2M-100 418M's depth, pre-norm, shared tables and 128,112-entry dictionary (width
+    scaled down to 64, random weights): phase 1 builds, its table generator is
+    vocabulary x width per token or one row shared, and a batch goes through."""
+    import torch
+    from fairseq import options, tasks
+    from fairseq.data import Dictionary, indexed_dataset
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    vocabulary = 128_112
+    dictionary = Dictionary()
+    for i in range(vocabulary - len(dictionary)):
+        dictionary.add_symbol(f"t{i}")
+    for lang in ("src", "tgt"):
+        dictionary.save(str(tmp_path / f"dict.{lang}.txt"))
+        builder = indexed_dataset.make_builder(str(tmp_path / f"train.src-tgt.{lang}.bin"), impl="mmap",
+                                               vocab_size=vocabulary)
+        for i in range(4):
+            builder.add_item(torch.tensor([100 + i, 127_000 + i, 5_000, dictionary.eos()]))
+        builder.finalize(str(tmp_path / f"train.src-tgt.{lang}.idx"))
+    argv = [str(tmp_path), "--user-dir", USER_DIR, "--arch", "wd_transformer", "--teacher-config",
+            json.dumps(M2M_LIKE), "--wd-table-scale", table_scale, "--encoder-layers", "6",
+            "--decoder-layers", "2", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+            "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128", "--share-all-embeddings",
+            "--cpu"]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    from fairseq import utils
+    utils.import_user_module(cfg.common)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    model = task.build_model(cfg.model)
+    assert model.teacher.encoder.embed_tokens.weight.shape == (vocabulary, 64)
+    assert len(model.teacher.encoder.layers) == 12 and model.teacher.cfg.encoder.normalize_before
+    table = next(g for m, _, g in model.generated_tensors() if m is model.encoder.embed_tokens).generator
+    assert table.scale.shape == ((vocabulary, 32) if table_scale == "token" else (1, 32))
+    sample = task.dataset("train").collater([task.dataset("train")[i] for i in range(4)])
+    logits = model(**sample["net_input"])[0]
+    assert logits.shape[-1] == vocabulary and torch.isfinite(logits).all()
