@@ -64,6 +64,21 @@ def write_toy_corpus(raw: Path, seed: int = 1, n_train: int = 1200) -> None:
         (raw / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
 
 
+def bible_subset(base: Path, train: int, max_words: int, valid: int, test: int,
+                 pair: str = "es-en") -> Path:
+    """Raw text of ``train`` training pairs of at most ``max_words`` words per side (and
+    ``valid``, ``test`` pairs) from the shipped Bible corpus, via the demo's own tools;
+    ``pair`` en-es reverses the direction. Returns the directory (base/raw)."""
+    full, raw = base / "corpus", base / "raw"
+    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/corpus.py"), str(full)],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/tools.py"), "subset", "--corpus",
+                    str(full), "--out", str(raw), "--train", str(train), "--max-words", str(max_words),
+                    "--valid", str(valid), "--test", str(test), "--pair", pair],
+                   check=True, capture_output=True)
+    return raw
+
+
 def preprocess(raw: Path, dest: Path, *extra) -> Path:
     run_cli(
         "fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",

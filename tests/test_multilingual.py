@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TRAIN_FLAGS, USER_DIR, run_cli
+from conftest import TRAIN_FLAGS, USER_DIR, bible_subset, run_cli
 from test_pipeline import hypotheses
 
 PAIRS = ["es-en", "en-es"]
@@ -30,12 +30,7 @@ def multilingual(tmp_path_factory):
     """(data-bin, fixed dictionary, teacher): 600 Bible verse pairs in each direction,
     joint BPE, one dictionary; the teacher trained 300 updates on both directions."""
     base = tmp_path_factory.mktemp("multilingual")
-    full, raw = base / "corpus", base / "raw"
-    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/corpus.py"), str(full)],
-                   check=True, capture_output=True)
-    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/tools.py"), "subset", "--corpus",
-                    str(full), "--out", str(raw), "--train", "600", "--max-words", "15", "--valid", "30",
-                    "--test", "30"], check=True, capture_output=True)
+    raw = bible_subset(base, train=600, max_words=15, valid=30, test=30)
     codes = base / "codes"
     joint = "".join((raw / f"train.{lang}").read_text(encoding="utf-8") for lang in ("es", "en"))
     with open(codes, "w", encoding="utf-8") as out:

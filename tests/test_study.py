@@ -3,13 +3,12 @@ reversed pair (en->es) through the shared pipeline, budgets read off one run per
 part records and the report; and the pieces study.py reads (saves, fairseq's wall)."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, bible_subset
 from test_recipes import run_recipe
 
 sys.path.insert(0, str(REPO / "examples" / "bible_es_en"))
@@ -31,12 +30,7 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     base = tmp_path_factory.mktemp("study")
-    full, raw = base / "corpus", base / "raw"
-    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/corpus.py"), str(full)],
-                   check=True, capture_output=True)
-    subprocess.run([sys.executable, str(REPO / "examples/bible_es_en/tools.py"), "subset", "--corpus",
-                    str(full), "--out", str(raw), "--train", "300", "--max-words", "20", "--valid", "40",
-                    "--test", "30", "--pair", "en-es"], check=True, capture_output=True)
+    raw = bible_subset(base, train=300, max_words=20, valid=40, test=30, pair="en-es")
     env = dict(TINY, RAW_DIR=str(raw), STUDY=str(base / "runs"), OUT=str(base / "out"))
     proc = run_recipe("examples/bible_es_en/study.sh", env=env)
     return base, env, proc
