@@ -107,6 +107,16 @@ def test_selected_student_of_a_multilingual_teacher_decodes_with_stock_fairseq(m
     proc = run_cli("wd-init-student", teacher, tmp_path / "selected.pt", "--decoder-layers", "1")
     assert "--task translation_multi_simple_epoch" in proc.stdout
     generate(data, fixed, tmp_path / "selected.pt", "es-en")
+    # wd-evaluate scores a multilingual fairseq-generate log (the language token is not output)
+    proc = run_cli("fairseq-generate", data, *TASK, "--fixed-dictionary", fixed, "-s", "es", "-t", "en",
+                   "--path", tmp_path / "selected.pt", "--beam", "2", "--batch-size", "16", "--gen-subset",
+                   "test", "--required-batch-size-multiple", "1", "--max-len-b", "10", "--remove-bpe")
+    (tmp_path / "gen.txt").write_text(proc.stdout, encoding="utf-8")
+    run_cli("wd-evaluate", "score", "--generate-log", tmp_path / "gen.txt", "--refs", data.parent / "raw" / "test.en",
+            "--lang", "en", "--name", "selected", "--hypotheses-out", tmp_path / "hyp.txt", "--out", tmp_path / "s.json")
+    hyps = (tmp_path / "hyp.txt").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == 30 and not any("__" in h for h in hyps)
+    assert 0 <= json.loads((tmp_path / "s.json").read_text())["sacrebleu"] <= 100
 
 
 def kd_data(data, teacher, directory, pair, *flags):
