@@ -111,7 +111,8 @@ def test_selected_student_of_a_multilingual_teacher_decodes_with_stock_fairseq(m
     proc = run_cli("fairseq-generate", data, *TASK, "--fixed-dictionary", fixed, "-s", "es", "-t", "en",
                    "--path", tmp_path / "selected.pt", "--beam", "2", "--batch-size", "16", "--gen-subset",
                    "test", "--required-batch-size-multiple", "1", "--max-len-b", "10", "--remove-bpe")
-    (tmp_path / "gen.txt").write_text(proc.stdout, encoding="utf-8")
+    # (as a user saves it: `> gen.txt 2>&1`; the 'Translated ...' line is logged to stderr)
+    (tmp_path / "gen.txt").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     run_cli("wd-evaluate", "score", "--generate-log", tmp_path / "gen.txt", "--refs", data.parent / "raw" / "test.en",
             "--lang", "en", "--name", "selected", "--hypotheses-out", tmp_path / "hyp.txt", "--out", tmp_path / "s.json")
     hyps = (tmp_path / "hyp.txt").read_text(encoding="utf-8").splitlines()
