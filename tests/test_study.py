@@ -91,11 +91,17 @@ def test_finished_parts_are_reused_and_a_missing_save_is_named(tiny_study):
     assert proc.returncode == 1 and "unknown part 'seed'" in proc.stderr
 
 
-def test_wall_at_reads_fairseqs_wall_at_an_update_and_the_last_resume_wins(tmp_path):
+def test_wall_at_adds_up_the_segments_of_a_resumed_run(tmp_path):
     log = tmp_path / "stage.log"
+    inner = "2026-12-01 {} | INFO | train_inner | epoch 001:  {} / 524 loss=9.1, num_updates={}, lr=0.0005, wall={}\n"
     log.write_text(
-        "2026 | INFO | train_inner | epoch 001:    200 / 524 loss=9.1, num_updates=200, lr=0.0005, train_wall=70, wall=75\n"
-        "2026 | INFO | train | epoch 001 | loss 8.8 | num_updates 400 | lr 0.0007 | train_wall 150 | wall 160\n"
-        "2026 | INFO | train_inner | epoch 001:    200 / 524 loss=9.1, num_updates=200, lr=0.0005, train_wall=71, wall=77\n")
-    assert study.wall_at(str(log), 200) == 77 and study.wall_at(str(log), 400) == 160
+        "2026-12-01 10:00:00 | INFO | fairseq.trainer | No existing checkpoint found /x/checkpoint_last.pt\n"
+        + inner.format("10:01:15", 200, 200, 75) + inner.format("10:02:40", 400, 400, 160)
+        + inner.format("10:04:00", 600, 600, 240)
+        # killed after update 600; resumed from the save at 400; fairseq's wall reads 0 from then on
+        + "2026-12-01 11:00:00 | INFO | fairseq.trainer | Loaded checkpoint /x/checkpoint_last.pt (epoch 1 @ 400 updates)\n"
+        + inner.format("11:01:30", 600, 600, 0)
+        + "2026-12-01 11:02:10 | INFO | train | epoch 001 | loss 8.8 | num_updates 700 | lr 0.0007 | wall 0\n")
+    assert study.wall_at(str(log), 200) == 75 and study.wall_at(str(log), 400) == 160
+    assert study.wall_at(str(log), 600) == 160 + 90 and study.wall_at(str(log), 700) == 160 + 130
     assert study.wall_at(str(log), 2000) is None

@@ -15,13 +15,14 @@ phase-2 saves at B - P - I and B - P); WD at B = P is the materialised phase-1 s
 ``budgets`` writes those averages as DIR/ARM_B.pt and prints ``ARM_B=PATH ...`` for
 pipeline.sh's EXTRA_MODELS; the evaluate stage of one run scores them all. ``part``
 records the scores, a paired bootstrap of every arm against KD and against Selection + KD
-at each budget, the training wall-clock at each budget (fairseq's ``wall`` at that update;
-WD: phase 1 + materialisation + phase 2), settings and stage times. ``report`` puts the
+at each budget, the training wall-clock at each budget (from the stage log's timestamps, resumes
+added up; WD: phase 1 + materialisation + phase 2), settings and stage times. ``report`` puts the
 finished parts together: mean and standard deviation over seeds, the per-seed intervals,
 and a plot of BLEU against updates and against training wall-clock.
 """
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -44,7 +45,10 @@ ARMS = {"kd": ("KD", "kd_student"), "sel": ("Selection + KD", "sel_student"),
 BASES = ("kd", "sel")
 _INTERVAL_SAVE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
 _EPOCH_SAVE = re.compile(r"^checkpoint\d+\.pt$")
-_WALL = re.compile(r"num_updates[= ](\d+)\b.*\bwall[= ](\d+(?:\.\d+)?)")
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| ")
+_UPDATES = re.compile(r"\| train(?:_inner)? \|.*num_updates[= ](\d+)\b")
+_FRESH = "No existing checkpoint found"
+_RESUMED = re.compile(r"Loaded checkpoint .* @ (\d+) updates\)")
 
 
 def arm_runs(items: Sequence[str]) -> Dict[str, str]:
@@ -109,15 +113,26 @@ def budgets(args) -> None:
 
 
 def wall_at(log: str, update: int) -> Optional[float]:
-    """fairseq's ``wall`` (seconds since training started, kept across resumes) at
-    ``update`` in a stage log; the last such line wins."""
-    wall = None
+    """Training wall-clock at ``update`` from a stage log's timestamps. A run starts at its
+    "No existing checkpoint" / "Loaded checkpoint ... @ U updates" line; a resumed segment adds
+    to what the earlier ones had reached at U (work after that save was lost). (fairseq's own
+    ``wall`` reads 0 for the rest of a resumed run: its stopwatch is not restarted on load.)"""
+    total: Dict[int, float] = {}
+    offset, start = 0.0, None
     with open(log, encoding="utf-8", errors="replace") as f:
         for line in f:
-            m = _WALL.search(line)
-            if m and int(m.group(1)) == update:
-                wall = float(m.group(2))
-    return wall
+            stamp = _STAMP.match(line)
+            if not stamp:
+                continue
+            now = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+            resumed = _RESUMED.search(line)
+            if resumed or _FRESH in line:
+                offset, start = (total.get(int(resumed.group(1)), 0.0) if resumed else 0.0), now
+                continue
+            m = _UPDATES.search(line)
+            if m and start is not None:
+                total[int(m.group(1))] = offset + now - start
+    return total.get(update)
 
 
 def stage_times(run: str) -> Dict[str, int]:
@@ -260,7 +275,7 @@ def report(args) -> None:
              f"{first['phase1']} updates, then phase-2 saves; WD at {first['phase1']} = the materialised phase-1 student)",
              f"- paired bootstrap per seed: {first['bootstrap']['samples']} resamples of the test sentences "
              f"(seed {first['bootstrap']['seed']}), the same resamples for every arm of a seed",
-             "- training wall-clock: fairseq's wall at that update, one CPU thread beside another arm's "
+             "- training wall-clock: from the training log's timestamps (resumed runs added up), one CPU thread beside another arm's "
              "training on a 2-core machine; WD: phase 1 + materialisation + phase 2"]
     notes += [f"- {n}" for n in args.note]
     lines += [""] + notes
