@@ -37,7 +37,7 @@ setup(
         "ctranslate2==4.8.5",
     ],
     extras_require={
-        "test": ["pytest==9.2.0"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
         "deploy": [],  # kept for `pip install '.[deploy]'`: ctranslate2 is now a dependency
         # examples/demo.sh and benchmark.sh plot their results (3.11 needs Python >= 3.11).
         "demo": ["matplotlib==3.11.2; python_version >= '3.11'",

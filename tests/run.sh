@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (or reuse) the environment, then run the whole test suite.
+# Set up (or reuse) the environment, then run the whole test suite: one pytest worker per
+# CPU core (pytest-xdist), each test file on one worker (its module fixtures built once).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source examples/setup_env.sh
-exec python -m pytest tests -q "$@"
+exec python -m pytest tests -q -n auto --dist loadfile "$@"
