@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source examples/setup_env.sh
-exec python -m pytest tests -q -n auto --dist loadfile "$@"
+exec python -m pytest tests -q -n auto --dist loadfile --no-loadscope-reorder "$@"
