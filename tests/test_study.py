@@ -1,6 +1,6 @@
 """The method study (examples/bible_es_en/study.sh and study.py): a tiny study on the
 reversed pair (en->es) through the shared pipeline, budgets read off one run per arm, the
-part records and the report; and the pieces study.py reads (saves, fairseq's wall)."""
+part records and the report; and the pieces study.py reads (saves, the training wall-clock)."""
 
 import json
 import sys

@@ -110,7 +110,7 @@ link() {
   touch "$1/done/prepare" "$1/done/teacher" "$1/done/kd_data"
 }
 
-# every save kept; fairseq's wall logged at every save (the budgets' wall-clocks)
+# every save kept; a log line at every save (its timestamp: the budget's wall-clock)
 arm_train_extra() { echo "--keep-interval-updates -1 --log-interval $SAVE_INTERVAL_UPDATES"; }
 
 # arm ARM SEED UPDATES: train one arm (its own run directory) to UPDATES, one CPU thread
