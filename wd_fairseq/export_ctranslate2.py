@@ -30,7 +30,7 @@ from fairseq.data.data_utils import infer_language_pair
 
 from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
 
-from .multilingual import MULTILINGUAL_TASK, direction_task, is_multilingual, task_settings
+from .multilingual import MULTILINGUAL_TASK, direction_task, is_multilingual, lang_pairs, task_settings
 from .teacher import WDSetupError, check_translation_transformer, model_args, read_checkpoint
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
@@ -94,8 +94,7 @@ def _multilingual_converter_args(state: dict, args: dict, task: dict, path: str,
                                  flag: str, direction) -> argparse.Namespace:
     src, tgt = direction
     if src is None or tgt is None:
-        pairs = task["lang_pairs"]
-        src, tgt = (pairs.split(",") if isinstance(pairs, str) else pairs)[0].split("-")
+        src, tgt = lang_pairs(task)[0]
     run = direction_task(task, data, src, tgt, f"{flag} {path}")
     for side, dictionary in (("encoder", run.source_dictionary), ("decoder", run.target_dictionary)):
         rows = state["model"][f"{side}.embed_tokens.weight"].shape[0]

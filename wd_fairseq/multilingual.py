@@ -11,7 +11,7 @@ which decoding forces as the first output token and removes from the result.
 
 import argparse
 import os
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 from fairseq import tasks
 from omegaconf import DictConfig, OmegaConf
@@ -47,6 +47,12 @@ def task_settings(task_cfg) -> dict:
 def is_multilingual(task_cfg) -> bool:
     settings = task_settings(task_cfg)
     return (settings.get("_name") or settings.get("task")) == MULTILINGUAL_TASK
+
+
+def lang_pairs(settings: dict) -> List[Tuple[str, str]]:
+    """The (source, target) directions of a multilingual run's ``--lang-pairs``."""
+    listed = settings["lang_pairs"]
+    return [tuple(p.split("-")) for p in (listed.split(",") if isinstance(listed, str) else listed)]
 
 
 def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what: str):

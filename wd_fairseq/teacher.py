@@ -125,16 +125,17 @@ def check_dictionaries(state: dict, task, path: str) -> None:
     )
     for side, short, _, dictionary, module in sides:
         table = state["model"].get(f"{module}.embed_tokens.weight")
-        if table is not None and table.shape[0] != len(dictionary) and hasattr(task, "data_manager"):
+        if table is None or table.shape[0] == len(dictionary):
+            continue
+        if hasattr(task, "data_manager"):  # (the multilingual task)
             raise WDSetupError(_multilingual_mismatch(state, task, path, side, table.shape[0],
                                                       len(dictionary)))
-        if table is not None and table.shape[0] != len(dictionary):
-            raise WDSetupError(
-                f"--teacher-path {path}: the teacher's {side} vocabulary has "
-                f"{table.shape[0]} entries but the data's {side} dictionary has "
-                f"{len(dictionary)}. Fix: binarise the data with fairseq-preprocess "
-                f"--{short}dict set to the teacher's dictionary"
-            )
+        raise WDSetupError(
+            f"--teacher-path {path}: the teacher's {side} vocabulary has "
+            f"{table.shape[0]} entries but the data's {side} dictionary has "
+            f"{len(dictionary)}. Fix: binarise the data with fairseq-preprocess "
+            f"--{short}dict set to the teacher's dictionary"
+        )
     data_dir = _teacher_data_dir(state)
     for side, short, lang, dictionary, _ in sides if data_dir else ():
         teacher_dict = os.path.join(data_dir, f"dict.{lang}.txt")

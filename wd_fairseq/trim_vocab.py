@@ -38,7 +38,7 @@ from fairseq.data import Dictionary, indexed_dataset
 from omegaconf import OmegaConf, open_dict
 
 from .materialize import save_atomic
-from .multilingual import direction_task, is_multilingual, task_settings
+from .multilingual import direction_task, is_multilingual, lang_pairs, task_settings
 from .teacher import WDSetupError, read_checkpoint
 
 #: Tensors indexed by the source / target vocabulary (rows), where a model has them.
@@ -124,8 +124,7 @@ def trim(teacher_path: str, data: str, out: str, pairs: Optional[Sequence[str]] 
     if pairs:
         kept_pairs = [tuple(p.split("-")) for p in pairs]
     elif multilingual:
-        listed = run["lang_pairs"]
-        kept_pairs = [tuple(p.split("-")) for p in (listed.split(",") if isinstance(listed, str) else listed)]
+        kept_pairs = lang_pairs(run)
     else:
         kept_pairs = [(run["source_lang"], run["target_lang"])]
     files = find_splits(data, kept_pairs)
