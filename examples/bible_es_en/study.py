@@ -2,20 +2,21 @@
 """Helpers of examples/bible_es_en/study.sh: budgets read off long runs, one record per
 finished part, and the report.
 
-    study.py budgets --arms ARM=RUN ... --budgets B ... --phase1 P --interval I --out DIR
-    study.py part --part NAME --run RUN [--arms ARM=RUN ...] [--phase1 P] --out PART.json
+    study.py budgets --arms ARM=RUN ... --budgets B ... --interval I --out DIR
+    study.py part --part NAME --run RUN [--arms ARM=RUN ...] [--bases RUN] --out PART.json
                   --command CMD --settings FILE
     study.py report --parts PART.json ... --out-prefix PREFIX
 
 Arms: ``kd`` and ``sel`` (a pipeline run whose kd_student / sel_student trained to the
-largest budget), ``wd`` and ``wd_slice`` (runs whose phase 1 trained P updates and phase 2
-the rest). Every save was kept (``--keep-interval-updates -1``). The model of an arm at
-budget B (total training updates) is the average of its saves at updates B - I and B (WD:
-phase-2 saves at B - P - I and B - P); WD at B = P is the materialised phase-1 student.
+largest budget), ``wd`` and ``wd_slice`` and the variants of WD slice (runs whose phase 1
+trained P updates, P read off the run's phase-1 saves, and phase 2 the rest). Every save was
+kept (``--keep-interval-updates -1``). The model of an arm at budget B (total training
+updates) is the average of its saves at updates B - I and B (WD: phase-2 saves at B - P - I
+and B - P); WD at B = P is the materialised phase-1 student.
 ``budgets`` writes those averages as DIR/ARM_B.pt and prints ``ARM_B=PATH ...`` for
 pipeline.sh's EXTRA_MODELS; the evaluate stage of one run scores them all. ``part``
 records the scores, a paired bootstrap of every arm against KD and against Selection + KD
-at each budget, the training wall-clock at each budget (from the stage log's timestamps, resumes
+at each budget (``--bases``: those two scored in another evaluate run of the same seed), the training wall-clock at each budget (from the stage log's timestamps, resumes
 added up; WD: phase 1 + materialisation + phase 2), settings and stage times. ``report`` puts the
 finished parts together: mean and standard deviation over seeds, the per-seed intervals,
 and a plot of BLEU against updates and against training wall-clock.
@@ -40,7 +41,9 @@ from tools import (bleu_statistics, corpus_bleu, interval, paired_bootstrap,  # 
 
 #: arm -> (label, the save dir of its training in the arm's run)
 ARMS = {"kd": ("KD", "kd_student"), "sel": ("Selection + KD", "sel_student"),
-        "wd": ("WD faithful", "wd_phase2"), "wd_slice": ("WD slice", "wd_phase2")}
+        "wd": ("WD faithful", "wd_phase2"), "wd_slice": ("WD slice", "wd_phase2"),
+        "wd_slice_long": ("WD slice, long phase 1", "wd_phase2"),
+        "wd_slice_word": ("WD slice, word-level KD in phase 1", "wd_phase2")}
 #: the arms every other arm is compared with, at the same budget
 BASES = ("kd", "sel")
 _INTERVAL_SAVE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
@@ -78,10 +81,22 @@ def saves_by_update(directory: str) -> Dict[int, str]:
     return found
 
 
-def budget_checkpoints(arm: str, run: str, budget: int, phase1: int, interval: int) -> List[str]:
+def phase1_updates(run: str) -> int:
+    """The updates of a WD run's phase 1: its last interval save (the pipeline makes phase 1
+    a multiple of the save interval)."""
+    directory = os.path.join(run, "wd_phase1")
+    saves = [int(m.group(1)) for name in (os.listdir(directory) if os.path.isdir(directory) else [])
+             if (m := _INTERVAL_SAVE.match(name))]
+    if not saves:
+        sys.exit(f"{directory}: no phase-1 save. Fix: run the arm's wd_phase1 stage first")
+    return max(saves)
+
+
+def budget_checkpoints(arm: str, run: str, budget: int, interval: int) -> List[str]:
     """The checkpoints whose average is ``arm`` at ``budget`` total updates ([] if the
     budget is not one of the arm's: WD before the end of phase 1)."""
     wd = arm.startswith("wd")
+    phase1 = phase1_updates(run) if wd else 0
     if wd and budget < phase1:
         return []
     if wd and budget == phase1:
@@ -101,8 +116,8 @@ def budgets(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     models = []
     for arm, run in arm_runs(args.arms).items():
-        for budget in sorted(set(args.budgets + ([args.phase1] if arm.startswith("wd") else []))):
-            checkpoints = budget_checkpoints(arm, run, budget, args.phase1, args.interval)
+        for budget in sorted(set(args.budgets + ([phase1_updates(run)] if arm.startswith("wd") else []))):
+            checkpoints = budget_checkpoints(arm, run, budget, args.interval)
             if not checkpoints:
                 continue
             out = os.path.join(args.out, f"{arm}_{budget}.pt")
@@ -145,11 +160,12 @@ def stage_times(run: str) -> Dict[str, int]:
     return times
 
 
-def training_wall(arm: str, run: str, budget: int, phase1: int) -> Optional[float]:
+def training_wall(arm: str, run: str, budget: int) -> Optional[float]:
     """Training wall-clock of ``arm`` up to ``budget`` updates, WD's generator included."""
     logs = os.path.join(run, "logs")
     if not arm.startswith("wd"):
         return wall_at(os.path.join(logs, f"{ARMS[arm][1]}.log"), budget)
+    phase1 = phase1_updates(run)
     phase1_wall = wall_at(os.path.join(logs, "wd_phase1.log"), phase1)
     materialize = stage_times(run).get("materialize")
     if phase1_wall is None or materialize is None:
@@ -189,17 +205,26 @@ def part(args) -> None:
         runs = arm_runs(args.arms)
         lang = next(iter(rows.values()))["target_lang"]
         refs = read_lines(os.path.join(args.run, "raw", f"{test_set}.{lang}"))
+        scored = [(args.run, rows, runs)]
+        if args.bases:
+            base_rows, base_test_set = results_rows(args.bases)
+            if base_test_set != test_set:
+                sys.exit(f"--bases {args.bases}: scored on {base_test_set}, not {test_set}. "
+                         "Fix: name the evaluate run of the same seed and test set")
+            scored.append((args.bases, base_rows, BASES))
         models, stats = [], {}
-        for name, row in rows.items():
-            arm, _, budget = name.rpartition("_")
-            if arm not in runs or not budget.isdigit():
-                continue
-            budget = int(budget)
-            hyps = read_lines(os.path.join(args.run, "eval", f"{name}.{test_set}.hyp"))
-            stats[arm, budget] = bleu_statistics(hyps, refs, lang)
-            models.append({"arm": arm, "budget": budget, "sacrebleu": row["sacrebleu"], "chrf": row["chrf"],
-                           "train_wall_s": training_wall(arm, runs[arm], budget, args.phase1)})
-        pairs = [(base, arm, budget) for (arm, budget) in sorted(stats) for base in BASES
+        for run, found, arms in scored:
+            for name, row in found.items():
+                arm, _, budget = name.rpartition("_")
+                if arm not in arms or not budget.isdigit() or (arm, int(budget)) in stats:
+                    continue
+                budget = int(budget)
+                hyps = read_lines(os.path.join(run, "eval", f"{name}.{test_set}.hyp"))
+                stats[arm, budget] = bleu_statistics(hyps, refs, lang)
+                if run == args.run:
+                    models.append({"arm": arm, "budget": budget, "sacrebleu": row["sacrebleu"], "chrf": row["chrf"],
+                                   "train_wall_s": training_wall(arm, runs[arm], budget)})
+        pairs = [(base, arm, budget) for (arm, budget) in sorted(stats) if arm in runs for base in BASES
                  if base != arm and (base, budget) in stats]
         diffs = paired_bootstrap([(stats[b, n], stats[a, n]) for b, a, n in pairs], args.samples, args.seed)
         record["comparisons"] = []
@@ -209,8 +234,10 @@ def part(args) -> None:
             record["comparisons"].append({"arm": arm, "base": base, "budget": budget,
                                           "minus_base": result["wd_minus_kd"], "ci95": result["ci95"],
                                           "resamples_not_better": result["resamples_wd_not_better"]})
-        record.update(seed=int(args.part.removeprefix("seed")), test_set=test_set, target_lang=lang,
-                      sentences=len(refs), phase1=args.phase1, interval=args.interval, models=sorted(models, key=lambda m: (m["arm"], m["budget"])),
+        record.update(seed=args.train_seed or int(args.part.removeprefix("seed")), test_set=test_set,
+                      target_lang=lang, sentences=len(refs), interval=args.interval,
+                      phase1={arm: phase1_updates(run) for arm, run in runs.items() if arm.startswith("wd")},
+                      models=sorted(models, key=lambda m: (m["arm"], m["budget"])),
                       bootstrap={"samples": args.samples, "seed": args.seed},
                       sacrebleu_signature=next(iter(rows.values()))["sacrebleu_signature"])
         record["stage_times"] = {arm: stage_times(run) for arm, run in runs.items()}
@@ -262,7 +289,7 @@ def report(args) -> None:
 
     lines = [f"# {args.title}", "",
              f"Teacher: {teacher['sacrebleu']:.2f} sacreBLEU, {teacher['chrf']:.2f} chrF. "
-             f"Seeds: {', '.join(str(p['seed']) for p in seeds)}; {seeds[0]['sentences']} test sentences.", "",
+             f"Seeds: {', '.join(str(seed) for seed in sorted({p['seed'] for p in seeds}))}; {seeds[0]['sentences']} test sentences.", "",
              "| updates | arm | seeds | sacreBLEU | chrF | training wall-clock (min) | - KD per seed [95% CI] | - Selection + KD per seed [95% CI] |",
              "|---:|---|---|---:|---:|---:|---|---|"]
     for r in rows:
@@ -270,9 +297,12 @@ def report(args) -> None:
                      f"{pm(r['chrf'])} | {'' if r['train_wall_min'] is None else r['train_wall_min']} | "
                      f"{versus(r, 'kd')} | {versus(r, 'sel')} |")
     first = seeds[0]
+    phase1 = {arm: p["phase1"][arm] for p in seeds for arm in p["phase1"]}
+    usual = max(set(phase1.values()), key=list(phase1.values()).count)
+    other = "".join(f"; {ARMS[arm][0]}: {n}" for arm, n in phase1.items() if n != usual)
     notes = [f"- sacreBLEU {first['sacrebleu_signature']}; mean ± standard deviation over seeds",
              f"- the model at N updates: the average of the saves at N - {first['interval']} and N (WD: phase 1 "
-             f"{first['phase1']} updates, then phase-2 saves; WD at {first['phase1']} = the materialised phase-1 student)",
+             f"{usual} updates{other}, then phase-2 saves; WD at the end of phase 1 = the materialised phase-1 student)",
              f"- paired bootstrap per seed: {first['bootstrap']['samples']} resamples of the test sentences "
              f"(seed {first['bootstrap']['seed']}), the same resamples for every arm of a seed",
              "- training wall-clock: from the training log's timestamps (resumed runs added up), one CPU thread beside another arm's "
@@ -331,7 +361,6 @@ def main(argv=None):
     p = sub.add_parser("budgets")
     p.add_argument("--arms", nargs="+", required=True, metavar="ARM=RUN")
     p.add_argument("--budgets", nargs="+", type=int, required=True, help="total training updates")
-    p.add_argument("--phase1", type=int, required=True, help="WD phase-1 updates")
     p.add_argument("--interval", type=int, required=True, help="updates between saves")
     p.add_argument("--out", required=True, help="directory of the averaged checkpoints")
     p.set_defaults(func=budgets)
@@ -339,7 +368,9 @@ def main(argv=None):
     p.add_argument("--part", required=True, help="base or seedN")
     p.add_argument("--run", required=True, help="the run whose evaluate stage scored the part's models")
     p.add_argument("--arms", nargs="*", default=[], metavar="ARM=RUN")
-    p.add_argument("--phase1", type=int, default=0)
+    p.add_argument("--bases", help="an evaluate run of the same seed that scored kd_B and sel_B (the "
+                   "comparisons' bases) when this part's run did not")
+    p.add_argument("--train-seed", type=int, help="the arms' training seed (default: N of --part seedN)")
     p.add_argument("--interval", type=int, default=0, help="updates between saves")
     p.add_argument("--out", required=True)
     p.add_argument("--command", required=True, help="the command that makes this part")

@@ -6,6 +6,11 @@
 #             (stage sel_student)
 #   wd        WD faithful: phase 1 (PHASE1 updates) + materialise + phase 2 (the rest)
 #   wd_slice  the same with --wd-init slice
+# and, in part variants (seed VARIANT_SEED, compared with that seed's kd and sel), two
+# variants of WD slice:
+#   wd_slice_long  phase 1 PHASE1_LONG updates instead of PHASE1
+#   wd_slice_word  word-level KD in phase 1 (KD_ALPHA=VARIANT_KD_ALPHA, the teacher inside
+#                  the phase-1 model)
 # Every arm and seed trains once, to its largest budget, keeping every save (200 updates
 # apart); a budget B is read off that run: the average of its saves at updates B - 200 and B
 # (WD: phase-2 saves, B counting phase 1; inverse_sqrt's learning rate does not depend on
@@ -18,6 +23,7 @@
 #   base    corpus, BPE, teacher (well past the benchmark's), KD data, the teacher's score
 #   seed1 seed2   every arm to LONG updates (4 arms on 2 CPU threads: ~1 hour each)
 #   seed3   every arm to SHORT updates
+#   variants  the two variants of WD slice to LONG updates (seed VARIANT_SEED: its part first)
 #   report  the table, the paired bootstraps and the plot from the finished parts
 # Arms train two at a time, one CPU thread each (each arm beside another one, so their
 # training wall-clocks compare). STUDY (default work/study) holds the runs; results go to
@@ -49,8 +55,9 @@ settings() {
   # WD's phase 1 is PHASE1 updates in every seed and budget; seeds 1 and 2 train to LONG
   # updates, the others to SHORT
   PHASE1=${PHASE1:-1200} LONG=${LONG:-6400} SHORT=${SHORT:-1600}
+  PHASE1_LONG=${PHASE1_LONG:-3200} VARIANT_KD_ALPHA=${VARIANT_KD_ALPHA:-0.5} VARIANT_SEED=${VARIANT_SEED:-1}
   LONG_BUDGETS=${LONG_BUDGETS:-"400 800 1600 3200 4800 6400"} SHORT_BUDGETS=${SHORT_BUDGETS:-"400 800 1600"}
-  PARTS=${PARTS:-"base seed1 seed2 seed3"} LONG_SEEDS=${LONG_SEEDS:-"1 2"}
+  PARTS=${PARTS:-"base seed1 seed2 seed3 variants"} LONG_SEEDS=${LONG_SEEDS:-"1 2"}
 }
 
 main() {
@@ -67,7 +74,7 @@ main() {
   [ ${#parts[@]} -gt 0 ] || parts=($PARTS report)
   for part in "${parts[@]}"; do
     case "$part" in
-      base|seed[0-9]*|report) ;;
+      base|seed[0-9]*|variants|report) ;;
       *) echo "study.sh: unknown part '$part'. Parts: $PARTS report" >&2; exit 1 ;;
     esac
   done
@@ -76,7 +83,11 @@ main() {
     if [ "$part" = report ]; then report; continue; fi
     if [ -e "$OUT/$part.json" ]; then say "part $part: reused ($OUT/$part.json)"; continue; fi
     say "part $part: start, load:$(uptime | sed 's/.*load average://')"
-    if [ "$part" = base ]; then part_base; else part_seed "${part#seed}"; fi
+    case "$part" in
+      base) part_base ;;
+      variants) part_variants ;;
+      *) part_seed "${part#seed}" ;;
+    esac
     say "part $part: done, load:$(uptime | sed 's/.*load average://')"
   done
 }
@@ -116,14 +127,18 @@ arm_train_extra() { echo "--keep-interval-updates -1 --log-interval $SAVE_INTERV
 # arm ARM SEED UPDATES: train one arm (its own run directory) to UPDATES, one CPU thread
 arm() {
   local run=$STUDY/seed$2-$1 s
-  local env=(SEED="$2" KD_UPDATES="$3" PHASE1_UPDATES="$PHASE1" PHASE2_UPDATES=$(($3 - PHASE1))
+  local phase1=$PHASE1
+  [ "$1" = wd_slice_long ] && phase1=$PHASE1_LONG
+  local env=(SEED="$2" KD_UPDATES="$3" PHASE1_UPDATES="$phase1" PHASE2_UPDATES=$(($3 - phase1))
     OMP_NUM_THREADS=1 TRAIN_EXTRA="$(arm_train_extra)")
   link "$run"
   case "$1" in
     kd) stage "$run" kd_student "${env[@]}" ;;
     sel) stage "$run" sel_student "${env[@]}" ;;
-    wd|wd_slice)
+    wd*)
       [ "$1" = wd ] && env+=(WD_INIT=faithful) || env+=(WD_INIT=slice)
+      # (phase 2 trains with label-smoothed CE whatever KD_ALPHA says)
+      [ "$1" = wd_slice_word ] && env+=(KD_ALPHA="$VARIANT_KD_ALPHA")
       for s in wd_phase1 materialize wd_phase2; do stage "$run" "$s" "${env[@]}"; done ;;
   esac
 }
@@ -138,16 +153,37 @@ part_seed() {
   ( arm wd_slice "$seed" "$updates"; arm sel "$seed" "$updates" ) & pids+=($!)
   for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
   [ "$failed" = 0 ] || { say "seed $seed: an arm failed; see $STUDY/seed$seed-*/logs/"; exit 1; }
-  local eval_run=$STUDY/seed$seed-eval arms=()
-  for arm in kd sel wd wd_slice; do arms+=("$arm=$STUDY/seed$seed-$arm"); done
+  score "seed$seed" "$seed" "$updates" "$budgets" "kd sel wd wd_slice"
+}
+
+# part_variants: the variants of WD slice beside each other, scored against the kd and sel
+# of seed VARIANT_SEED (whose part must be finished)
+part_variants() {
+  local seed=$VARIANT_SEED pids=() failed=0 pid
+  [ -e "$OUT/seed$seed.json" ] || { say "part variants: needs part seed$seed first"; exit 1; }
+  ( arm wd_slice_long "$seed" "$LONG" ) & pids+=($!)
+  ( arm wd_slice_word "$seed" "$LONG" ) & pids+=($!)
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  [ "$failed" = 0 ] || { say "variants: an arm failed; see $STUDY/seed$seed-wd_slice_*/logs/"; exit 1; }
+  score variants "$seed" "$LONG" "$LONG_BUDGETS" "wd_slice_long wd_slice_word" --bases "$STUDY/seed$seed-eval"
+}
+
+# score PART SEED UPDATES "BUDGETS" "ARMS" [study.py part flags]: every budget of every arm
+# scored in one evaluate stage (run PART-eval), then the part's record OUT/PART.json
+score() {
+  local name=$1 seed=$2 updates=$3 budgets=$4 arm arms=() models eval_run
+  eval_run=$STUDY/$name-eval
+  for arm in $5; do arms+=("$arm=$STUDY/seed$seed-$arm"); done
+  shift 5
   link "$eval_run"
   models=$(python "$HERE/study.py" budgets --arms "${arms[@]}" --budgets $budgets \
-    --phase1 "$PHASE1" --interval "$SAVE_INTERVAL_UPDATES" --out "$eval_run/budgets")
+    --interval "$SAVE_INTERVAL_UPDATES" --out "$eval_run/budgets")
   stage "$eval_run" evaluate EVAL_MODELS="${models//=*([^ ])/}" EXTRA_MODELS="$models"
-  python "$HERE/study.py" part --part "seed$seed" --run "$eval_run" --arms "${arms[@]}" \
-    --phase1 "$PHASE1" --interval "$SAVE_INTERVAL_UPDATES" --out "$OUT/seed$seed.json" --command "bash examples/bible_es_en/study.sh seed$seed" \
+  python "$HERE/study.py" part --part "$name" --train-seed "$seed" --run "$eval_run" --arms "${arms[@]}" "$@" \
+    --interval "$SAVE_INTERVAL_UPDATES" --out "$OUT/$name.json" --command "bash examples/bible_es_en/study.sh $name" \
     --settings <(WORK=$STUDY/seed$seed-kd SEED=$seed KD_UPDATES=$updates PHASE2_UPDATES=$((updates - PHASE1)) \
-      PHASE1_UPDATES=$PHASE1 TRAIN_EXTRA="$(arm_train_extra)" bash "$HERE/run.sh" config)
+      PHASE1_UPDATES=$PHASE1 TRAIN_EXTRA="$(arm_train_extra)" bash "$HERE/run.sh" config
+      echo "study.sh: PHASE1=$PHASE1 PHASE1_LONG=$PHASE1_LONG VARIANT_KD_ALPHA=$VARIANT_KD_ALPHA (KD_TEMPERATURE=${KD_TEMPERATURE:-1})")
 }
 
 report() {
