@@ -14,15 +14,15 @@ from test_recipes import run_recipe
 sys.path.insert(0, str(REPO / "examples" / "bible_es_en"))
 import study  # noqa: E402
 
-#: Tiny sizes; the study's own settings otherwise. Seed 1 trains every arm to 20 updates
-#: (WD: phase 1 10 + phase 2 10), saving every 5; part variants the variants of WD slice (long
-#: phase 1: 15 + 5).
+#: Tiny sizes; the study's own settings otherwise. Seed 1 trains every arm to 25 updates
+#: (WD: phase 1 10 + phase 2 15), saving every 5, and reads budget 20 off those runs; part
+#: variants trains the variants of WD slice so (long phase 1: 15 + 10).
 TINY = dict(
     SRC="en", TGT="es", PAIR_NAME="tiny en-es", WORKERS="1", BPE_MERGES="30", BPE_VOCAB_THRESHOLD="1",
     TEACHER_LAYERS="2", TEACHER_DIM="32", TEACHER_FFN="64", TEACHER_HEADS="4",
     STUDENT_DEC_LAYERS="1", STUDENT_DEC_DIM="16", STUDENT_DEC_FFN="32", STUDENT_DEC_HEADS="4",
     MAX_TOKENS="1000", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="30",
-    TEACHER_AVERAGE="updates", AVG_LAST="2", SAVE_INTERVAL_UPDATES="5", PHASE1="10", PHASE1_LONG="15", LONG="20",
+    TEACHER_AVERAGE="updates", AVG_LAST="2", SAVE_INTERVAL_UPDATES="5", PHASE1="10", PHASE1_LONG="15", LONG="25",
     LONG_BUDGETS="20", PARTS="base seed1 variants", KD_MAX_TOKENS="2000", EVAL_BATCH_SIZE="64",
     GENERATE_EXTRA="--max-len-a 1.5 --max-len-b 5", TRAIN_EXTRA="--validate-interval 100",
 )
@@ -114,8 +114,8 @@ def test_finished_parts_are_reused_and_a_missing_save_is_named(tiny_study):
     proc = run_recipe("examples/bible_es_en/study.sh", env=env)
     assert all(f"part {p}: reused" in proc.stdout for p in ("base", "seed1", "variants"))
     assert (base / "out" / "seed1.json").stat().st_mtime_ns == before
-    with pytest.raises(SystemExit, match=r"no save at update\(s\) \[25, 30\].*--keep-interval-updates -1"):
-        study.budget_checkpoints("kd", str(base / "runs" / "seed1-kd"), 30, 5)
+    with pytest.raises(SystemExit, match=r"no save at update\(s\) \[30, 35\].*--keep-interval-updates -1"):
+        study.budget_checkpoints("kd", str(base / "runs" / "seed1-kd"), 35, 5)
     proc = run_recipe("examples/bible_es_en/study.sh", "seed", env=env, check=False)
     assert proc.returncode == 1 and "unknown part 'seed'" in proc.stderr
 
