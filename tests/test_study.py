@@ -50,9 +50,9 @@ def test_study_scores_every_arm_at_every_budget_in_the_runs_target_language(tiny
     for m in part["models"]:
         assert m["train_wall_s"] is not None and m["train_wall_s"] >= 0
         assert 0 <= m["sacrebleu"] <= 100 and m["chrf"] > 0
-    # WD's wall-clock counts phase 1 and the materialisation
+    # WD's wall-clock counts phase 1 and the materialisation (timestamps: whole seconds)
     wall = {(m["arm"], m["budget"]): m["train_wall_s"] for m in part["models"]}
-    assert wall["wd", 20] > wall["wd", 10] >= part["stage_times"]["wd"]["materialize"]
+    assert wall["wd", 20] >= wall["wd", 10] >= part["stage_times"]["wd"]["materialize"]
     # every arm against KD and against Selection + KD at the same budget
     pairs = {(c["arm"], c["base"], c["budget"]) for c in part["comparisons"]}
     assert pairs == {("sel", "kd", 20), ("wd", "kd", 20), ("wd", "sel", 20), ("wd_slice", "kd", 20),
