@@ -100,12 +100,12 @@ def test_budget_checkpoint_is_the_average_of_its_two_last_saves(tiny_study):
         if tensor.is_floating_point():
             torch.testing.assert_close(tensor, (saves[0][name].double() + saves[1][name].double()).div(2).to(tensor.dtype))
     # WD at 20 = phase-2 saves at 5 and 10; WD at 10 = the materialised phase-1 student
-    assert study.budget_checkpoints("wd", str(runs / "seed1-wd"), 10, 5) == [str(runs / "seed1-wd/wd_phase2/init.pt")]
-    assert [p.rsplit("_", 1)[1] for p in study.budget_checkpoints("wd", str(runs / "seed1-wd"), 20, 5)] == ["5.pt", "10.pt"]
+    assert study.budget_checkpoints("wd", str(runs / "seed1-wd"), 10, 10, 5) == [str(runs / "seed1-wd/wd_phase2/init.pt")]
+    assert [p.rsplit("_", 1)[1] for p in study.budget_checkpoints("wd", str(runs / "seed1-wd"), 20, 10, 5)] == ["5.pt", "10.pt"]
     # the long phase 1 (15 updates) leaves one phase-2 save for budget 20, none for 10
     assert study.phase1_updates(str(runs / "seed1-wd_slice_long")) == 15
-    assert study.budget_checkpoints("wd_slice_long", str(runs / "seed1-wd_slice_long"), 10, 5) == []
-    assert [p.rsplit("_", 1)[1] for p in study.budget_checkpoints("wd_slice_long", str(runs / "seed1-wd_slice_long"), 20, 5)] == ["5.pt"]
+    assert study.budget_checkpoints("wd_slice_long", str(runs / "seed1-wd_slice_long"), 10, 15, 5) == []
+    assert [p.rsplit("_", 1)[1] for p in study.budget_checkpoints("wd_slice_long", str(runs / "seed1-wd_slice_long"), 20, 15, 5)] == ["5.pt"]
 
 
 def test_finished_parts_are_reused_and_a_missing_save_is_named(tiny_study):
@@ -115,7 +115,7 @@ def test_finished_parts_are_reused_and_a_missing_save_is_named(tiny_study):
     assert all(f"part {p}: reused" in proc.stdout for p in ("base", "seed1", "variants"))
     assert (base / "out" / "seed1.json").stat().st_mtime_ns == before
     with pytest.raises(SystemExit, match=r"no save at update\(s\) \[30, 35\].*--keep-interval-updates -1"):
-        study.budget_checkpoints("kd", str(base / "runs" / "seed1-kd"), 35, 5)
+        study.budget_checkpoints("kd", str(base / "runs" / "seed1-kd"), 35, 0, 5)
     proc = run_recipe("examples/bible_es_en/study.sh", "seed", env=env, check=False)
     assert proc.returncode == 1 and "unknown part 'seed'" in proc.stderr
 

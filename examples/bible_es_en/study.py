@@ -16,8 +16,9 @@ and B - P); WD at B = P is the materialised phase-1 student.
 ``budgets`` writes those averages as DIR/ARM_B.pt and prints ``ARM_B=PATH ...`` for
 pipeline.sh's EXTRA_MODELS; the evaluate stage of one run scores them all. ``part``
 records the scores, a paired bootstrap of every arm against KD and against Selection + KD
-at each budget (``--bases``: those two scored in another evaluate run of the same seed), the training wall-clock at each budget (from the stage log's timestamps, resumes
-added up; WD: phase 1 + materialisation + phase 2), settings and stage times. ``report`` puts the
+at each budget (``--bases``: those two as scored by another evaluate run of the same seed),
+the training wall-clock at each budget (from the stage log's timestamps, resumes added up;
+WD: phase 1 + materialisation + phase 2), settings and stage times. ``report`` puts the
 finished parts together: mean and standard deviation over seeds, the per-seed intervals,
 and a plot of BLEU against updates and against training wall-clock.
 """
@@ -92,11 +93,11 @@ def phase1_updates(run: str) -> int:
     return max(saves)
 
 
-def budget_checkpoints(arm: str, run: str, budget: int, interval: int) -> List[str]:
-    """The checkpoints whose average is ``arm`` at ``budget`` total updates ([] if the
-    budget is not one of the arm's: WD before the end of phase 1)."""
+def budget_checkpoints(arm: str, run: str, budget: int, phase1: int, interval: int) -> List[str]:
+    """The checkpoints whose average is ``arm`` at ``budget`` total updates, ``phase1`` the
+    run's phase-1 updates (WD) ([] if the budget is not one of the arm's: WD before the end
+    of phase 1)."""
     wd = arm.startswith("wd")
-    phase1 = phase1_updates(run) if wd else 0
     if wd and budget < phase1:
         return []
     if wd and budget == phase1:
@@ -116,8 +117,9 @@ def budgets(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     models = []
     for arm, run in arm_runs(args.arms).items():
-        for budget in sorted(set(args.budgets + ([phase1_updates(run)] if arm.startswith("wd") else []))):
-            checkpoints = budget_checkpoints(arm, run, budget, args.interval)
+        phase1 = phase1_updates(run) if arm.startswith("wd") else 0
+        for budget in sorted(set(args.budgets + ([phase1] if phase1 else []))):
+            checkpoints = budget_checkpoints(arm, run, budget, phase1, args.interval)
             if not checkpoints:
                 continue
             out = os.path.join(args.out, f"{arm}_{budget}.pt")
@@ -160,12 +162,11 @@ def stage_times(run: str) -> Dict[str, int]:
     return times
 
 
-def training_wall(arm: str, run: str, budget: int) -> Optional[float]:
+def training_wall(arm: str, run: str, budget: int, phase1: int) -> Optional[float]:
     """Training wall-clock of ``arm`` up to ``budget`` updates, WD's generator included."""
     logs = os.path.join(run, "logs")
     if not arm.startswith("wd"):
         return wall_at(os.path.join(logs, f"{ARMS[arm][1]}.log"), budget)
-    phase1 = phase1_updates(run)
     phase1_wall = wall_at(os.path.join(logs, "wd_phase1.log"), phase1)
     materialize = stage_times(run).get("materialize")
     if phase1_wall is None or materialize is None:
@@ -203,6 +204,7 @@ def part(args) -> None:
         record["stage_times"]["base"] = stage_times(args.run)
     else:
         runs = arm_runs(args.arms)
+        phase1 = {arm: phase1_updates(run) for arm, run in runs.items() if arm.startswith("wd")}
         lang = next(iter(rows.values()))["target_lang"]
         refs = read_lines(os.path.join(args.run, "raw", f"{test_set}.{lang}"))
         scored = [(args.run, rows, runs)]
@@ -223,7 +225,7 @@ def part(args) -> None:
                 stats[arm, budget] = bleu_statistics(hyps, refs, lang)
                 if run == args.run:
                     models.append({"arm": arm, "budget": budget, "sacrebleu": row["sacrebleu"], "chrf": row["chrf"],
-                                   "train_wall_s": training_wall(arm, runs[arm], budget)})
+                                   "train_wall_s": training_wall(arm, runs[arm], budget, phase1.get(arm, 0))})
         pairs = [(base, arm, budget) for (arm, budget) in sorted(stats) if arm in runs for base in BASES
                  if base != arm and (base, budget) in stats]
         diffs = paired_bootstrap([(stats[b, n], stats[a, n]) for b, a, n in pairs], args.samples, args.seed)
@@ -236,7 +238,7 @@ def part(args) -> None:
                                           "resamples_not_better": result["resamples_wd_not_better"]})
         record.update(seed=args.train_seed or int(args.part.removeprefix("seed")), test_set=test_set,
                       target_lang=lang, sentences=len(refs), interval=args.interval,
-                      phase1={arm: phase1_updates(run) for arm, run in runs.items() if arm.startswith("wd")},
+                      phase1=phase1,
                       models=sorted(models, key=lambda m: (m["arm"], m["budget"])),
                       bootstrap={"samples": args.samples, "seed": args.seed},
                       sacrebleu_signature=next(iter(rows.values()))["sacrebleu_signature"])
