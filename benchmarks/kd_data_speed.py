@@ -5,7 +5,11 @@ For each corpus size (the training split repeated ``--repeat`` times) and engine
 fairseq fp16, CTranslate2 float16 and int8_float16 on every visible GPU) this runs
 ``wd-kd-data`` from scratch in its own process and records wall time, decoding
 sentences/s (``summary.json``), peak RSS (``wait4``) and fallback counts; ratios are
-taken against the fairseq engine of the same size, in the same run. JSON goes to
+taken against the fairseq engine of the same size, in the same run. ``--chunks K``
+decodes the split in K consecutive chunks, every engine on one chunk before the next,
+so that a shared machine's drifting speed (this project's 2-core VMs vary by a third
+over minutes) slows every engine alike; rows then sum the chunks and list each chunk's
+ratio. JSON goes to
 ``WORKDIR/results/kd_data_speed*.json``, a table to stdout.
 
 Corpus and teacher:
@@ -48,9 +52,11 @@ def engine_flags(spec: str, device: str, threads: int) -> list:
     return flags + (["--quantization", precision] if precision else [])
 
 
-def repeated_bin(data: Path, split: str, times: int, dest: Path, limit: int = 0) -> Path:
+def repeated_bin(data: Path, split: str, times: int, dest: Path, limit: int = 0,
+                 start: int = 0) -> Path:
     """``dest``: links to every file of ``data`` except ``split``, which is ``split``
-    (its first ``limit`` sentences if given) repeated ``times`` times (both sides)."""
+    (its sentences ``start`` to ``start + limit`` if ``limit`` is given) repeated
+    ``times`` times (both sides)."""
     from fairseq.data import indexed_dataset
 
     if (dest / "done").exists():
@@ -67,8 +73,8 @@ def repeated_bin(data: Path, split: str, times: int, dest: Path, limit: int = 0)
             str(dest / (Path(prefix).name + ".bin")), dtype=index.dtype)
         dataset = indexed_dataset.MMapIndexedDataset(prefix)
         for _ in range(times):
-            if limit:
-                for i in range(min(limit, len(dataset))):
+            if limit or start:
+                for i in range(start, min(start + (limit or len(dataset)), len(dataset))):
                     builder.add_item(dataset[i])
             else:
                 builder.merge_file_(prefix)
@@ -124,6 +130,54 @@ def bare_ctranslate2(copy: Path, quantization: str, threads: int, beam: int,
             "sentences_per_second": round(len(tokens) / seconds, 2)}
 
 
+#: What caps each engine's vector kernels at AVX2 on a CPU with AVX-512: oneDNN (CTranslate2's
+#: int8 GEMM on AMD, some of PyTorch's ops), CTranslate2's own kernels, PyTorch's ATen
+#: kernels, MKL (PyTorch's float32 GEMM).
+AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "CT2_FORCE_CPU_ISA": "AVX2",
+            "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def decode(copy: Path, teacher: Path, spec: str, device: str, args, env: dict) -> dict:
+    """One from-scratch ``wd-kd-data`` run of ``spec`` on the training split of ``copy``."""
+    shutil.rmtree(copy / "kd-train1", ignore_errors=True)
+    for old in copy.glob("train1.*"):
+        old.unlink()
+    flags = engine_flags(spec, device, args.threads) + [
+        "--beam", args.beam, "--max-tokens", args.max_tokens]
+    try:
+        result = run(["wd-kd-data", copy, "--teacher-path", teacher, *flags], env=env)
+    except BenchmarkError as error:  # e.g. CTranslate2 without its CUDA libraries
+        print(f"{spec}: failed; recorded, the other engines still run", flush=True)
+        return {"sentences": None, "engine": spec, "error": str(error)[-600:]}
+    summary = json.loads((copy / "kd-train1" / "summary.json").read_text())
+    return {
+        "sentences": summary["sentences"], "engine": spec,
+        "runs": summary["quantization"], "devices": len(summary["devices"]),
+        "seconds": round(result.seconds, 1), "decode_seconds": summary["decode_seconds"],
+        "sentences_per_second": summary["sentences_per_second"],
+        "peak_rss_mib": round(result.peak_rss_mib, 1),
+        "fallback": summary["fallback_to_reference"],
+    }
+
+
+def sum_chunks(chunks: list) -> dict:
+    """One engine's row over the chunks of a corpus: sentences, seconds and fallbacks
+    add up, sentences/s is total sentences over total decoding seconds, peak RSS the
+    largest; with several chunks, each chunk's sentences/s too."""
+    if len(chunks) == 1 or any("error" in c for c in chunks):
+        return next((c for c in chunks if "error" in c), chunks[0])
+    row = dict(chunks[0])
+    for key in ("sentences", "seconds", "decode_seconds", "fallback"):
+        if key in row:
+            row[key] = round(sum(c[key] for c in chunks), 1) if key.endswith("seconds") else sum(
+                c[key] for c in chunks)
+    row["sentences_per_second"] = round(row["sentences"] / row.get("decode_seconds", row["seconds"]), 2)
+    if "peak_rss_mib" in row:
+        row["peak_rss_mib"] = max(c["peak_rss_mib"] for c in chunks)
+    row["chunk_sentences_per_second"] = [c["sentences_per_second"] for c in chunks]
+    return row
+
+
 def main():
     parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--data", type=Path, help="fairseq data-bin with a training split")
@@ -141,11 +195,23 @@ def main():
     parser.add_argument("--bare", metavar="QUANT",
                         help="CPU: also time a bare CTranslate2 translate_batch of the same "
                         "sentences with the model the ctranslate2:QUANT run converted")
+    parser.add_argument("--chunks", type=int, default=1,
+                        help="decode the split in this many consecutive chunks, every engine on "
+                        "a chunk before the next chunk (in alternating order): on a machine whose "
+                        "speed drifts, every engine sees the same drift (default: 1)")
+    parser.add_argument("--cap-isa-avx2", action="store_true",
+                        help="CPU: run every engine as on an AVX2-only CPU (no AVX-512, no VNNI) "
+                        f"by capping its libraries ({' '.join(f'{k}={v}' for k, v in AVX2_CAP.items())})")
     parser.add_argument("--beam", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=4096)
     args = parser.parse_args()
     device = common.resolve_device(args.device)
     engines = args.engines or ENGINES[device]
+    if args.chunks < 1:
+        raise BenchmarkError(f"--chunks {args.chunks}: must be at least 1")
+    if args.chunks > 1 and (args.sentences or args.repeat != [1]):
+        raise BenchmarkError("--chunks times the split itself; peak RSS at other corpus sizes "
+                             "needs whole runs. Fix: drop --repeat/--sentences, or --chunks")
     if (args.data is None) != (args.teacher_path is None):
         raise BenchmarkError("pass both --data and --teacher-path, or neither")
     if args.workdir is None and (args.data or args.toy):
@@ -165,52 +231,56 @@ def main():
     base = min(base, args.limit) if args.limit else base
     unit = max(1, round(args.sentences / base)) if args.sentences else 1
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.cap_isa_avx2:
+        if device != "cpu":
+            raise BenchmarkError("--cap-isa-avx2: for --device cpu")
+        env |= AVX2_CAP
+        os.environ.update(AVX2_CAP)  # the bare CTranslate2 run, in this process
 
     rows = []
     for times in args.repeat:
         name = f"{corpus}-x{unit * times}" + (f"-first{args.limit}" if args.limit else "")
-        copy = repeated_bin(data, "train", unit * times, args.workdir / "kd_data_speed" / name,
-                            args.limit)
-        for spec in engines:
-            shutil.rmtree(copy / "kd-train1", ignore_errors=True)  # from scratch
-            for old in copy.glob("train1.*"):
-                old.unlink()
-            flags = engine_flags(spec, device, args.threads) + [
-                "--beam", args.beam, "--max-tokens", args.max_tokens]
-            try:
-                result = run(["wd-kd-data", copy, "--teacher-path", teacher, *flags], env=env)
-            except BenchmarkError as error:  # e.g. CTranslate2 without its CUDA libraries
-                rows.append({"sentences": None, "engine": spec, "error": str(error)[-600:]})
-                print(f"{spec}: failed; recorded, the other engines still run", flush=True)
-                continue
-            summary = json.loads((copy / "kd-train1" / "summary.json").read_text())
-            rows.append({
-                "sentences": summary["sentences"], "engine": spec,
-                "runs": summary["quantization"], "devices": len(summary["devices"]),
-                "seconds": round(result.seconds, 1),
-                "sentences_per_second": summary["sentences_per_second"],
-                "peak_rss_mib": round(result.peak_rss_mib, 1),
-                "fallback": summary["fallback_to_reference"],
-            })
-            print(rows[-1], flush=True)
-            if args.bare and spec == f"ctranslate2:{args.bare}" and device == "cpu":
-                rows.append(bare_ctranslate2(copy, args.bare, args.threads, args.beam,
-                                             args.max_tokens))
-                print(rows[-1], flush=True)
+        if args.chunks == 1:
+            parts = [repeated_bin(data, "train", unit * times, args.workdir / "kd_data_speed" / name,
+                                  args.limit)]
+        else:
+            size = -(-base // args.chunks)
+            parts = [repeated_bin(data, "train", 1, args.workdir / "kd_data_speed"
+                                  / f"{name}-chunk{c + 1}of{args.chunks}",
+                                  min(size, base - c * size), c * size)
+                     for c in range(args.chunks)]
+        chunk_rows = {spec: [] for spec in engines}
+        bare = []
+        for c, part in enumerate(parts):
+            for spec in engines if c % 2 == 0 else engines[::-1]:
+                chunk_rows[spec].append(decode(part, teacher, spec, device, args, env))
+                print(f"[chunk {c + 1}/{len(parts)}] {chunk_rows[spec][-1]}", flush=True)
+                if (args.bare and spec == f"ctranslate2:{args.bare}" and device == "cpu"
+                        and "error" not in chunk_rows[spec][-1]):
+                    bare.append(bare_ctranslate2(part, args.bare, args.threads, args.beam,
+                                                 args.max_tokens))
+                    print(f"[chunk {c + 1}/{len(parts)}] {bare[-1]}", flush=True)
+        rows += [sum_chunks(chunk_rows[spec]) for spec in engines] + ([sum_chunks(bare)] if bare else [])
     for row in (r for r in rows if "error" not in r):
         fairseq = [r for r in rows if r["sentences"] == row["sentences"] and "error" not in r
                    and r["engine"].startswith("fairseq")]
         if fairseq:
             row["speed_vs_fairseq"] = round(row["sentences_per_second"]
                                             / fairseq[0]["sentences_per_second"], 2)
+            if args.chunks > 1:
+                row["chunk_speed_vs_fairseq"] = [
+                    round(mine / theirs, 2) for mine, theirs in
+                    zip(row["chunk_sentences_per_second"], fairseq[0]["chunk_sentences_per_second"])]
     info = common.environment(device) | {"load_average_at_end": os.getloadavg(),
+                                        "isa_cap": AVX2_CAP if args.cap_isa_avx2 else None,
                                         "cpu_flags": _isa_flags()}
     results = {"command": " ".join(["python"] + sys.argv), "corpus": corpus, "teacher": str(teacher),
                "threads": args.threads, "beam": args.beam, "environment": info, "rows": rows}
     path = common.write_results(args, "kd_data_speed" + ("" if corpus == "user" else f"-{corpus}"),
                                 results)
     print_table(rows, ["sentences", "engine", "runs", "devices", "seconds", "sentences_per_second",
-                       "speed_vs_fairseq", "peak_rss_mib", "fallback"])
+                       "speed_vs_fairseq", "peak_rss_mib", "fallback"]
+                + (["chunk_speed_vs_fairseq"] if args.chunks > 1 else []))
     print(f"wrote {path}")
 
 
