@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from fairseq.data import indexed_dataset
 from wd_fairseq import kd_decoding
@@ -263,3 +263,34 @@ def test_two_fairseq_processes_write_what_one_writes(data, postnorm_teacher, tmp
     with pytest.raises(WDSetupError, match="--workers 2: for --engine fairseq"):
         build_kd_split(str(data), str(postnorm_teacher), engine="ctranslate2", workers=2,
                        overwrite=True, **CPU)
+
+
+def test_speed_benchmark_chunks_cover_the_split_and_rows_sum_them(data_bin, tmp_path):
+    """benchmarks/kd_data_speed.py --chunks: consecutive chunks hold the split exactly once;
+    an engine's row adds up sentences, times and fallbacks, its rate is total sentences
+    over total decoding time and its peak RSS the largest."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import kd_data_speed
+
+    whole = indexed_dataset.MMapIndexedDataset(str(data_bin / "train.src-tgt.src"))
+    size = -(-len(whole) // 3)
+    parts = [kd_data_speed.repeated_bin(data_bin, "train", 1, tmp_path / f"chunk{c}",
+                                        min(size, len(whole) - c * size), c * size)
+             for c in range(3)]
+    for side in ("src", "tgt"):
+        pieces = [indexed_dataset.MMapIndexedDataset(str(p / f"train.src-tgt.{side}")) for p in parts]
+        original = indexed_dataset.MMapIndexedDataset(str(data_bin / f"train.src-tgt.{side}"))
+        assert [t.tolist() for p in pieces for t in p] == [t.tolist() for t in original]
+    assert (parts[0] / "test.src-tgt.src.bin").resolve() == (data_bin / "test.src-tgt.src.bin").resolve()
+
+    chunks = [dict(sentences=300, engine="e", seconds=12.0, decode_seconds=10.0,
+                   sentences_per_second=30.0, peak_rss_mib=500.0, fallback=1),
+              dict(sentences=100, engine="e", seconds=6.0, decode_seconds=5.0,
+                   sentences_per_second=20.0, peak_rss_mib=600.0, fallback=2)]
+    row = kd_data_speed.sum_chunks(chunks)
+    assert (row["sentences"], row["seconds"], row["decode_seconds"], row["fallback"]) == (
+        400, 18.0, 15.0, 3)
+    assert row["sentences_per_second"] == round(400 / 15, 2) and row["peak_rss_mib"] == 600.0
+    assert row["chunk_sentences_per_second"] == [30.0, 20.0]
+    failed = dict(sentences=None, engine="e", error="no GPU")
+    assert kd_data_speed.sum_chunks([chunks[0], failed]) == failed
