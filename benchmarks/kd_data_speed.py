@@ -230,6 +230,9 @@ def main():
     base = len(indexed_dataset.MMapIndexedDataset.Index(str(src_idx)))
     base = min(base, args.limit) if args.limit else base
     unit = max(1, round(args.sentences / base)) if args.sentences else 1
+    if args.chunks > base:
+        raise BenchmarkError(f"--chunks {args.chunks}: the split has only {base} sentences. "
+                             "Fix: pass at most that many chunks")
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     if args.cap_isa_avx2:
         if device != "cpu":
