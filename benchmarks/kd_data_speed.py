@@ -130,6 +130,14 @@ def bare_ctranslate2(copy: Path, quantization: str, threads: int, beam: int,
             "sentences_per_second": round(len(tokens) / seconds, 2)}
 
 
+def chunk_bins(data: Path, split: str, sentences: int, chunks: int, dest: Path) -> list:
+    """The first ``sentences`` of ``split`` in ``chunks`` consecutive data-bins
+    ``DEST-chunkCofK`` (:func:`repeated_bin`), their sizes at most one sentence apart."""
+    starts = [c * sentences // chunks for c in range(chunks + 1)]
+    return [repeated_bin(data, split, 1, dest.with_name(f"{dest.name}-chunk{c + 1}of{chunks}"),
+                         starts[c + 1] - starts[c], starts[c]) for c in range(chunks)]
+
+
 #: What caps each engine's vector kernels at AVX2 on a CPU with AVX-512: oneDNN (CTranslate2's
 #: int8 GEMM on AMD, some of PyTorch's ops), CTranslate2's own kernels, PyTorch's ATen
 #: kernels, MKL (PyTorch's float32 GEMM).
@@ -167,10 +175,12 @@ def sum_chunks(chunks: list) -> dict:
     if len(chunks) == 1 or any("error" in c for c in chunks):
         return next((c for c in chunks if "error" in c), chunks[0])
     row = dict(chunks[0])
-    for key in ("sentences", "seconds", "decode_seconds", "fallback"):
+    for key in ("sentences", "fallback"):
         if key in row:
-            row[key] = round(sum(c[key] for c in chunks), 1) if key.endswith("seconds") else sum(
-                c[key] for c in chunks)
+            row[key] = sum(c[key] for c in chunks)
+    for key in ("seconds", "decode_seconds"):
+        if key in row:
+            row[key] = round(sum(c[key] for c in chunks), 1)
     row["sentences_per_second"] = round(row["sentences"] / row.get("decode_seconds", row["seconds"]), 2)
     if "peak_rss_mib" in row:
         row["peak_rss_mib"] = max(c["peak_rss_mib"] for c in chunks)
@@ -247,11 +257,7 @@ def main():
             parts = [repeated_bin(data, "train", unit * times, args.workdir / "kd_data_speed" / name,
                                   args.limit)]
         else:
-            size = -(-base // args.chunks)
-            parts = [repeated_bin(data, "train", 1, args.workdir / "kd_data_speed"
-                                  / f"{name}-chunk{c + 1}of{args.chunks}",
-                                  min(size, base - c * size), c * size)
-                     for c in range(args.chunks)]
+            parts = chunk_bins(data, "train", base, args.chunks, args.workdir / "kd_data_speed" / name)
         chunk_rows = {spec: [] for spec in engines}
         bare = []
         for c, part in enumerate(parts):

@@ -273,10 +273,10 @@ def test_speed_benchmark_chunks_cover_the_split_and_rows_sum_them(data_bin, tmp_
     import kd_data_speed
 
     whole = indexed_dataset.MMapIndexedDataset(str(data_bin / "train.src-tgt.src"))
-    size = -(-len(whole) // 3)
-    parts = [kd_data_speed.repeated_bin(data_bin, "train", 1, tmp_path / f"chunk{c}",
-                                        min(size, len(whole) - c * size), c * size)
-             for c in range(3)]
+    parts = kd_data_speed.chunk_bins(data_bin, "train", len(whole), 7, tmp_path / "bin")
+    assert [p.name for p in parts] == [f"bin-chunk{c}of7" for c in range(1, 8)]
+    sizes = [len(indexed_dataset.MMapIndexedDataset(str(p / "train.src-tgt.src"))) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
     for side in ("src", "tgt"):
         pieces = [indexed_dataset.MMapIndexedDataset(str(p / f"train.src-tgt.{side}")) for p in parts]
         original = indexed_dataset.MMapIndexedDataset(str(data_bin / f"train.src-tgt.{side}"))
