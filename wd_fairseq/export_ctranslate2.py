@@ -30,11 +30,23 @@ from fairseq.data.data_utils import infer_language_pair
 
 from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
 
+from .disk_space import disk_full_errors, require_free_space, tensor_sizes
 from .multilingual import MULTILINGUAL_TASK, direction_task, is_multilingual, lang_pairs, task_settings
 from .teacher import WDSetupError, check_translation_transformer, model_args, read_checkpoint
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
                  "float16", "bfloat16", "float32")
+#: Bytes a weight takes in a converted model, by quantization.
+WEIGHT_BYTES = {"int8": 1, "int8_float32": 1, "int8_float16": 1, "int8_bfloat16": 1, "int16": 2,
+                "float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def converted_bytes(weights: int, quantization: str, data: str) -> int:
+    """Estimated size of a CTranslate2 model of ``weights`` numbers (a tenth more for
+    those kept in float32, e.g. biases, and for alignment), with the vocabularies of
+    ``data``'s dictionaries."""
+    vocabularies = sum(os.path.getsize(p) for p in glob.glob(os.path.join(data, "dict.*.txt")))
+    return int(1.1 * weights * WEIGHT_BYTES[quantization]) + 2 * vocabularies
 
 
 def _ctranslate2():
@@ -151,23 +163,29 @@ def export(student: str, output: str, data: Optional[str] = None,
     state = read_checkpoint(student, flag)  # also allow-lists Namespace for the converter
     args = converter_args(state, student, data, flag, direction)
     check_heads(args, student, version, flag)
-    with tempfile.TemporaryDirectory(prefix=".wd-export-ct2-", dir=parent) as scratch:
-        legacy = os.path.join(scratch, "legacy.pt")
-        torch.save({"args": args, "cfg": None, "model": state["model"]}, legacy)
-        del state
-        model_dir = os.path.join(scratch, "model")
-        try:
-            FairseqConverter(legacy, args.data).convert(model_dir, quantization=quantization)
-        except ValueError as e:
-            if "not supported by CTranslate2" not in str(e):
-                raise
-            reasons = [line[2:] for line in str(e).splitlines() if line.startswith("- ")]
-            raise WDSetupError(
-                f"{flag} {student}: CTranslate2 {version}'s fairseq converter refuses it: "
-                f"{'; '.join(reasons)}. A WD student inherits these options from its "
-                "teacher. Fix: serve this student with fairseq-generate"
-            ) from e
-        _replace_dir(model_dir, output, scratch)
+    weights, model_bytes = tensor_sizes(state["model"])
+    needed = model_bytes + converted_bytes(weights, quantization, args.data)
+    what = f"the CTranslate2 conversion of {student} (a copy of it, then the model)"
+    fix = "free space on that file system (or write to another one) and rerun"
+    require_free_space(parent, needed, what, fix)
+    with disk_full_errors(parent, needed, what, fix):  # (the scratch directory goes first)
+        with tempfile.TemporaryDirectory(prefix=".wd-export-ct2-", dir=parent) as scratch:
+            legacy = os.path.join(scratch, "legacy.pt")
+            torch.save({"args": args, "cfg": None, "model": state["model"]}, legacy)
+            del state
+            model_dir = os.path.join(scratch, "model")
+            try:
+                FairseqConverter(legacy, args.data).convert(model_dir, quantization=quantization)
+            except ValueError as e:
+                if "not supported by CTranslate2" not in str(e):
+                    raise
+                reasons = [line[2:] for line in str(e).splitlines() if line.startswith("- ")]
+                raise WDSetupError(
+                    f"{flag} {student}: CTranslate2 {version}'s fairseq converter refuses it: "
+                    f"{'; '.join(reasons)}. A WD student inherits these options from its "
+                    "teacher. Fix: serve this student with fairseq-generate"
+                ) from e
+            _replace_dir(model_dir, output, scratch)
     return version
 
 

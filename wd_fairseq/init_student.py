@@ -27,6 +27,7 @@ import torch
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.transformer import TransformerModel
 
+from .arguments import positive_int, probability
 from .materialize import (check_output, phase2_flags, print_written, run_task, save_atomic,
                           stock_checkpoint, task_flags)
 from .model import DROPOUT_FIELDS, SHAPE_FIELDS, transformer_arg_names
@@ -173,10 +174,10 @@ def cli_main(argv=None):
                         choices=("wd_transformer", "wd_transformer_stu1", "wd_transformer_stu2"),
                         help="a student preset (the flags below override it; default: none)")
     for name in SHAPE_FIELDS:
-        parser.add_argument("--" + name.replace("_", "-"), type=int,
+        parser.add_argument("--" + name.replace("_", "-"), type=positive_int,
                             help="student shape (default: the preset's, else the teacher's)")
     for name in DROPOUT_FIELDS:
-        parser.add_argument("--" + name.replace("_", "-"), type=float,
+        parser.add_argument("--" + name.replace("_", "-"), type=probability,
                             help="student dropout (default: the teacher's)")
     parser.add_argument("--layers", choices=SELECTIONS, default="spread",
                         help="teacher layers kept: first, last, or spread (evenly spaced, "

@@ -48,6 +48,8 @@ import torch
 from fairseq.data import Dictionary, data_utils, indexed_dataset
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from .arguments import at_least_one, finite_float, nonnegative_float, nonnegative_int, positive_int
+from .disk_space import checkpoint_tensor_sizes, disk_full_errors, require_free_space
 from .kd_decoding import (PAD_TOKEN, CTranslate2Engine, FairseqEngine, Progress, batch_plan,
                           cpu_threads, hypothesis_limit)
 from .multilingual import NO_LANG_TOKENS, LangTokens, direction_task, is_multilingual, lang_tokens
@@ -334,6 +336,34 @@ def write_split(out: Split, rows: Iterator[torch.Tensor], source_prefix: str, im
         os.replace(tmp[path], path)
 
 
+def kd_space_needed(inp: Split, source, reference, tgt_dict: Dictionary, store: ShardStore,
+                    manifests: Dict) -> int:
+    """Estimated bytes that a KD run still writes: the CTranslate2 conversion (unless
+    cached; while converting, a copy of the teacher beside it), the decoded shards and
+    text, and the split (target side about the reference's size, source side copied),
+    less the shards already saved. Targets count a fifth more than the references."""
+    sentences = len(source)
+    symbols = [(len(s.encode()) + 1) * c for s, c in zip(tgt_dict.symbols[tgt_dict.nspecial:],
+                                                         tgt_dict.count[tgt_dict.nspecial:])]
+    bytes_per_token = sum(symbols) / max(sum(tgt_dict.count[tgt_dict.nspecial:]), 1)
+    text = 1.2 * (int(reference.sizes.sum()) - sentences) * bytes_per_token
+    shards = text + sentences * (len(str(sentences)) + len(SOURCE_TOO_LONG) + 3)
+    size = os.path.getsize
+    target = 1.2 * size(inp.prefix(inp.tgt) + ".bin") + size(inp.prefix(inp.tgt) + ".idx") \
+        + 4 * sentences  # (the index's side file of sizes)
+    kd = shards + text + target + sum(size(inp.prefix(inp.src) + e) for e in (".bin", ".idx"))
+    kd -= sum(size(shard) for shard in store.shards())
+    needed = kd
+    settings = manifests.get("ctranslate2")
+    if settings is not None and not os.path.exists(
+            os.path.join(store.directory, f"ct2-{settings['quantization']}", "model.bin")):
+        from .export_ctranslate2 import converted_bytes
+
+        weights, teacher = checkpoint_tensor_sizes(settings["teacher"]["path"])
+        needed = converted_bytes(weights, settings["quantization"], inp.data) + max(teacher, kd)
+    return int(needed)
+
+
 def _ctranslate2_available() -> bool:
     return importlib.util.find_spec("ctranslate2") is not None
 
@@ -404,6 +434,8 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     if engine == "fairseq" and quantization is not None:
         raise WDSetupError(f"--quantization {quantization}: only for --engine ctranslate2. "
                            "Fix: drop it, or pass --engine ctranslate2 (fairseq: --fp16)")
+    if quantization is not None:
+        _check_quantization(quantization, _device(cpu, "ctranslate2"))
     if not os.path.isfile(teacher_path):
         raise WDSetupError(
             f"--teacher-path {teacher_path}: no such file. Fix: pass the path of an existing "
@@ -456,6 +488,14 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     for stale in glob.glob(os.path.join(data, f".kd-tmp.{out_split}.*")):
         os.remove(stale)
 
+    needed = kd_space_needed(inp, source, reference, task.target_dictionary, store, manifests)
+    what = (f"the KD split '{out_split}' (teacher conversion and decoded shards in "
+            f"{store.directory}, then {out.prefix('{' + source_lang + ',' + target_lang + '}')}.*)")
+    fix = (f"free space on the file system of {data} (or move the data-bin to a bigger one) and "
+           f"rerun: the decoded shards in {store.directory} are kept and the run resumes")
+    require_free_space(data, needed, what, fix)
+    partial = [os.path.join(data, f".kd-tmp.{out_split}.*"), os.path.join(store.directory, "*.tmp")]
+
     os.makedirs(store.directory, exist_ok=True)
     decoder = _build_engine(candidates, manifests, teacher_path, task, tokens, data, store.directory,
                             beam, lenpen, max_len_a, max_len_b, threads, explicit=engine is not None)
@@ -495,7 +535,8 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
                    directory=store.directory, save_every=save_every, filters=tuple(filters))
         _run_workers(job, devices, todo)
     else:
-        decode_into(decoder, source, todo, store, save_every, max_len_a, max_len_b, filters)
+        with disk_full_errors(data, needed, what, fix, partial):
+            decode_into(decoder, source, todo, store, save_every, max_len_a, max_len_b, filters)
     decode_seconds = time.time() - started
     done = store.done(len(source))
     if not done.all():
@@ -520,11 +561,12 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
             text_file.write(text + "\n")
             yield row
 
-    with open(text_path + ".tmp", "w", encoding="utf-8") as text_file:
-        write_split(out, target_rows(text_file), inp.prefix(source_lang), impl, len(tgt_dict))
-        text_file.flush()
-        os.fsync(text_file.fileno())
-    os.replace(text_path + ".tmp", text_path)
+    with disk_full_errors(data, needed, what, fix, partial):
+        with open(text_path + ".tmp", "w", encoding="utf-8") as text_file:
+            write_split(out, target_rows(text_file), inp.prefix(source_lang), impl, len(tgt_dict))
+            text_file.flush()
+            os.fsync(text_file.fileno())
+        os.replace(text_path + ".tmp", text_path)
     summary = {
         "sentences": len(source), "counts": counts,
         "fallback_to_reference": len(source) - counts[OK],
@@ -534,9 +576,10 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
         "sentences_per_second": round(remaining / decode_seconds, 2) if remaining else None,
         "manifest": manifest,
     }
-    for shard in store.shards():
+    with disk_full_errors(data, needed, what, fix, partial):
+        write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for shard in store.shards():  # (after the summary: a rerun finds the split up to date)
         os.remove(shard)
-    write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     logger.info("wrote %s.{%s,%s} (%d sentences; fell back to the reference for %d: %s)",
                 os.path.join(data, f"{out_split}.{source_lang}-{target_lang}"), source_lang,
                 target_lang, len(source), summary["fallback_to_reference"],
@@ -679,28 +722,28 @@ def cli_main(argv=None):
     parser.add_argument("--engine", choices=ENGINES,
                         help="decoder (default: ctranslate2 where installed and the teacher "
                         "converts, else fairseq)")
-    parser.add_argument("--quantization",
+    parser.add_argument("--quantization", choices=sorted({q for qs in QUANTIZATIONS.values() for q in qs}),
                         help="CTranslate2 weights/compute type: int8 (CPU default) or float32 "
                         "on the CPU; float16 (GPU default), int8_float16, int8 or float32 on GPUs")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=positive_int,
                         help="CPU threads (default: every core this process may use)")
-    parser.add_argument("--workers", type=int,
+    parser.add_argument("--workers", type=positive_int,
                         help="fairseq engine: decoding processes, one per GPU (default: every "
                         "visible GPU, else 1 on the CPU); results do not depend on it")
-    parser.add_argument("--beam", type=int, default=6, help="beam size (default: 6, the authors')")
-    parser.add_argument("--lenpen", type=float, default=1.0, help="length penalty (default: 1.0)")
-    parser.add_argument("--max-len-a", type=float, default=2.0,
+    parser.add_argument("--beam", type=positive_int, default=6, help="beam size (default: 6, the authors')")
+    parser.add_argument("--lenpen", type=nonnegative_float, default=1.0, help="length penalty (default: 1.0)")
+    parser.add_argument("--max-len-a", type=nonnegative_float, default=2.0,
                         help="length limit a*source+b: hypotheses reaching it fall back to the "
                         "reference (default: a=2, b=10)")
-    parser.add_argument("--max-len-b", type=int, default=10)
-    parser.add_argument("--max-tokens", type=int, default=4096, help="source tokens per batch")
-    parser.add_argument("--batch-size", type=int, help="sentences per batch (default: no limit)")
-    parser.add_argument("--save-every", type=int, default=50000,
+    parser.add_argument("--max-len-b", type=nonnegative_int, default=10)
+    parser.add_argument("--max-tokens", type=positive_int, default=4096, help="source tokens per batch")
+    parser.add_argument("--batch-size", type=positive_int, help="sentences per batch (default: no limit)")
+    parser.add_argument("--save-every", type=positive_int, default=50000,
                         help="save decoded sentences every N (resume granularity)")
-    parser.add_argument("--filter-length-ratio", type=float, metavar="R",
+    parser.add_argument("--filter-length-ratio", type=at_least_one, metavar="R",
                         help="optional: fall back to the reference when hypothesis and source "
                         "lengths differ by more than a factor R (off by default)")
-    parser.add_argument("--filter-min-score", type=float, metavar="S",
+    parser.add_argument("--filter-min-score", type=finite_float, metavar="S",
                         help="optional: fall back to the reference when the teacher's "
                         "length-normalised log-probability is below S (off by default)")
     parser.add_argument("--fp16", action="store_true", help="fairseq engine: decode in fp16 (GPU)")

@@ -19,6 +19,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.models.transformer import TransformerModel
 from omegaconf import OmegaConf, open_dict
 
+from .disk_space import disk_full_errors, require_free_space, tensor_sizes
 from .teacher import WDSetupError, model_args, read_checkpoint
 
 #: Flags phase 2 needs to rebuild exactly the materialised student (shape, dropout, ...).
@@ -175,14 +176,17 @@ def check_output(path: str) -> None:
 
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file next to ``path``, then rename: no partial file."""
+    """torch.save to a temporary file next to ``path``, then rename: no partial file.
+    Refused up front where the tensors do not fit on the disk."""
     check_output(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    needed = tensor_sizes(obj)[1]
+    what, fix = f"STUDENT {path}", "free space there, or choose another output path"
+    require_free_space(directory, needed, what, fix)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=".wd-materialize-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path))
-        )
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=".wd-materialize-", suffix=".pt", dir=directory)
+        with disk_full_errors(directory, needed, what, fix, [tmp]), os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
