@@ -32,7 +32,7 @@ probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _PAIRS = re.compile(r"[^\s,-]+-[^\s,-]+(,[^\s,-]+-[^\s,-]+)*")
 
 
-def lang_pairs(text: str) -> str:
+def pair_list(text: str) -> str:
     """``SRC-TGT[,SRC-TGT...]``, e.g. ``es-en,en-es``."""
     if not _PAIRS.fullmatch(text):
         raise argparse.ArgumentTypeError(f"must be SRC-TGT pairs separated by commas "

@@ -37,7 +37,7 @@ import torch
 from fairseq.data import Dictionary, indexed_dataset
 from omegaconf import OmegaConf, open_dict
 
-from .arguments import lang_pairs
+from .arguments import pair_list
 from .materialize import save_atomic
 from .multilingual import direction_task, is_multilingual, lang_pairs, task_settings
 from .teacher import WDSetupError, read_checkpoint
@@ -240,7 +240,7 @@ def cli_main(argv=None):
     parser.add_argument("teacher", metavar="TEACHER.pt", help="stock fairseq translation Transformer")
     parser.add_argument("data", metavar="DATA", help="data-bin binarised with the teacher's dictionary")
     parser.add_argument("out", metavar="OUT", help="output directory: dictionaries, splits, teacher.pt")
-    parser.add_argument("--pairs", type=lang_pairs, help="directions to keep, e.g. es-en,en-es (default: the teacher's)")
+    parser.add_argument("--pairs", type=pair_list, help="directions to keep, e.g. es-en,en-es (default: the teacher's)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     args = parser.parse_args(argv)
     try:
