@@ -490,8 +490,8 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
 
     needed = kd_space_needed(inp, source, reference, task.target_dictionary, store, manifests)
     converting = "teacher conversion and " if "ctranslate2" in manifests else ""
-    what = (f"the KD split '{out_split}' ({converting}decoded shards in {store.directory}, "
-            f"then {out.prefix('{' + source_lang + ',' + target_lang + '}')}.*)")
+    what = (f"the KD split '{out_split}' ({converting}decoded shards in {work_dir}/, then "
+            f"{out_split}.{source_lang}-{target_lang}.{{{source_lang},{target_lang}}}.*)")
     fix = (f"free space on the file system of {data} (or move the data-bin to a bigger one) and "
            f"rerun: the decoded shards in {store.directory} are kept and the run resumes")
     require_free_space(data, needed, what, fix)
