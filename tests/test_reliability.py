@@ -185,8 +185,9 @@ def test_wd_materialize_write_failure_leaves_no_partial_file(
         out.write_bytes(b"previous student")
     monkeypatch.setattr(materialize.torch, "save", failing_save)
     error = cli_error([phase1_checkpoint, out])
-    assert re.search(r"STUDENT \S+student\.pt: writing failed \(\[Errno 28\] No space left on "
-                     r"device\); \S+ was not written\. Fix: ", error), error
+    assert re.search(r"not enough disk space for STUDENT \S+student\.pt \(the disk filled while "
+                     r"writing: \[Errno 28\] No space left on device\): it needs about .*\. Fix: ",
+                     error), error
     assert [p.name for p in tmp_path.iterdir()] == (["student.pt"] if existing else [])
     if existing:
         assert out.read_bytes() == b"previous student"
