@@ -1,6 +1,6 @@
 """fairseq's multilingual translation task (``translation_multi_simple_epoch``, the task of
-M2M-100 and NLLB) for the tools that work one direction at a time (``wd-kd-data``,
-``wd-export-ct2``).
+M2M-100 and NLLB): a run's language list, and its task set up for one direction, for
+the tools that work one direction at a time (``wd-kd-data``, ``wd-export-ct2``).
 
 A multilingual run has one dictionary for every language, extended by the task with a
 language token per language (``__xx__``). With ``--encoder-langtok src`` (or ``tgt``)
@@ -14,9 +14,10 @@ import os
 from typing import List, NamedTuple, Optional, Tuple
 
 from fairseq import tasks
+from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
 from omegaconf import DictConfig, OmegaConf
 
-from .teacher import WDSetupError
+from .errors import WDSetupError
 
 MULTILINGUAL_TASK = "translation_multi_simple_epoch"
 #: Entries fairseq's nllb branch appends after the language tokens with
@@ -55,6 +56,31 @@ def lang_pairs(settings: dict) -> List[Tuple[str, str]]:
     return [tuple(p.split("-")) for p in (listed.split(",") if isinstance(listed, str) else listed)]
 
 
+def local_file(path: str, data: str) -> Optional[str]:
+    """A file a run names (``--fixed-dictionary``, ``--lang-dict``): at its path, else the
+    file of that name in ``data``; None where neither exists."""
+    if os.path.isfile(path):
+        return path
+    local = os.path.join(data, os.path.basename(path))
+    return local if os.path.isfile(local) else None
+
+
+def run_langs(settings: dict, data: str) -> Optional[List[str]]:
+    """A multilingual run's languages in the order of its language tokens (the order
+    decides their ids), as fairseq's task derives them: ``--lang-dict``, ``--langs``, else
+    the sorted languages of ``--lang-pairs``. None where its ``--lang-dict`` is found
+    neither at its path nor in ``data``."""
+    lang_dict = settings.get("lang_dict")
+    if lang_dict:
+        lang_dict = local_file(lang_dict, data)
+        if lang_dict is None:
+            return None
+    langs = settings.get("langs")
+    args = argparse.Namespace(lang_dict=lang_dict, langs=langs.split(",") if isinstance(langs, str) else langs,
+                              lang_pairs=["-".join(pair) for pair in lang_pairs(settings)])
+    return list(MultilingualDatasetManager.load_langs(args))
+
+
 def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what: str):
     """The multilingual task of a run (``task_cfg``) set up for one direction, as
     ``fairseq-generate -s SRC -t TGT`` sets it up: the run's dictionary with its language
@@ -71,13 +97,12 @@ def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what
                            "does not support. Fix: use a run with language tokens as prefixes")
     for key, flag in (("fixed_dictionary", "--fixed-dictionary"), ("lang_dict", "--lang-dict")):
         path = settings.get(key)
-        if path and not os.path.isfile(path):
-            local = os.path.join(data, os.path.basename(path))
-            if not os.path.isfile(local):
+        if path:
+            settings[key] = local_file(path, data)
+            if settings[key] is None:
                 raise WDSetupError(
-                    f"{what}: its run's {flag} {path} does not exist here, nor does {local}. "
-                    f"Fix: copy that file into {data}")
-            settings[key] = local
+                    f"{what}: its run's {flag} {path} does not exist here, nor does "
+                    f"{os.path.join(data, os.path.basename(path))}. Fix: copy that file into {data}")
     settings.update(_name=MULTILINGUAL_TASK, task=MULTILINGUAL_TASK, data=data,
                     source_lang=source_lang, target_lang=target_lang)
     try:

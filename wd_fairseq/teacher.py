@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import pickle
 import re
@@ -14,11 +15,11 @@ from fairseq.models import ARCH_MODEL_REGISTRY, build_model
 from fairseq.models.transformer import TransformerModel
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import WDSetupError
+from .multilingual import is_multilingual, run_langs, task_settings
 from .safe_loading import allow_fairseq_checkpoints
 
-
-class WDSetupError(ValueError):
-    """A WD run cannot start: the message names the file, the flag and the fix."""
+logger = logging.getLogger("wd_fairseq.teacher")
 
 
 def read_checkpoint(path: str, flag: str) -> dict:
@@ -149,10 +150,39 @@ def check_dictionaries(state: dict, task, path: str) -> None:
             )
 
 
+def _run_task(state: dict):
+    """The task settings of the run that wrote a checkpoint."""
+    return state["cfg"].get("task") if state.get("cfg") is not None else state.get("args")
+
+
+def check_langs(state: dict, task, path: str) -> None:
+    """A multilingual teacher's language tokens must be the task's, in the same order:
+    the order of ``--langs`` decides their ids."""
+    langs = getattr(task, "langs", None)
+    run = _run_task(state)
+    if langs is None or not is_multilingual(run):
+        return
+    data = str(task.args.data).split(":")[0]
+    settings = task_settings(run)
+    teacher_langs = run_langs(settings, data)
+    if teacher_langs is None:
+        logger.warning("--teacher-path %s: its run's --lang-dict %s is not here nor in %s, so the "
+                       "order of --langs cannot be checked against the teacher's. Fix: copy that "
+                       "file into %s", path, settings["lang_dict"], data, data)
+        return
+    if list(langs) != teacher_langs:
+        instead = " instead of --lang-dict" if getattr(task.args, "lang_dict", None) else ""
+        raise WDSetupError(
+            f"--teacher-path {path}: the teacher's language tokens are those of --langs "
+            f"{','.join(teacher_langs)}, this run's of --langs {','.join(langs)}: every language "
+            "token would stand for another language (the order of --langs decides their ids). "
+            f"Fix: pass --langs {','.join(teacher_langs)}{instead}, the teacher's order")
+
+
 def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, entries: int) -> str:
     """Why a multilingual teacher's table and the task's dictionary differ, and what to pass."""
     langs = getattr(task, "langs", None) or []
-    run = state.get("cfg", {}).get("task") if state.get("cfg") is not None else state.get("args")
+    run = _run_task(state)
     nllb = bool(getattr(run, "add_data_source_prefix_tags", False))
     hint = (" The checkpoint was trained with --add-data-source-prefix-tags (fairseq's nllb branch: "
             "3 more entries after the language tokens), which this fairseq's task does not add: "
@@ -183,6 +213,7 @@ def load_teacher(path: str, task) -> Tuple[TransformerModel, dict]:
     args = model_args(state)
     check_translation_transformer(args, path, "--teacher-path")
     check_dictionaries(state, task, path)
+    check_langs(state, task, path)
     teacher, args = build_teacher(args, task)
     try:
         teacher.load_state_dict(state["model"], strict=True)
