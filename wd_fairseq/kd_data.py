@@ -26,6 +26,9 @@ Real decoding is messy, so:
   with the corpus (the mmap format; fairseq's legacy formats go through its builder);
 * the split is written to temporary files and renamed into place with the source
   index last: fairseq only sees ``train1`` once every file of it is complete;
+* the split serves only its own direction: fairseq reads ``train1.SRC-TGT`` backwards
+  for TGT-SRC where that direction has no ``train1`` of its own, so an empty
+  ``train1.TGT-SRC`` is written there (a later run for TGT-SRC replaces it);
 * a data-bin whose source and target line counts differ is refused.
 """
 
@@ -316,8 +319,7 @@ def write_split(out: Split, rows: Iterator[torch.Tensor], source_prefix: str, im
     with the source index last."""
     if out.visible():
         os.remove(out.prefix(out.src) + ".idx")
-    tmp = {path: os.path.join(out.data, ".kd-tmp." + os.path.basename(path))
-           for path in out.files()}
+    tmp = _tmp_files(out)
     tgt_bin, tgt_idx, src_bin, src_idx = out.files()
     if impl == "mmap":
         builder = MMapWriter(tmp[tgt_bin], vocab_size)
@@ -330,10 +332,52 @@ def write_split(out: Split, rows: Iterator[torch.Tensor], source_prefix: str, im
         with open(source_prefix + ext, "rb") as f_in, open(tmp[path], "wb") as f_out:
             while chunk := f_in.read(1 << 24):
                 f_out.write(chunk)
+    _put_in_place(out, tmp)
+
+
+def _tmp_files(out: Split) -> Dict[str, str]:
+    """The temporary file of each file of ``out``."""
+    return {path: os.path.join(out.data, ".kd-tmp." + os.path.basename(path)) for path in out.files()}
+
+
+def _put_in_place(out: Split, tmp: Dict[str, str]) -> None:
     for path in out.files():
         with open(tmp[path], "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp[path], path)
+
+
+def is_placeholder(split: Split) -> bool:
+    """Whether ``split`` is visible and empty (the guard of ``guard_reversed``)."""
+    prefix = split.prefix(split.src)
+    impl = indexed_dataset.infer_dataset_impl(prefix) if split.visible() else None
+    dataset = data_utils.load_indexed_dataset(prefix, None, impl) if impl else None
+    return dataset is not None and len(dataset) == 0
+
+
+def guard_reversed(out: Split, impl: str, vocab_size: int) -> None:
+    """Make the KD split ``out`` serve only its own direction. fairseq's translation tasks
+    read a split of SRC-TGT backwards as TGT-SRC's where TGT-SRC has none of its own: the
+    teacher's outputs would become the reversed direction's sources (back-translation, not
+    KD). An empty split of the reversed direction, where it has none, stops that; wd-kd-data
+    for that direction replaces it."""
+    reverse = Split(out.data, out.name, out.tgt, out.src)
+    if reverse.visible():
+        return
+    tmp = _tmp_files(reverse)
+    for lang in (reverse.tgt, reverse.src):
+        bin_path, idx_path = tmp[reverse.prefix(lang) + ".bin"], tmp[reverse.prefix(lang) + ".idx"]
+        builder = MMapWriter(bin_path, vocab_size) if impl == "mmap" else \
+            indexed_dataset.make_builder(bin_path, impl=impl, vocab_size=vocab_size)
+        builder.finalize(idx_path)
+        if impl == "mmap":  # (numpy cannot map an empty file: one id that no sentence uses)
+            with open(bin_path, "ab") as f:
+                f.write(np.zeros(1, dtype=builder.dtype).tobytes())
+    _put_in_place(reverse, tmp)
+    logger.info("wrote %s.{%s,%s} with 0 sentences, so that fairseq does not read the KD split "
+                "of %s-%s backwards as %s-%s's (wd-kd-data -s %s -t %s replaces it)",
+                os.path.join(out.data, f"{out.name}.{reverse.src}-{reverse.tgt}"), reverse.src,
+                reverse.tgt, out.src, out.tgt, reverse.src, reverse.tgt, reverse.src, reverse.tgt)
 
 
 def kd_space_needed(inp: Split, source, reference, tgt_dict: Dictionary, store: ShardStore,
@@ -472,12 +516,14 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     work_dir = f"kd-{out_split}" + (f".{source_lang}-{target_lang}" if tokens != NO_LANG_TOKENS else "")
     store = ShardStore(os.path.join(data, work_dir))
     summary_path = os.path.join(store.directory, "summary.json")
-    if out.visible():
+    vocab_size = max(len(task.source_dictionary), len(task.target_dictionary))
+    if out.visible() and not is_placeholder(out):
         if not overwrite and os.path.exists(summary_path):
             with open(summary_path, encoding="utf-8") as f:
                 summary = json.load(f)
             if summary.get("manifest") in manifests.values():
                 logger.info("%s: up to date", out.prefix(source_lang))
+                guard_reversed(out, impl, vocab_size)
                 return summary
         if not overwrite:
             raise WDSetupError(
@@ -581,6 +627,8 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
         write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     for shard in store.shards():  # (after the summary: a rerun finds the split up to date)
         os.remove(shard)
+    with disk_full_errors(data, needed, what, fix, partial):
+        guard_reversed(out, impl, vocab_size)
     logger.info("wrote %s.{%s,%s} (%d sentences; fell back to the reference for %d: %s)",
                 os.path.join(data, f"{out_split}.{source_lang}-{target_lang}"), source_lang,
                 target_lang, len(source), summary["fallback_to_reference"],
