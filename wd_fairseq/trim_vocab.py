@@ -13,11 +13,13 @@ order, and writes into OUT:
 * every split of the kept directions, token ids renumbered (same element type and index,
   streamed in chunks: memory does not grow with the corpus);
 * ``teacher.pt``: the teacher with the rows of its embedding and output tables of the
-  kept entries (language tokens included), in the new order; its config points at OUT
-  (data, ``--fixed-dictionary``, ``--langs``, ``--lang-pairs``), so it is a stock fairseq
+  kept entries (language tokens included), in the new order; its config points at OUT by
+  absolute paths (data, ``--fixed-dictionary``) and lists the kept ``--langs`` (in the
+  teacher's order) and ``--lang-pairs``, so it is a stock fairseq
   checkpoint of the small vocabulary: it scores the kept tokens exactly as before, its
   softmax normalised over them only;
-* ``trim.json``: sizes before and after.
+* ``trim.json``: sizes before and after, and the data-bin and flags phase 1 takes
+  (``phase1_flags``; the command prints them).
 
 OUT appears complete or not at all (written beside it, then renamed).
 """
@@ -27,6 +29,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -38,7 +41,7 @@ from fairseq.data import Dictionary, indexed_dataset
 from omegaconf import OmegaConf, open_dict
 
 from .arguments import pair_list
-from .materialize import save_atomic
+from .materialize import save_atomic, task_flags
 from .multilingual import direction_task, is_multilingual, lang_pairs, task_settings
 from .teacher import WDSetupError, read_checkpoint
 
@@ -172,12 +175,13 @@ def trimmed_teacher(state: dict, run: dict, data: str, scratch: str, out: str, k
     """The teacher's checkpoint with its vocabulary tables cut to OUT's dictionaries
     (language tokens included), and its config pointing at OUT."""
     src, tgt = kept_pairs[0]
+    out = os.path.abspath(out)  # (the config's paths resolve from any working directory)
     if multilingual:
         old_task = direction_task(run, data, src, tgt, what)
         # (NLLB's data-source tags go: no kept text uses them, and fairseq main's task
-        # cannot add them)
-        new_run = dict(run, data=out, langs=list(langs), lang_dict=None, add_data_source_prefix_tags=False,
-                       lang_pairs=",".join("-".join(p) for p in kept_pairs),
+        # cannot add them); the kept languages stay in the teacher's order
+        new_run = dict(run, data=out, langs=[lang for lang in old_task.langs if lang in langs], lang_dict=None,
+                       add_data_source_prefix_tags=False, lang_pairs=",".join("-".join(p) for p in kept_pairs),
                        fixed_dictionary=os.path.join(out, f"dict.{src}.txt") if run.get("fixed_dictionary") else None)
         # the new task's dictionaries, built from the files in scratch (paths of OUT-to-be)
         probe = dict(new_run, data=scratch, fixed_dictionary=os.path.join(scratch, f"dict.{src}.txt")
@@ -212,7 +216,8 @@ def trimmed_teacher(state: dict, run: dict, data: str, scratch: str, out: str, k
             cfg.task.data = out
     summary = {"source_vocabulary": [len(old[0]), len(new[0])],
                "target_vocabulary": [len(old[1]), len(new[1])], "tables": tables,
-               "parameters": [parameters(original), parameters(model, like=original)]}
+               "parameters": [parameters(original), parameters(model, like=original)],
+               "phase1_flags": [out, *task_flags(new_run), "--teacher-path", os.path.join(out, "teacher.pt")]}
     # saved as fairseq saves: plain containers (the legacy task's Namespace inside); the
     # optimizer moments of the old vocabulary do not fit the new tables
     cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -251,7 +256,11 @@ def cli_main(argv=None):
     (s_old, s_new), (t_old, t_new) = summary["source_vocabulary"], summary["target_vocabulary"]
     print(f"wrote {args.out}: vocabulary {s_old} -> {s_new} (source), {t_old} -> {t_new} (target); "
           f"teacher parameters {summary['parameters'][0]:,} -> {summary['parameters'][1]:,}")
-    print(f"next: --teacher-path {os.path.join(args.out, 'teacher.pt')} with data-bin {args.out}")
+    user_dir = os.path.dirname(os.path.abspath(__file__))
+    data, *flags = summary["phase1_flags"]
+    print("next, phase 1 (these task flags replace the teacher's run's): fairseq-train "
+          + " ".join(shlex.quote(f) for f in [data, *flags, "--user-dir", user_dir, "--arch", "wd_transformer"])
+          + " <student shape and training flags>")
 
 
 if __name__ == "__main__":
