@@ -31,7 +31,8 @@ from fairseq.data.data_utils import infer_language_pair
 from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
 
 from .disk_space import disk_full_errors, require_free_space, tensor_sizes
-from .multilingual import MULTILINGUAL_TASK, direction_task, is_multilingual, lang_pairs, task_settings
+from .multilingual import (MULTILINGUAL_TASK, direction_task, is_multilingual, lang_pairs, lang_tokens,
+                           task_settings)
 from .teacher import WDSetupError, check_translation_transformer, model_args, read_checkpoint
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
@@ -142,10 +143,10 @@ def _replace_dir(new: str, target: str, scratch: str) -> None:
 
 def export(student: str, output: str, data: Optional[str] = None,
            quantization: str = "int8", force: bool = False, flag: str = "STUDENT",
-           direction: Tuple[Optional[str], Optional[str]] = (None, None)) -> str:
+           direction: Tuple[Optional[str], Optional[str]] = (None, None)) -> Tuple[str, argparse.Namespace]:
     """Convert ``student`` (stock transformer checkpoint) to a CTranslate2 model
-    directory ``output``; return the CTranslate2 version used. ``flag`` names the
-    checkpoint in error messages."""
+    directory ``output``; return the CTranslate2 version used and the converter's args.
+    ``flag`` names the checkpoint in error messages."""
     version, FairseqConverter = _ctranslate2()
     if quantization not in QUANTIZATIONS:
         raise WDSetupError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
@@ -186,7 +187,22 @@ def export(student: str, output: str, data: Optional[str] = None,
                     "teacher. Fix: serve this student with fairseq-generate"
                 ) from e
             _replace_dir(model_dir, output, scratch)
-    return version
+    return version, args
+
+
+def usage_line(output: str, args: argparse.Namespace) -> str:
+    """How to call the model exported with converter ``args``: a multilingual model's
+    language tokens (of its first direction) go in front of source and target."""
+    call = f"ctranslate2.Translator({output!r}).translate_batch("
+    if not is_multilingual(vars(args)):
+        return f"usage: {call}[source tokens as in the data-bin, BPE applied], beam_size=...)"
+    src, tgt = args.source_lang, args.target_lang
+    tokens = lang_tokens(direction_task(vars(args), args.data, src, tgt, "STUDENT"), src, tgt)
+    source = f"[{tokens.source!r}, *source tokens]" if tokens.source else "[source tokens]"
+    target = f", target_prefix=[[{tokens.target!r}]]" if tokens.target else ""
+    drop = ", then drop the first token of each hypothesis" if tokens.target else ""
+    return (f"usage ({src}-{tgt}; another direction: its language tokens): {call}[{source}]{target}, "
+            f"beam_size=...){drop} (source tokens as in the data-bin, BPE applied)")
 
 
 def cached_export(checkpoint: str, cache_dir: str, data: str, quantization: str,
@@ -246,12 +262,12 @@ def cli_main(argv=None):
     parser.add_argument("--force", action="store_true", help="replace an existing OUTPUT_DIR")
     args = parser.parse_args(argv)
     try:
-        version = export(args.student, args.output, args.data, args.quantization, args.force)
+        version, converted = export(args.student, args.output, args.data, args.quantization, args.force)
+        usage = usage_line(args.output, converted)
     except WDSetupError as e:
         sys.exit(f"wd-export-ct2: error: {e}")
     print(f"wrote {args.output} (CTranslate2 {version}, {args.quantization})")
-    print(f"usage: ctranslate2.Translator({args.output!r}).translate_batch("
-          "[source tokens as in the data-bin, BPE applied], beam_size=...)")
+    print(usage)
 
 
 if __name__ == "__main__":
