@@ -4,6 +4,8 @@ fairseq-train on the shipped Bible corpus, WD phase 1 for every direction, the
 materialised student decoded by stock fairseq without the plugin."""
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -83,7 +85,10 @@ def test_phase1_for_every_direction_materialises_into_a_stock_multilingual_stude
     for pair in PAIRS:
         phase1 = generate(data, fixed, tmp_path / "phase1" / "checkpoint_last.pt", pair, "--user-dir", USER_DIR)
         assert generate(data, fixed, tmp_path / "student.pt", pair) == phase1
-    run_cli("wd-export-ct2", tmp_path / "student.pt", tmp_path / "ct2", "--quantization", "float32")
+    proc = run_cli("wd-export-ct2", tmp_path / "student.pt", tmp_path / "ct2", "--quantization", "float32")
+    # its usage line shows the language tokens
+    assert "usage (es-en; " in proc.stdout
+    assert "translate_batch([['__es__', *source tokens]], target_prefix=[['__en__']], " in proc.stdout
     import ctranslate2
     from fairseq.data import Dictionary, data_utils
 
@@ -146,9 +151,32 @@ def test_kd_data_of_a_direction_agrees_across_engines_without_language_tokens(mu
     assert ct2_lines == fairseq_lines
     assert not any("__" in line for line in fairseq_lines)
     assert (tmp_path / "fairseq" / f"train1.{pair}.{tgt}.idx").is_file()
-    # the multilingual task trains on train + train1 of that direction
-    run_cli("fairseq-train", tmp_path / "fairseq", *TASK, "--fixed-dictionary", tmp_path / "fairseq" / "dict.es.txt",
-            *TEACHER, *TRAIN_FLAGS, "--max-update", "2", "--save-dir", tmp_path / "check", "--disable-validation")
+    assert train_sizes(tmp_path / "fairseq", tmp_path / "check") == {"train": {"es-en": 600, "en-es": 600},
+                                                                     "train1": {"es-en": 600, "en-es": 0}}
+
+
+def train_sizes(data, save_dir):
+    """{split: {direction: sentences}} that fairseq-train under the teacher's task loads
+    from ``data`` (2 updates)."""
+    proc = run_cli("fairseq-train", data, *TASK, "--fixed-dictionary", data / "dict.es.txt", *TEACHER,
+                   *TRAIN_FLAGS, "--max-update", "2", "--save-dir", save_dir, "--disable-validation")
+    sizes = {}
+    for split, pair, count in re.findall(rf"{re.escape(str(data))} (train1?) (\S+) (\d+) examples",
+                                         proc.stdout + proc.stderr):
+        sizes.setdefault(split, {})[pair] = int(count)
+    return sizes
+
+
+def test_kd_data_of_one_direction_does_not_train_the_reversed_one(multilingual, tmp_path):
+    """fairseq reads a split of en-es backwards for es-en where es-en has none: wd-kd-data
+    leaves an empty train1 there, which the KD data of es-en later replaces."""
+    data, _, teacher = multilingual
+    kd_data(data, teacher, tmp_path / "kd", "en-es", "--engine", "fairseq")
+    assert train_sizes(tmp_path / "kd", tmp_path / "one")["train1"] == {"en-es": 600, "es-en": 0}
+    summary = run_cli("wd-kd-data", tmp_path / "kd", "--teacher-path", teacher, "-s", "es", "-t", "en",
+                      "--beam", "1", "--max-len-a", "1.2", "--max-len-b", "10", "--engine", "fairseq")
+    assert "up to date" not in summary.stdout
+    assert train_sizes(tmp_path / "kd", tmp_path / "both")["train1"] == {"en-es": 600, "es-en": 600}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +206,8 @@ def test_trimmed_teacher_keeps_the_used_tokens_and_their_scores(multilingual, fe
     from wd_fairseq.multilingual import direction_task
 
     _, _, teacher = multilingual
-    proc = run_cli("wd-trim-vocab", teacher, few, tmp_path / "trimmed", "--pairs", "es-en")
+    # (OUT given relative to the working directory)
+    proc = run_cli("wd-trim-vocab", teacher, few, "trimmed", "--pairs", "es-en", cwd=tmp_path)
     summary = json.loads((tmp_path / "trimmed" / "trim.json").read_text())
     old_size, new_size = summary["target_vocabulary"]
     assert new_size < old_size and "vocabulary" in proc.stdout  # (a tiny BPE: mostly characters)
@@ -205,15 +234,26 @@ def test_trimmed_teacher_keeps_the_used_tokens_and_their_scores(multilingual, fe
         out_new = models["new"](src_new, torch.tensor([5]), prev_new)[0]
         out_old = models["old"](kept[src_new], torch.tensor([5]), kept[prev_new])[0]
     torch.testing.assert_close(out_new, out_old[..., kept])
+    # the printed phase-1 command is complete: the kept languages in the teacher's order, the
+    # new dictionary; it runs from any working directory
+    trimmed = tmp_path / "trimmed"
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("next"))
+    command = shlex.split(line[line.index("fairseq-train"):].replace("<student shape and training flags>", ""))
+    assert command[:2] == ["fairseq-train", str(trimmed)]
+    task = command[command.index("--task"):command.index("--teacher-path")]
+    assert task == ["--task", "translation_multi_simple_epoch", "--lang-pairs", "es-en", "--encoder-langtok",
+                    "src", "--decoder-langtok", "--langs", "es,en", "--lang-tok-style", "multilingual",
+                    "--fixed-dictionary", str(trimmed / "dict.es.txt")]
+    assert command[command.index("--teacher-path") + 1] == str(trimmed / "teacher.pt")
+    stored = checkpoint_utils.load_checkpoint_to_cpu(str(trimmed / "teacher.pt"))["cfg"]["task"]
+    assert (stored.data, stored.fixed_dictionary) == (str(trimmed), str(trimmed / "dict.es.txt"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     # a one-direction student of the trimmed teacher has the small vocabulary, and decodes
     # with stock fairseq under the trimmed run's task flags
-    trimmed = tmp_path / "trimmed"
-    task = ["--task", "translation_multi_simple_epoch", "--lang-pairs", "es-en", "--encoder-langtok", "src",
-            "--decoder-langtok", "--langs", "en,es", "--fixed-dictionary", trimmed / "dict.es.txt"]
     # (with the bounded embedding generators: one scale and shift for every token)
-    run_cli("fairseq-train", trimmed, *task, "--user-dir", USER_DIR, "--arch", "wd_transformer",
-            "--teacher-path", trimmed / "teacher.pt", *STUDENT, *TRAIN_FLAGS, "--max-update", "4",
-            "--save-dir", tmp_path / "phase1", "--disable-validation", "--wd-table-scale", "shared")
+    run_cli(*command, *STUDENT, *TRAIN_FLAGS, "--max-update", "4", "--save-dir", tmp_path / "phase1",
+            "--disable-validation", "--wd-table-scale", "shared", cwd=elsewhere)
     phase1 = torch.load(tmp_path / "phase1" / "checkpoint_last.pt", weights_only=False)["model"]
     scales = [k for k in phase1 if "embed_tokens" in k and k.endswith("generator.scale")]
     assert scales and all(phase1[k].shape[0] == 1 for k in scales)
@@ -235,6 +275,26 @@ def test_a_teacher_trained_with_other_languages_is_refused_with_what_to_pass(mul
     assert proc.returncode != 0
     assert "3 language tokens of --langs/--lang-pairs), -1." in proc.stderr
     assert "Pass the teacher's own language list" in proc.stderr
+
+
+def test_a_language_order_other_than_the_teachers_is_refused_before_training(multilingual, tmp_path):
+    """The order of --langs decides the language tokens' ids: es,en on a teacher of en,es
+    (equal dictionary sizes) would swap them."""
+    data, fixed, teacher = multilingual
+    task = [a if a != "es,en" else "en,es" for a in TASK]
+    proc = run_cli("fairseq-train", data, *task, "--fixed-dictionary", fixed, "--user-dir", USER_DIR,
+                   "--arch", "wd_transformer", "--teacher-path", teacher, *STUDENT, *TRAIN_FLAGS,
+                   "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert proc.returncode != 0 and not list(tmp_path.glob("*.pt"))
+    assert (f"--teacher-path {teacher}: the teacher's language tokens are those of --langs es,en, this "
+            "run's of --langs en,es") in proc.stderr
+    assert "Fix: pass --langs es,en, the teacher's order" in proc.stderr
+    # the same for word-level KD from the teacher of a stock student
+    flags = [a if a != "label_smoothed_cross_entropy" else "kd_label_smoothed_cross_entropy" for a in TRAIN_FLAGS]
+    proc = run_cli("fairseq-train", data, *task, "--fixed-dictionary", fixed, "--user-dir", USER_DIR,
+                   *TEACHER, *flags, "--teacher-path", teacher, "--kd-alpha", "0.5", "--max-update", "1",
+                   "--save-dir", tmp_path / "kd", "--disable-validation", check=False)
+    assert proc.returncode != 0 and "Fix: pass --langs es,en, the teacher's order" in proc.stderr
 
 
 def nllb_style(teacher, path):
