@@ -194,7 +194,7 @@ def usage_line(output: str, args: argparse.Namespace) -> str:
     """How to call the model exported with converter ``args``: a multilingual model's
     language tokens (of its first direction) go in front of source and target."""
     call = f"ctranslate2.Translator({output!r}).translate_batch("
-    if not is_multilingual(vars(args)):
+    if args.task != MULTILINGUAL_TASK:  # (the converter's args: "_name" is the model's)
         return f"usage: {call}[source tokens as in the data-bin, BPE applied], beam_size=...)"
     src, tgt = args.source_lang, args.target_lang
     tokens = lang_tokens(direction_task(vars(args), args.data, src, tgt, "STUDENT"), src, tgt)
