@@ -1,5 +1,6 @@
-"""Faults found early and reported clearly: a full disk (a real, small tmpfs) and bad
-flags of every console script (refused by the parser, before any model loads)."""
+"""Faults found early and reported clearly: a full disk (a real, small tmpfs), a data-bin
+whose dictionary differs from the teacher's, and bad flags of every console script
+(refused by the parser, before any model loads)."""
 
 import argparse
 import errno
@@ -211,6 +212,56 @@ def test_student_checkpoint_refused_up_front_and_reported_when_the_disk_fills(
     assert listing(disk) == ["filler"]
 
 
+# -- a dictionary that lies ----------------------------------------------------------------
+
+
+@pytest.fixture
+def renamed_symbol(small_bin, tmp_path):
+    """small_bin with one target symbol renamed in dict.tgt.txt (same size)."""
+    data = shutil.copytree(small_bin, tmp_path / "renamed")
+    lines = (data / "dict.tgt.txt").read_text().splitlines()
+    lines[5] = "renamed " + lines[5].split()[1]
+    (data / "dict.tgt.txt").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def lying_dictionary(teacher, data_bin, data) -> str:
+    return (rf"{teacher}: it was trained with {data_bin}/dict\.tgt\.txt, which differs from the "
+            rf"data's target dictionary \({data}/dict\.tgt\.txt\) in 1 of its \d+ symbols\. Fix: "
+            rf"use the data-bin it was trained with, or binarise the data with fairseq-preprocess "
+            rf"--tgtdict {data_bin}/dict\.tgt\.txt")
+
+
+@pytest.mark.parametrize("engine", [[], ["--engine", "fairseq"]], ids=["default", "fairseq"])
+def test_kd_data_refuses_a_renamed_symbol_with_every_engine(engine, renamed_symbol, data_bin,
+                                                          postnorm_teacher):
+    """The default engine (CTranslate2) checks the data as the fairseq engine does,
+    before converting or decoding anything."""
+    before = listing(renamed_symbol)
+    proc = run_cli("wd-kd-data", renamed_symbol, "--teacher-path", postnorm_teacher, "--cpu",
+                   *engine, check=False, env=ONE_THREAD)
+    message = proc.stderr.strip().splitlines()[-1]
+    print(message)
+    assert proc.returncode == 1 and re.fullmatch(
+        r"wd-kd-data: error: --teacher-path " + lying_dictionary(postnorm_teacher, data_bin,
+                                                                 renamed_symbol),
+        message), proc.stderr[-3000:]
+    assert listing(renamed_symbol) == before
+
+
+def test_export_ct2_refuses_data_whose_dictionary_differs(renamed_symbol, data_bin,
+                                                         postnorm_teacher, tmp_path):
+    proc = run_cli("wd-export-ct2", postnorm_teacher, tmp_path / "ct2", "--data", renamed_symbol,
+                   check=False, env=ONE_THREAD)
+    message = proc.stderr.strip().splitlines()[-1]
+    print(message)
+    assert proc.returncode == 1 and re.fullmatch(
+        r"wd-export-ct2: error: STUDENT " + lying_dictionary(postnorm_teacher, data_bin,
+                                                              renamed_symbol),
+        message), proc.stderr[-3000:]
+    assert not (tmp_path / "ct2").exists()
+
+
 # -- bad flags ------------------------------------------------------------------------------
 
 MISSING = "/nonexistent/teacher.pt"
@@ -319,3 +370,4 @@ def test_the_installed_console_script_exits_2_naming_the_flag(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == \
         "wd-kd-data: error: argument --max-tokens: must be an integer >= 1, got '0'"
+

@@ -14,9 +14,10 @@ import os
 from typing import List, NamedTuple, Optional, Tuple
 
 from fairseq import tasks
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import DictConfig, OmegaConf
 
-from .teacher import WDSetupError
+from .teacher import WDSetupError, check_dictionaries
 
 MULTILINGUAL_TASK = "translation_multi_simple_epoch"
 #: Entries fairseq's nllb branch appends after the language tokens with
@@ -91,6 +92,20 @@ def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what
         for dictionary in {id(d): d for d in task.dicts.values()}.values():
             for tag in NLLB_DATA_SOURCE_TAGS:
                 dictionary.add_symbol(tag)
+    return task
+
+
+def data_task(state: dict, data: str, source_lang: str, target_lang: str, flag: str, path: str):
+    """The task that reads direction ``source_lang``-``target_lang`` of ``data`` for the
+    checkpoint ``state`` (fairseq's translation task, or its run's own multilingual task),
+    once the data passes the one rule of :func:`~wd_fairseq.teacher.check_dictionaries`."""
+    run = state["cfg"]["task"] if state.get("cfg") is not None else state.get("args")
+    if is_multilingual(run):
+        task = direction_task(run, data, source_lang, target_lang, f"{flag} {path}")
+    else:
+        task = TranslationTask.setup_task(
+            TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang))
+    check_dictionaries(state, task, path, flag)
     return task
 
 

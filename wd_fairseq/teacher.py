@@ -116,25 +116,29 @@ def task_langs(task) -> Tuple[Optional[str], Optional[str]]:
     return getattr(settings, "source_lang", None), getattr(settings, "target_lang", None)
 
 
-def check_dictionaries(state: dict, task, path: str) -> None:
-    """The teacher's embedding tables must index the data's dictionaries."""
+def check_dictionaries(state: dict, task, path: str, flag: str = "--teacher-path") -> None:
+    """The one rule for "does this checkpoint match this data" (every tool and engine):
+    its embedding tables index the task's dictionaries (size), the dictionaries hold the
+    symbols of those it was trained with (where that data-bin is still there)."""
     src, tgt = task_langs(task)
+    multilingual = hasattr(task, "data_manager")  # (the multilingual task)
+    settings = getattr(task, "cfg", None) or getattr(task, "args", None)
     sides = (
         ("source", "src", src, task.source_dictionary, "encoder"),
         ("target", "tgt", tgt, task.target_dictionary, "decoder"),
     )
-    for side, short, _, dictionary, module in sides:
+    for side, short, lang, dictionary, module in sides:
         table = state["model"].get(f"{module}.embed_tokens.weight")
         if table is None or table.shape[0] == len(dictionary):
             continue
-        if hasattr(task, "data_manager"):  # (the multilingual task)
+        if multilingual:
             raise WDSetupError(_multilingual_mismatch(state, task, path, side, table.shape[0],
-                                                      len(dictionary)))
+                                                      len(dictionary), flag))
         raise WDSetupError(
-            f"--teacher-path {path}: the teacher's {side} vocabulary has "
-            f"{table.shape[0]} entries but the data's {side} dictionary has "
-            f"{len(dictionary)}. Fix: binarise the data with fairseq-preprocess "
-            f"--{short}dict set to the teacher's dictionary"
+            f"{flag} {path}: its {side} vocabulary has {table.shape[0]} entries but the "
+            f"data's {side} dictionary has {len(dictionary)} ({_data_dictionary(settings, lang)}). "
+            f"Fix: use the data-bin it was trained with, or binarise the data with "
+            f"fairseq-preprocess --{short}dict set to its dictionary"
         )
     data_dir = _teacher_data_dir(state)
     for side, short, lang, dictionary, _ in sides if data_dir else ():
@@ -143,13 +147,22 @@ def check_dictionaries(state: dict, task, path: str) -> None:
         symbols = Dictionary.load(teacher_dict).symbols if os.path.isfile(teacher_dict) else None
         if symbols is not None and symbols != dictionary.symbols[:len(symbols)]:
             raise WDSetupError(
-                f"--teacher-path {path}: the teacher was trained with {teacher_dict}, "
-                f"which differs from the data's {side} dictionary. Fix: binarise the data "
-                f"with fairseq-preprocess --{short}dict {teacher_dict}"
+                f"{flag} {path}: it was trained with {teacher_dict}, which differs from the "
+                f"data's {side} dictionary ({_data_dictionary(settings, lang)}) in "
+                f"{sum(a != b for a, b in zip(symbols, dictionary.symbols))} of its {len(symbols)} "
+                "symbols. Fix: use the data-bin it was trained with, or binarise the data with "
+                f"fairseq-preprocess --{short}dict {teacher_dict}"
             )
 
 
-def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, entries: int) -> str:
+def _data_dictionary(settings, lang: str) -> str:
+    """The dictionary file a task loaded for ``lang``."""
+    fixed = getattr(settings, "fixed_dictionary", None)
+    return fixed or os.path.join(str(settings.data).split(":")[0], f"dict.{lang}.txt")
+
+
+def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, entries: int,
+                           flag: str) -> str:
     """Why a multilingual teacher's table and the task's dictionary differ, and what to pass."""
     langs = getattr(task, "langs", None) or []
     run = state.get("cfg", {}).get("task") if state.get("cfg") is not None else state.get("args")
@@ -162,7 +175,7 @@ def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, e
             "the language list of its release; --lang-pairs alone derives the languages from the "
             "pairs, which gives too few unless every language is in a pair) and its "
             "--fixed-dictionary (M2M-100: model_dict.128k.txt)")
-    return (f"--teacher-path {path}: the teacher's {side} table has {rows} rows but the "
+    return (f"{flag} {path}: its {side} table has {rows} rows but the "
             f"multilingual task's dictionary has {entries} entries ({entries - len(langs)} of the "
             f"dictionary file + {len(langs)} language tokens of --langs/--lang-pairs), "
             f"{rows - entries:+d}.{hint}")
