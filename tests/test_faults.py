@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 from fairseq.tasks.translation import TranslationTask
-from conftest import BIN, preprocess, run_cli
+from conftest import BIN, build_wd, preprocess, run_cli
 
 from wd_fairseq import export_ctranslate2, init_student
 from wd_fairseq.kd_data import ShardStore, Split, build_kd_split
@@ -371,3 +371,37 @@ def test_the_installed_console_script_exits_2_naming_the_flag(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == \
         "wd-kd-data: error: argument --max-tokens: must be an integer >= 1, got '0'"
 
+
+# -- a checkpoint that would run code -------------------------------------------------------
+
+
+class RunsCode:
+    """Pickled as a call of os.system: what loading the file fully would run."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+@pytest.mark.parametrize("payload,name", [(shutil.copytree, "shutil.copytree"),
+                                          (RunsCode(), r"posix\.system")],
+                         ids=["global", "call"])
+def test_a_code_executing_checkpoint_is_refused_by_every_tool_naming_the_global(
+        payload, name, small_bin, tmp_path, monkeypatch, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "cfg": None, "payload": payload}, evil)
+    out = tmp_path / "out"
+    runs = {
+        "wd-kd-data": [small_bin, "--teacher-path", evil], "wd-export-ct2": [evil, out],
+        "wd-materialize": [evil, out], "wd-init-student": [evil, out],
+        "wd-trim-vocab": [evil, small_bin, out],
+    }
+    refusal = (rf"{evil}: holds a Python object \({name}\) that safe loading \(torch\.load "
+               r"weights_only\) refuses: loading the file would run code\. Fix: do not load a "
+               r"file you do not trust; if you trust it, re-save its contents without that object")
+    for tool, argv in runs.items():
+        code, stderr = run_in_process(tool, argv, monkeypatch, capsys)
+        message = stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"{tool}: error: \S+ " + refusal, message), message
+        assert not out.exists()
+    with pytest.raises(WDSetupError, match="^--teacher-path " + refusal):
+        build_wd(small_bin, evil)

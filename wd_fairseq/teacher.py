@@ -14,7 +14,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY, build_model
 from fairseq.models.transformer import TransformerModel
 from omegaconf import DictConfig, OmegaConf
 
-from .safe_loading import allow_fairseq_checkpoints
+from .safe_loading import allow_fairseq_checkpoints, refused_global
 
 
 class WDSetupError(ValueError):
@@ -34,13 +34,13 @@ def read_checkpoint(path: str, flag: str) -> dict:
     try:
         return checkpoint_utils.load_checkpoint_to_cpu(path)
     except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        refused = refused_global(e)
         if refused is None:
             raise _unreadable(path, flag, e) from e
         raise WDSetupError(
-            f"{flag} {path}: holds a Python object ({refused.group(1)}) that safe "
-            "loading (torch.load weights_only) refuses, since loading it could run code. "
-            "Fix: if you trust the file, re-save it without that object"
+            f"{flag} {path}: holds a Python object ({refused}) that safe loading (torch.load "
+            "weights_only) refuses: loading the file would run code. Fix: do not load a file "
+            "you do not trust; if you trust it, re-save its contents without that object"
         ) from e
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise _unreadable(path, flag, e) from e
