@@ -44,10 +44,12 @@ def small_disk(tmp_path):
         mounted.append(path)
         return path
 
-    yield mount
-    for path in mounted:
+    try:
+        yield mount
+    finally:  # every mount, even when the test or another umount failed
         # (lazily: this process may still map a file of it, e.g. a data-bin's index)
-        subprocess.run(["umount", "--lazy", str(path)], check=True)
+        failed = [p for p in mounted if subprocess.run(["umount", "--lazy", str(p)]).returncode]
+        assert not failed, f"umount --lazy failed for {failed}"
 
 
 def leave_free(path, free: int) -> None:
