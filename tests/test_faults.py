@@ -85,6 +85,15 @@ def listing(directory):
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
 
+def refusal(tool, *args) -> str:
+    """The message of a console script that refuses to start (exit status 1, no traceback)."""
+    proc = run_cli(tool, *args, check=False, env=ONE_THREAD)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    print(message)
+    return message
+
+
 NO_SPACE = (r"not enough disk space for {what}: it needs about (?P<needed>[\d.]+ [KM]iB) "
             r"\(estimate\), (?P<free>[\d.]+ [KM]?i?B) is free there\. Fix: free space ")
 
@@ -102,14 +111,10 @@ def test_kd_data_refuses_a_disk_too_small_before_decoding(engine, free, what, sm
     data = shutil.copytree(small_bin, disk / "bin")
     leave_free(disk, free)
     before = listing(data)
-    proc = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu",
-                   "--engine", engine, check=False, env=ONE_THREAD)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    message = proc.stderr.strip().splitlines()[-1]
-    print(message)
+    message = refusal("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu",
+                      "--engine", engine)
     assert re.fullmatch(rf"wd-kd-data: error: {data}: " + NO_SPACE.format(what=what) + r".*rerun.*",
                         message), message
-    assert "decoded" not in proc.stdout
     assert listing(data) == before  # no work directory, no temporary file
 
 
@@ -176,14 +181,10 @@ def test_export_ct2_disk_full_while_converting_leaves_nothing(data_bin, postnorm
 def test_export_ct2_refuses_a_disk_too_small(data_bin, postnorm_teacher, small_disk):
     disk = small_disk("disk")
     leave_free(disk, 64 * 1024)
-    proc = run_cli("wd-export-ct2", postnorm_teacher, disk / "ct2", "--data", data_bin,
-                   check=False, env=ONE_THREAD)
-    message = proc.stderr.strip().splitlines()[-1]
-    print(message)
-    assert proc.returncode == 1 and re.fullmatch(
-        rf"wd-export-ct2: error: {disk}: " + NO_SPACE.format(
-            what=rf"the CTranslate2 conversion of {postnorm_teacher} \(a copy of it, then the "
-            r"model\)") + ".*", message), proc.stderr[-3000:]
+    message = refusal("wd-export-ct2", postnorm_teacher, disk / "ct2", "--data", data_bin)
+    assert re.fullmatch(rf"wd-export-ct2: error: {disk}: " + NO_SPACE.format(
+        what=rf"the CTranslate2 conversion of {postnorm_teacher} \(a copy of it, then the "
+        r"model\)") + ".*", message), message
     assert listing(disk) == []
 
 
@@ -192,14 +193,11 @@ def test_student_checkpoint_refused_up_front_and_reported_when_the_disk_fills(
     """wd-init-student (wd-materialize and wd-trim-vocab save the same way)."""
     disk = small_disk("disk")
     leave_free(disk, 16 * 1024)
-    proc = run_cli("wd-init-student", postnorm_teacher, disk / "student.pt", "--decoder-layers",
-                   "1", check=False, env=ONE_THREAD)
-    message = proc.stderr.strip().splitlines()[-1]
-    print(message)
-    assert proc.returncode == 1 and re.fullmatch(
-        rf"wd-init-student: error: {disk}: " + NO_SPACE.format(
-            what=rf"STUDENT {disk}/student\.pt") + "there, or choose another output path",
-        message), proc.stderr[-3000:]
+    message = refusal("wd-init-student", postnorm_teacher, disk / "student.pt",
+                      "--decoder-layers", "1")
+    assert re.fullmatch(rf"wd-init-student: error: {disk}: " + NO_SPACE.format(
+        what=rf"STUDENT {disk}/student\.pt") + "there, or choose another output path",
+        message), message
     assert listing(disk) == []
 
     leave_free(disk, 64 << 20)
@@ -240,27 +238,18 @@ def test_kd_data_refuses_a_renamed_symbol_with_every_engine(engine, renamed_symb
     """The default engine (CTranslate2) checks the data as the fairseq engine does,
     before converting or decoding anything."""
     before = listing(renamed_symbol)
-    proc = run_cli("wd-kd-data", renamed_symbol, "--teacher-path", postnorm_teacher, "--cpu",
-                   *engine, check=False, env=ONE_THREAD)
-    message = proc.stderr.strip().splitlines()[-1]
-    print(message)
-    assert proc.returncode == 1 and re.fullmatch(
-        r"wd-kd-data: error: --teacher-path " + lying_dictionary(postnorm_teacher, data_bin,
-                                                                 renamed_symbol),
-        message), proc.stderr[-3000:]
+    message = refusal("wd-kd-data", renamed_symbol, "--teacher-path", postnorm_teacher, "--cpu",
+                      *engine)
+    assert re.fullmatch(r"wd-kd-data: error: --teacher-path " + lying_dictionary(
+        postnorm_teacher, data_bin, renamed_symbol), message), message
     assert listing(renamed_symbol) == before
 
 
 def test_export_ct2_refuses_data_whose_dictionary_differs(renamed_symbol, data_bin,
                                                          postnorm_teacher, tmp_path):
-    proc = run_cli("wd-export-ct2", postnorm_teacher, tmp_path / "ct2", "--data", renamed_symbol,
-                   check=False, env=ONE_THREAD)
-    message = proc.stderr.strip().splitlines()[-1]
-    print(message)
-    assert proc.returncode == 1 and re.fullmatch(
-        r"wd-export-ct2: error: STUDENT " + lying_dictionary(postnorm_teacher, data_bin,
-                                                              renamed_symbol),
-        message), proc.stderr[-3000:]
+    message = refusal("wd-export-ct2", postnorm_teacher, tmp_path / "ct2", "--data", renamed_symbol)
+    assert re.fullmatch(r"wd-export-ct2: error: STUDENT " + lying_dictionary(
+        postnorm_teacher, data_bin, renamed_symbol), message), message
     assert not (tmp_path / "ct2").exists()
 
 
