@@ -321,6 +321,14 @@ class WDTransformerModel(TransformerModel):
             shape = tuple(getattr(module, tensor_name).shape)
             kind = self._generator_kind(name, module, teacher_shape, shape, len(sources), table_scale)
             members.setdefault(kind, []).append((len(done), module, tensor_name, name, sources))
+        self._build_banks(teacher, members)
+        if tied is not None:
+            generate(*tied, SameAs(self.decoder.embed_tokens, "weight"))
+            self.decoder.embed_tokens.parametrizations.weight[0].bank.full_table_in_pass = True
+
+    def _build_banks(self, teacher: TransformerModel, members: Dict[tuple, list]) -> None:
+        """One bank per kind of ``members`` (kind -> [(position, module, tensor name, name,
+        sources)]); every member then draws its start, in order of position."""
         self.generator_banks = nn.ModuleDict()
         order = []  # (position, bank, member)
         for (cls, args, _), bank_members in members.items():
@@ -338,9 +346,6 @@ class WDTransformerModel(TransformerModel):
                 order.append((position, bank, index))
         for _, bank, index in sorted(order, key=lambda entry: entry[0]):
             bank.generator.reset_member(index)
-        if tied is not None:
-            generate(*tied, SameAs(self.decoder.embed_tokens, "weight"))
-            self.decoder.embed_tokens.parametrizations.weight[0].bank.full_table_in_pass = True
 
     def _replace_token_embeddings(self) -> None:
         """Token tables become GeneratedEmbedding (row-wise generation in training)."""
