@@ -1,5 +1,6 @@
-"""Faults found early and reported clearly: a full disk (a real, small tmpfs) and bad
-flags of every console script (refused by the parser, before any model loads)."""
+"""Faults found early and reported clearly: a full disk (a real, small tmpfs), a data-bin
+whose dictionary differs from the teacher's, and bad flags of every console script
+(refused by the parser, before any model loads)."""
 
 import argparse
 import errno
@@ -12,7 +13,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 from fairseq.tasks.translation import TranslationTask
-from conftest import BIN, preprocess, run_cli
+from conftest import BIN, build_wd, preprocess, run_cli
 
 from wd_fairseq import export_ctranslate2, init_student
 from wd_fairseq.kd_data import ShardStore, Split, build_kd_split
@@ -43,10 +44,12 @@ def small_disk(tmp_path):
         mounted.append(path)
         return path
 
-    yield mount
-    for path in mounted:
+    try:
+        yield mount
+    finally:  # every mount, even when the test or another umount failed
         # (lazily: this process may still map a file of it, e.g. a data-bin's index)
-        subprocess.run(["umount", "--lazy", str(path)], check=True)
+        failed = [p for p in mounted if subprocess.run(["umount", "--lazy", str(p)]).returncode]
+        assert not failed, f"umount --lazy failed for {failed}"
 
 
 def leave_free(path, free: int) -> None:
@@ -82,6 +85,15 @@ def listing(directory):
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
 
+def refusal(tool, *args) -> str:
+    """The message of a console script that refuses to start (exit status 1, no traceback)."""
+    proc = run_cli(tool, *args, check=False, env=ONE_THREAD)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    print(message)
+    return message
+
+
 NO_SPACE = (r"not enough disk space for {what}: it needs about (?P<needed>[\d.]+ [KM]iB) "
             r"\(estimate\), (?P<free>[\d.]+ [KM]?i?B) is free there\. Fix: free space ")
 
@@ -99,14 +111,10 @@ def test_kd_data_refuses_a_disk_too_small_before_decoding(engine, free, what, sm
     data = shutil.copytree(small_bin, disk / "bin")
     leave_free(disk, free)
     before = listing(data)
-    proc = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu",
-                   "--engine", engine, check=False, env=ONE_THREAD)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    message = proc.stderr.strip().splitlines()[-1]
-    print(message)
+    message = refusal("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu",
+                      "--engine", engine)
     assert re.fullmatch(rf"wd-kd-data: error: {data}: " + NO_SPACE.format(what=what) + r".*rerun.*",
                         message), message
-    assert "decoded" not in proc.stdout
     assert listing(data) == before  # no work directory, no temporary file
 
 
@@ -173,14 +181,10 @@ def test_export_ct2_disk_full_while_converting_leaves_nothing(data_bin, postnorm
 def test_export_ct2_refuses_a_disk_too_small(data_bin, postnorm_teacher, small_disk):
     disk = small_disk("disk")
     leave_free(disk, 64 * 1024)
-    proc = run_cli("wd-export-ct2", postnorm_teacher, disk / "ct2", "--data", data_bin,
-                   check=False, env=ONE_THREAD)
-    message = proc.stderr.strip().splitlines()[-1]
-    print(message)
-    assert proc.returncode == 1 and re.fullmatch(
-        rf"wd-export-ct2: error: {disk}: " + NO_SPACE.format(
-            what=rf"the CTranslate2 conversion of {postnorm_teacher} \(a copy of it, then the "
-            r"model\)") + ".*", message), proc.stderr[-3000:]
+    message = refusal("wd-export-ct2", postnorm_teacher, disk / "ct2", "--data", data_bin)
+    assert re.fullmatch(rf"wd-export-ct2: error: {disk}: " + NO_SPACE.format(
+        what=rf"the CTranslate2 conversion of {postnorm_teacher} \(a copy of it, then the "
+        r"model\)") + ".*", message), message
     assert listing(disk) == []
 
 
@@ -189,14 +193,11 @@ def test_student_checkpoint_refused_up_front_and_reported_when_the_disk_fills(
     """wd-init-student (wd-materialize and wd-trim-vocab save the same way)."""
     disk = small_disk("disk")
     leave_free(disk, 16 * 1024)
-    proc = run_cli("wd-init-student", postnorm_teacher, disk / "student.pt", "--decoder-layers",
-                   "1", check=False, env=ONE_THREAD)
-    message = proc.stderr.strip().splitlines()[-1]
-    print(message)
-    assert proc.returncode == 1 and re.fullmatch(
-        rf"wd-init-student: error: {disk}: " + NO_SPACE.format(
-            what=rf"STUDENT {disk}/student\.pt") + "there, or choose another output path",
-        message), proc.stderr[-3000:]
+    message = refusal("wd-init-student", postnorm_teacher, disk / "student.pt",
+                      "--decoder-layers", "1")
+    assert re.fullmatch(rf"wd-init-student: error: {disk}: " + NO_SPACE.format(
+        what=rf"STUDENT {disk}/student\.pt") + "there, or choose another output path",
+        message), message
     assert listing(disk) == []
 
     leave_free(disk, 64 << 20)
@@ -209,6 +210,47 @@ def test_student_checkpoint_refused_up_front_and_reported_when_the_disk_fills(
         what=rf"STUDENT {disk}/student\.pt \(the disk filled while writing: \[Errno 28\] No "
         r"space left on device\)") + ".*", message), message
     assert listing(disk) == ["filler"]
+
+
+# -- a dictionary that lies ----------------------------------------------------------------
+
+
+@pytest.fixture
+def renamed_symbol(small_bin, tmp_path):
+    """small_bin with one target symbol renamed in dict.tgt.txt (same size)."""
+    data = shutil.copytree(small_bin, tmp_path / "renamed")
+    lines = (data / "dict.tgt.txt").read_text().splitlines()
+    lines[5] = "renamed " + lines[5].split()[1]
+    (data / "dict.tgt.txt").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def lying_dictionary(teacher, data_bin, data) -> str:
+    return (rf"{teacher}: it was trained with {data_bin}/dict\.tgt\.txt, which differs from the "
+            rf"data's target dictionary \({data}/dict\.tgt\.txt\) in 1 of its \d+ symbols\. Fix: "
+            rf"use the data-bin it was trained with, or binarise the data with fairseq-preprocess "
+            rf"--tgtdict {data_bin}/dict\.tgt\.txt")
+
+
+@pytest.mark.parametrize("engine", [[], ["--engine", "fairseq"]], ids=["default", "fairseq"])
+def test_kd_data_refuses_a_renamed_symbol_with_every_engine(engine, renamed_symbol, data_bin,
+                                                          postnorm_teacher):
+    """The default engine (CTranslate2) checks the data as the fairseq engine does,
+    before converting or decoding anything."""
+    before = listing(renamed_symbol)
+    message = refusal("wd-kd-data", renamed_symbol, "--teacher-path", postnorm_teacher, "--cpu",
+                      *engine)
+    assert re.fullmatch(r"wd-kd-data: error: --teacher-path " + lying_dictionary(
+        postnorm_teacher, data_bin, renamed_symbol), message), message
+    assert listing(renamed_symbol) == before
+
+
+def test_export_ct2_refuses_data_whose_dictionary_differs(renamed_symbol, data_bin,
+                                                         postnorm_teacher, tmp_path):
+    message = refusal("wd-export-ct2", postnorm_teacher, tmp_path / "ct2", "--data", renamed_symbol)
+    assert re.fullmatch(r"wd-export-ct2: error: STUDENT " + lying_dictionary(
+        postnorm_teacher, data_bin, renamed_symbol), message), message
+    assert not (tmp_path / "ct2").exists()
 
 
 # -- bad flags ------------------------------------------------------------------------------
@@ -319,3 +361,38 @@ def test_the_installed_console_script_exits_2_naming_the_flag(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == \
         "wd-kd-data: error: argument --max-tokens: must be an integer >= 1, got '0'"
+
+
+# -- a checkpoint that would run code -------------------------------------------------------
+
+
+class RunsCode:
+    """Pickled as a call of os.system: what loading the file fully would run."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+@pytest.mark.parametrize("payload,name", [(shutil.copytree, "shutil.copytree"),
+                                          (RunsCode(), r"posix\.system")],
+                         ids=["global", "call"])
+def test_a_code_executing_checkpoint_is_refused_by_every_tool_naming_the_global(
+        payload, name, small_bin, tmp_path, monkeypatch, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "cfg": None, "payload": payload}, evil)
+    out = tmp_path / "out"
+    runs = {
+        "wd-kd-data": [small_bin, "--teacher-path", evil], "wd-export-ct2": [evil, out],
+        "wd-materialize": [evil, out], "wd-init-student": [evil, out],
+        "wd-trim-vocab": [evil, small_bin, out],
+    }
+    refusal = (rf"{evil}: holds a Python object \({name}\) that safe loading \(torch\.load "
+               r"weights_only\) refuses: loading the file would run code\. Fix: do not load a "
+               r"file you do not trust; if you trust it, re-save its contents without that object")
+    for tool, argv in runs.items():
+        code, stderr = run_in_process(tool, argv, monkeypatch, capsys)
+        message = stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"{tool}: error: \S+ " + refusal, message), message
+        assert not out.exists()
+    with pytest.raises(WDSetupError, match="^--teacher-path " + refusal):
+        build_wd(small_bin, evil)

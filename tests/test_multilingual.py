@@ -286,15 +286,15 @@ def test_a_language_order_other_than_the_teachers_is_refused_before_training(mul
                    "--arch", "wd_transformer", "--teacher-path", teacher, *STUDENT, *TRAIN_FLAGS,
                    "--max-update", "1", "--save-dir", tmp_path, check=False)
     assert proc.returncode != 0 and not list(tmp_path.glob("*.pt"))
-    assert (f"--teacher-path {teacher}: the teacher's language tokens are those of --langs es,en, this "
-            "run's of --langs en,es") in proc.stderr
-    assert "Fix: pass --langs es,en, the teacher's order" in proc.stderr
+    assert (f"--teacher-path {teacher}: its language tokens are those of --langs es,en, this run's of "
+            "--langs en,es") in proc.stderr
+    assert "Fix: pass --langs es,en, the order it was trained with" in proc.stderr
     # the same for word-level KD from the teacher of a stock student
     flags = [a if a != "label_smoothed_cross_entropy" else "kd_label_smoothed_cross_entropy" for a in TRAIN_FLAGS]
     proc = run_cli("fairseq-train", data, *task, "--fixed-dictionary", fixed, "--user-dir", USER_DIR,
                    *TEACHER, *flags, "--teacher-path", teacher, "--kd-alpha", "0.5", "--max-update", "1",
                    "--save-dir", tmp_path / "kd", "--disable-validation", check=False)
-    assert proc.returncode != 0 and "Fix: pass --langs es,en, the teacher's order" in proc.stderr
+    assert proc.returncode != 0 and "Fix: pass --langs es,en, the order it was trained with" in proc.stderr
 
 
 def nllb_style(teacher, path):
@@ -375,7 +375,7 @@ def test_phase1_of_an_m2m_100_shaped_teacher(tmp_path, table_scale, one_thread):
     model = task.build_model(cfg.model)
     assert model.teacher.encoder.embed_tokens.weight.shape == (vocabulary, 64)
     assert len(model.teacher.encoder.layers) == 12 and model.teacher.cfg.encoder.normalize_before
-    table = next(g for m, _, g in model.generated_tensors() if m is model.encoder.embed_tokens).generator
+    table = next(g for m, _, g in model.generated_tensors() if m is model.encoder.embed_tokens).bank.generator
     assert table.scale.shape == ((vocabulary, 32) if table_scale == "token" else (1, 32))
     sample = task.dataset("train").collater([task.dataset("train")[i] for i in range(4)])
     logits = model(**sample["net_input"])[0]

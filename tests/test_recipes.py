@@ -303,6 +303,21 @@ def test_stages_with_fewer_saves_than_they_average_are_refused_before_any_work(t
     assert "start prepare" not in proc.stdout and not (tmp_path / "done").exists()
 
 
+def test_a_stage_whose_checkpoints_do_not_fit_is_refused_before_it_starts(tmp_path):
+    """A teacher too big for this disk: its stage is refused by the up-front estimate of
+    its checkpoints, before fairseq-train starts; a smaller one passes that check."""
+    env = dict(TINY, WORK=str(tmp_path), TEACHER_DIM="65536", TEACHER_FFN="262144")
+    proc = run_recipe("examples/wmt16_en_ro/run.sh", "teacher", env=env, check=False)
+    assert proc.returncode != 0
+    assert re.search(
+        rf"^recipe_tools\.py check-disk: error: {tmp_path}/teacher: not enough disk space for the "
+        r"checkpoints of stage teacher \(6 x [\d.]+ GiB\): it needs about [\d.]+ GiB \(estimate\), "
+        r"[\d.]+ [KMG]iB is free there\. Fix: free space there, or set WORK to a bigger disk \(or "
+        r"lower AVG_LAST\); a rerun resumes the stage$", proc.stdout, re.M), proc.stdout[-3000:]
+    assert "start teacher" in proc.stdout and "fairseq-train" not in proc.stdout
+    assert not (tmp_path / "teacher").exists()
+
+
 def gpu_box(directory: Path, n: int) -> str:
     """A PATH whose stand-in ``nvidia-smi -L`` lists ``n`` GPUs (as on an n-GPU server)."""
     directory.mkdir(parents=True, exist_ok=True)

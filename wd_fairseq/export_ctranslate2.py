@@ -25,14 +25,13 @@ import tempfile
 from typing import Optional, Tuple
 
 import torch
-from fairseq.data import Dictionary
 from fairseq.data.data_utils import infer_language_pair
 
 from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
 
 from .disk_space import disk_full_errors, require_free_space, tensor_sizes
-from .multilingual import (MULTILINGUAL_TASK, direction_task, is_multilingual, lang_pairs, lang_tokens,
-                           task_settings)
+from .multilingual import (MULTILINGUAL_TASK, data_task, direction_task, is_multilingual, lang_pairs,
+                           lang_tokens, task_settings)
 from .teacher import WDSetupError, check_translation_transformer, model_args, read_checkpoint
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
@@ -79,45 +78,23 @@ def converter_args(state: dict, path: str, data: Optional[str], flag: str = "STU
             "holding the dictionaries the student was trained with"
         )
     if is_multilingual(task):
-        return _multilingual_converter_args(state, args, task, path, data, flag, direction)
+        src, tgt = direction if None not in direction else lang_pairs(task)[0]
+        run = data_task(state, data, src, tgt, flag, path)
+        return argparse.Namespace(**{**vars(run.args), **args, "task": MULTILINGUAL_TASK,
+                                     "data": data, "source_lang": src, "target_lang": tgt})
     src, tgt = task.get("source_lang"), task.get("target_lang")
     if src is None or tgt is None:
         src, tgt = infer_language_pair(data)
-    for side, lang in (("encoder", src), ("decoder", tgt)):
+    for lang in (src, tgt):
         dict_path = os.path.join(data, f"dict.{lang}.txt")
         if lang is None or not os.path.isfile(dict_path):
             raise WDSetupError(
                 f"--data {data}: no dictionary {dict_path}. Fix: pass the data-bin "
                 "written by fairseq-preprocess for this student"
             )
-        rows = state["model"][f"{side}.embed_tokens.weight"].shape[0]
-        entries = len(Dictionary.load(dict_path))
-        if entries != rows:
-            raise WDSetupError(
-                f"--data {data}: {dict_path} has {entries} entries but {flag} {path}'s "
-                f"{side} table has {rows} rows. Fix: pass the "
-                "data-bin the checkpoint was trained with"
-            )
+    data_task(state, data, src, tgt, flag, path)
     task_name = task.pop("_name")
     return argparse.Namespace(**{**task, **args, "task": task_name, "data": data,
-                                 "source_lang": src, "target_lang": tgt})
-
-
-def _multilingual_converter_args(state: dict, args: dict, task: dict, path: str, data: str,
-                                 flag: str, direction) -> argparse.Namespace:
-    src, tgt = direction
-    if src is None or tgt is None:
-        src, tgt = lang_pairs(task)[0]
-    run = direction_task(task, data, src, tgt, f"{flag} {path}")
-    for side, dictionary in (("encoder", run.source_dictionary), ("decoder", run.target_dictionary)):
-        rows = state["model"][f"{side}.embed_tokens.weight"].shape[0]
-        if len(dictionary) != rows:
-            raise WDSetupError(
-                f"{flag} {path}: its {side} table has {rows} rows, but its multilingual task "
-                f"on {data} builds a dictionary of {len(dictionary)} (language tokens "
-                "included). Fix: pass --data with the data-bin (and dictionary) the model "
-                "was trained with")
-    return argparse.Namespace(**{**vars(run.args), **args, "task": MULTILINGUAL_TASK, "data": data,
                                  "source_lang": src, "target_lang": tgt})
 
 

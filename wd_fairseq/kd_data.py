@@ -49,13 +49,12 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 from fairseq.data import Dictionary, data_utils, indexed_dataset
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .arguments import at_least_one, finite_float, nonnegative_float, nonnegative_int, positive_int
 from .disk_space import checkpoint_tensor_sizes, disk_full_errors, require_free_space
 from .kd_decoding import (PAD_TOKEN, CTranslate2Engine, FairseqEngine, Progress, batch_plan,
                           cpu_threads, hypothesis_limit)
-from .multilingual import NO_LANG_TOKENS, LangTokens, direction_task, is_multilingual, lang_tokens
+from .multilingual import NO_LANG_TOKENS, LangTokens, data_task, lang_tokens
 from .teacher import WDSetupError, load_teacher, read_checkpoint, task_langs
 
 logger = logging.getLogger("wd_fairseq.kd_data")
@@ -96,17 +95,12 @@ def infer_langs(data: str, split: str) -> Tuple[str, str]:
 
 def kd_task(data: str, teacher_path: str, source_lang: str, target_lang: str):
     """(task, language tokens) that decode ``source_lang``-``target_lang`` of ``data`` with
-    the teacher: fairseq's translation task, or the teacher's own multilingual task set
-    up for that direction (its dictionary with language tokens)."""
+    the teacher, checked against it (every engine): fairseq's translation task, or the
+    teacher's own multilingual task set up for that direction."""
     state = read_checkpoint(teacher_path, "--teacher-path")
-    run_task = state["cfg"]["task"] if state.get("cfg") is not None else state.get("args")
+    task = data_task(state, data, source_lang, target_lang, "--teacher-path", teacher_path)
     del state
-    if is_multilingual(run_task):
-        task = direction_task(run_task, data, source_lang, target_lang, f"--teacher-path {teacher_path}")
-        return task, lang_tokens(task, source_lang, target_lang)
-    task = TranslationTask.setup_task(
-        TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang))
-    return task, NO_LANG_TOKENS
+    return task, lang_tokens(task, source_lang, target_lang)
 
 
 class Split:

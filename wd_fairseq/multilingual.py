@@ -1,6 +1,6 @@
 """fairseq's multilingual translation task (``translation_multi_simple_epoch``, the task of
-M2M-100 and NLLB): a run's language list, and its task set up for one direction, for
-the tools that work one direction at a time (``wd-kd-data``, ``wd-export-ct2``).
+M2M-100 and NLLB) set up for one direction, for the tools that work one direction at a time
+(``wd-kd-data``, ``wd-export-ct2``); the run's settings are in ``multilingual_settings``.
 
 A multilingual run has one dictionary for every language, extended by the task with a
 language token per language (``__xx__``). With ``--encoder-langtok src`` (or ``tgt``)
@@ -11,15 +11,15 @@ which decoding forces as the first output token and removes from the result.
 
 import argparse
 import os
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 from fairseq import tasks
-from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
-from omegaconf import DictConfig, OmegaConf
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from .errors import WDSetupError
+from .multilingual_settings import (MULTILINGUAL_TASK, is_multilingual, lang_pairs,  # noqa: F401
+                                    local_file, task_settings)
+from .teacher import WDSetupError, check_dictionaries
 
-MULTILINGUAL_TASK = "translation_multi_simple_epoch"
 #: Entries fairseq's nllb branch appends after the language tokens with
 #: --add-data-source-prefix-tags (NLLB-200 checkpoints); fairseq main's task does not know
 #: the flag, so its dictionaries are these 3 entries short (fairseq#4557).
@@ -34,51 +34,6 @@ class LangTokens(NamedTuple):
 
 
 NO_LANG_TOKENS = LangTokens(None, None)
-
-
-def task_settings(task_cfg) -> dict:
-    """A run's ``cfg.task`` (Namespace, DictConfig or dict) as a plain dict."""
-    if isinstance(task_cfg, argparse.Namespace):
-        return dict(vars(task_cfg))
-    if isinstance(task_cfg, DictConfig):
-        return OmegaConf.to_container(task_cfg, resolve=True, enum_to_str=True)
-    return dict(task_cfg or {})
-
-
-def is_multilingual(task_cfg) -> bool:
-    settings = task_settings(task_cfg)
-    return (settings.get("_name") or settings.get("task")) == MULTILINGUAL_TASK
-
-
-def lang_pairs(settings: dict) -> List[Tuple[str, str]]:
-    """The (source, target) directions of a multilingual run's ``--lang-pairs``."""
-    listed = settings["lang_pairs"]
-    return [tuple(p.split("-")) for p in (listed.split(",") if isinstance(listed, str) else listed)]
-
-
-def local_file(path: str, data: str) -> Optional[str]:
-    """A file a run names (``--fixed-dictionary``, ``--lang-dict``): at its path, else the
-    file of that name in ``data``; None where neither exists."""
-    if os.path.isfile(path):
-        return path
-    local = os.path.join(data, os.path.basename(path))
-    return local if os.path.isfile(local) else None
-
-
-def run_langs(settings: dict, data: str) -> Optional[List[str]]:
-    """A multilingual run's languages in the order of its language tokens (the order
-    decides their ids), as fairseq's task derives them: ``--lang-dict``, ``--langs``, else
-    the sorted languages of ``--lang-pairs``. None where its ``--lang-dict`` is found
-    neither at its path nor in ``data``."""
-    lang_dict = settings.get("lang_dict")
-    if lang_dict:
-        lang_dict = local_file(lang_dict, data)
-        if lang_dict is None:
-            return None
-    langs = settings.get("langs")
-    args = argparse.Namespace(lang_dict=lang_dict, langs=langs.split(",") if isinstance(langs, str) else langs,
-                              lang_pairs=["-".join(pair) for pair in lang_pairs(settings)])
-    return list(MultilingualDatasetManager.load_langs(args))
 
 
 def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what: str):
@@ -116,6 +71,20 @@ def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what
         for dictionary in {id(d): d for d in task.dicts.values()}.values():
             for tag in NLLB_DATA_SOURCE_TAGS:
                 dictionary.add_symbol(tag)
+    return task
+
+
+def data_task(state: dict, data: str, source_lang: str, target_lang: str, flag: str, path: str):
+    """The task that reads direction ``source_lang``-``target_lang`` of ``data`` for the
+    checkpoint ``state`` (fairseq's translation task, or its run's own multilingual task),
+    once the data passes the one rule of :func:`~wd_fairseq.teacher.check_dictionaries`."""
+    run = state["cfg"]["task"] if state.get("cfg") is not None else state.get("args")
+    if is_multilingual(run):
+        task = direction_task(run, data, source_lang, target_lang, f"{flag} {path}")
+    else:
+        task = TranslationTask.setup_task(
+            TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang))
+    check_dictionaries(state, task, path, flag)
     return task
 
 

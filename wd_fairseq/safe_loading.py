@@ -17,7 +17,13 @@ registered. This file therefore imports only the standard library at top level.
 
 import importlib.abc
 import importlib.util
+import re
 import sys
+from typing import Optional
+
+#: torch's weights_only refusals of a pickle that would import or call a global (what
+#: a full load would run), each capturing that global.
+REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|unsupported GLOBAL ([\w.]+) whose module")
 
 
 def fairseq_checkpoint_globals() -> list:
@@ -43,6 +49,13 @@ def allow_fairseq_checkpoints() -> None:
 
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(fairseq_checkpoint_globals())
+
+
+def refused_global(error: BaseException) -> Optional[str]:
+    """The global a code-executing pickle names, from torch's weights_only refusal
+    ``error`` (None: refused for another reason)."""
+    match = REFUSED_GLOBAL.search(str(error))
+    return match and (match.group(1) or match.group(2))
 
 
 class _AllowAfterFairseqImport(importlib.abc.MetaPathFinder):

@@ -15,11 +15,14 @@ from fairseq.models import ARCH_MODEL_REGISTRY, build_model
 from fairseq.models.transformer import TransformerModel
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import WDSetupError
-from .multilingual import is_multilingual, run_langs, task_settings
-from .safe_loading import allow_fairseq_checkpoints
+from .multilingual_settings import is_multilingual, run_langs, task_settings
+from .safe_loading import allow_fairseq_checkpoints, refused_global
 
 logger = logging.getLogger("wd_fairseq.teacher")
+
+
+class WDSetupError(ValueError):
+    """A WD run cannot start: the message names the file, the flag and the fix."""
 
 
 def read_checkpoint(path: str, flag: str) -> dict:
@@ -35,13 +38,13 @@ def read_checkpoint(path: str, flag: str) -> dict:
     try:
         return checkpoint_utils.load_checkpoint_to_cpu(path)
     except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        refused = refused_global(e)
         if refused is None:
             raise _unreadable(path, flag, e) from e
         raise WDSetupError(
-            f"{flag} {path}: holds a Python object ({refused.group(1)}) that safe "
-            "loading (torch.load weights_only) refuses, since loading it could run code. "
-            "Fix: if you trust the file, re-save it without that object"
+            f"{flag} {path}: holds a Python object ({refused}) that safe loading (torch.load "
+            "weights_only) refuses: loading the file would run code. Fix: do not load a file "
+            "you do not trust; if you trust it, re-save its contents without that object"
         ) from e
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise _unreadable(path, flag, e) from e
@@ -117,26 +120,32 @@ def task_langs(task) -> Tuple[Optional[str], Optional[str]]:
     return getattr(settings, "source_lang", None), getattr(settings, "target_lang", None)
 
 
-def check_dictionaries(state: dict, task, path: str) -> None:
-    """The teacher's embedding tables must index the data's dictionaries."""
+def check_dictionaries(state: dict, task, path: str, flag: str = "--teacher-path") -> None:
+    """The one rule for "does this checkpoint match this data" (every tool and engine):
+    its embedding tables index the task's dictionaries (size), the dictionaries hold the
+    symbols of those it was trained with (where that data-bin is still there), a
+    multilingual task its language tokens in the same order."""
     src, tgt = task_langs(task)
+    multilingual = hasattr(task, "data_manager")  # (the multilingual task)
+    settings = getattr(task, "cfg", None) or getattr(task, "args", None)
     sides = (
         ("source", "src", src, task.source_dictionary, "encoder"),
         ("target", "tgt", tgt, task.target_dictionary, "decoder"),
     )
-    for side, short, _, dictionary, module in sides:
+    for side, short, lang, dictionary, module in sides:
         table = state["model"].get(f"{module}.embed_tokens.weight")
         if table is None or table.shape[0] == len(dictionary):
             continue
-        if hasattr(task, "data_manager"):  # (the multilingual task)
+        if multilingual:
             raise WDSetupError(_multilingual_mismatch(state, task, path, side, table.shape[0],
-                                                      len(dictionary)))
+                                                      len(dictionary), flag))
         raise WDSetupError(
-            f"--teacher-path {path}: the teacher's {side} vocabulary has "
-            f"{table.shape[0]} entries but the data's {side} dictionary has "
-            f"{len(dictionary)}. Fix: binarise the data with fairseq-preprocess "
-            f"--{short}dict set to the teacher's dictionary"
+            f"{flag} {path}: its {side} vocabulary has {table.shape[0]} entries but the "
+            f"data's {side} dictionary has {len(dictionary)} ({_data_dictionary(settings, lang)}). "
+            f"Fix: use the data-bin it was trained with, or binarise the data with "
+            f"fairseq-preprocess --{short}dict set to its dictionary"
         )
+    check_langs(state, task, path, flag)
     data_dir = _teacher_data_dir(state)
     for side, short, lang, dictionary, _ in sides if data_dir else ():
         teacher_dict = os.path.join(data_dir, f"dict.{lang}.txt")
@@ -144,9 +153,11 @@ def check_dictionaries(state: dict, task, path: str) -> None:
         symbols = Dictionary.load(teacher_dict).symbols if os.path.isfile(teacher_dict) else None
         if symbols is not None and symbols != dictionary.symbols[:len(symbols)]:
             raise WDSetupError(
-                f"--teacher-path {path}: the teacher was trained with {teacher_dict}, "
-                f"which differs from the data's {side} dictionary. Fix: binarise the data "
-                f"with fairseq-preprocess --{short}dict {teacher_dict}"
+                f"{flag} {path}: it was trained with {teacher_dict}, which differs from the "
+                f"data's {side} dictionary ({_data_dictionary(settings, lang)}) in "
+                f"{sum(a != b for a, b in zip(symbols, dictionary.symbols))} of its {len(symbols)} "
+                "symbols. Fix: use the data-bin it was trained with, or binarise the data with "
+                f"fairseq-preprocess --{short}dict {teacher_dict}"
             )
 
 
@@ -155,8 +166,8 @@ def _run_task(state: dict):
     return state["cfg"].get("task") if state.get("cfg") is not None else state.get("args")
 
 
-def check_langs(state: dict, task, path: str) -> None:
-    """A multilingual teacher's language tokens must be the task's, in the same order:
+def check_langs(state: dict, task, path: str, flag: str = "--teacher-path") -> None:
+    """A multilingual checkpoint's language tokens must be the task's, in the same order:
     the order of ``--langs`` decides their ids."""
     langs = getattr(task, "langs", None)
     run = _run_task(state)
@@ -164,22 +175,29 @@ def check_langs(state: dict, task, path: str) -> None:
         return
     data = str(task.args.data).split(":")[0]
     settings = task_settings(run)
-    teacher_langs = run_langs(settings, data)
-    if teacher_langs is None:
-        logger.warning("--teacher-path %s: its run's --lang-dict %s is not here nor in %s, so the "
-                       "order of --langs cannot be checked against the teacher's. Fix: copy that "
-                       "file into %s", path, settings["lang_dict"], data, data)
+    trained = run_langs(settings, data)
+    if trained is None:
+        logger.warning("%s %s: its run's --lang-dict %s is not here nor in %s, so the order of "
+                       "--langs cannot be checked against its own. Fix: copy that file into %s",
+                       flag, path, settings["lang_dict"], data, data)
         return
-    if list(langs) != teacher_langs:
+    if list(langs) != trained:
         instead = " instead of --lang-dict" if getattr(task.args, "lang_dict", None) else ""
         raise WDSetupError(
-            f"--teacher-path {path}: the teacher's language tokens are those of --langs "
-            f"{','.join(teacher_langs)}, this run's of --langs {','.join(langs)}: every language "
-            "token would stand for another language (the order of --langs decides their ids). "
-            f"Fix: pass --langs {','.join(teacher_langs)}{instead}, the teacher's order")
+            f"{flag} {path}: its language tokens are those of --langs {','.join(trained)}, this "
+            f"run's of --langs {','.join(langs)}: every language token would stand for another "
+            "language (the order of --langs decides their ids). "
+            f"Fix: pass --langs {','.join(trained)}{instead}, the order it was trained with")
 
 
-def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, entries: int) -> str:
+def _data_dictionary(settings, lang: str) -> str:
+    """The dictionary file a task loaded for ``lang``."""
+    fixed = getattr(settings, "fixed_dictionary", None)
+    return fixed or os.path.join(str(settings.data).split(":")[0], f"dict.{lang}.txt")
+
+
+def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, entries: int,
+                           flag: str) -> str:
     """Why a multilingual teacher's table and the task's dictionary differ, and what to pass."""
     langs = getattr(task, "langs", None) or []
     run = _run_task(state)
@@ -192,7 +210,7 @@ def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, e
             "the language list of its release; --lang-pairs alone derives the languages from the "
             "pairs, which gives too few unless every language is in a pair) and its "
             "--fixed-dictionary (M2M-100: model_dict.128k.txt)")
-    return (f"--teacher-path {path}: the teacher's {side} table has {rows} rows but the "
+    return (f"{flag} {path}: its {side} table has {rows} rows but the "
             f"multilingual task's dictionary has {entries} entries ({entries - len(langs)} of the "
             f"dictionary file + {len(langs)} language tokens of --langs/--lang-pairs), "
             f"{rows - entries:+d}.{hint}")
@@ -213,7 +231,6 @@ def load_teacher(path: str, task) -> Tuple[TransformerModel, dict]:
     args = model_args(state)
     check_translation_transformer(args, path, "--teacher-path")
     check_dictionaries(state, task, path)
-    check_langs(state, task, path)
     teacher, args = build_teacher(args, task)
     try:
         teacher.load_state_dict(state["model"], strict=True)

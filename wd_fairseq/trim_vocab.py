@@ -42,7 +42,7 @@ from omegaconf import OmegaConf, open_dict
 
 from .arguments import pair_list
 from .materialize import save_atomic, task_flags
-from .multilingual import direction_task, is_multilingual, lang_pairs, task_settings
+from .multilingual import data_task, direction_task, is_multilingual, lang_pairs, task_settings
 from .teacher import WDSetupError, read_checkpoint
 
 #: Tensors indexed by the source / target vocabulary (rows), where a model has them.
@@ -136,6 +136,8 @@ def trim(teacher_path: str, data: str, out: str, pairs: Optional[Sequence[str]] 
     if missing:
         raise WDSetupError(f"DATA {data}: no binarised split of {', '.join('-'.join(p) for p in missing)}. "
                            "Fix: binarise those directions with the teacher's dictionary, or drop them from --pairs")
+    for src, tgt in kept_pairs:
+        data_task(state, data, src, tgt, "TEACHER", teacher_path)
     langs = sorted({lang for pair in kept_pairs for lang in pair})
     dictionaries = {lang: Dictionary.load(os.path.join(data, f"dict.{lang}.txt")) for lang in langs}
     shared = multilingual or len({tuple(d.symbols) for d in dictionaries.values()}) == 1
@@ -201,11 +203,6 @@ def trimmed_teacher(state: dict, run: dict, data: str, scratch: str, out: str, k
         for name in names:
             if name not in model:
                 continue
-            if model[name].shape[0] != len(old[side]):
-                raise WDSetupError(
-                    f"{what}: {name} has {model[name].shape[0]} rows but its dictionary on {data} "
-                    f"has {len(old[side])} entries. Fix: pass the data-bin binarised with the "
-                    "teacher's dictionary")
             model[name] = model[name].index_select(0, rows[side])
             tables[name] = [original[name].shape[0], model[name].shape[0]]
     cfg = state["cfg"]

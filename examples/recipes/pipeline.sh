@@ -458,7 +458,15 @@ average() {
     --out "$1/checkpoint_avg.pt"
 }
 
+# Refuse to start stage $1 where its checkpoints (estimate) do not fit in directory $2.
+check_disk() {
+  if [ "$PLAN" != 1 ]; then
+    settings | "$PYTHON" "$TOOLS" check-disk --stage "$1" --dir "$2" --data "$DATA"
+  fi
+}
+
 stage_teacher() {
+  check_disk teacher "$WORK/teacher"
   train_flags "$TEACHER_AVERAGE"; criterion_flags ls
   train "$DATA" --arch transformer $(teacher_shape) "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" \
     --warmup-updates "$WARMUP" --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher"
@@ -481,6 +489,7 @@ stage_kd_data() {
 # original + KD data: fairseq concatenates train and train1 (--upsample-primary 1 is
 # needed: fairseq 0.12's default -1 breaks the concatenation)
 stage_kd_student() {
+  check_disk kd_student "$WORK/kd_student"
   train_flags "$STUDENT_AVERAGE"; criterion_flags kd
   train "$DATA_KD" --arch transformer $(teacher_shape) $(student_decoder) --upsample-primary 1 \
     "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" --warmup-updates "$WARMUP" \
@@ -489,6 +498,7 @@ stage_kd_student() {
 }
 
 stage_wd_phase1() {
+  check_disk wd_phase1 "$WORK/wd_phase1"
   train_flags none; criterion_flags wd
   train "$DATA_KD" --user-dir "$WD_USER_DIR" --arch wd_transformer \
     --teacher-path "$TEACHER" $(student_decoder) --wd-init "$WD_INIT" --upsample-primary 1 \
@@ -498,6 +508,7 @@ stage_wd_phase1() {
 
 stage_materialize() {
   act mkdir -p "$WORK/wd_phase2"
+  check_disk materialize "$WORK/wd_phase2"
   run wd-materialize "$WORK/wd_phase1/checkpoint_last.pt" "$WD_INIT_CKPT" --data "$DATA_KD"
   act rm -f "$WORK/wd_phase2/flags"  # (a redo must not keep an earlier student's flags)
   produce "$WORK/wd_phase2/flags" "$PYTHON" "$TOOLS" phase2-flags "$WD_INIT_CKPT"
@@ -506,6 +517,7 @@ stage_materialize() {
 stage_wd_phase2() {
   local flags=("<the student's shape and dropout from $WORK/wd_phase2/flags>")
   [ "$PLAN" = 1 ] || read -r -a flags < "$WORK/wd_phase2/flags"
+  check_disk wd_phase2 "$WORK/wd_phase2"
   train_flags "$STUDENT_AVERAGE" "$PHASE2_AVG_LAST"; criterion_flags ls
   train "$DATA_KD" "${flags[@]}" --finetune-from-model "$WD_INIT_CKPT" --upsample-primary 1 \
     "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" --warmup-updates "$PHASE2_WARMUP" \

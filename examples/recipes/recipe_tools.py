@@ -9,6 +9,7 @@
     recipe_tools.py batch --visible N --cpu 0 --num-gpus N --max-tokens T --update-freq F --batch-tokens B
     recipe_tools.py review [--data DATA_BIN] < KEY=VALUE lines (pipeline.sh's settings)
     recipe_tools.py average --dir DIR --rule {epochs,updates} --last N --out OUT.pt
+    recipe_tools.py check-disk --stage STAGE --dir DIR [--data DATA_BIN] < KEY=VALUE lines
     recipe_tools.py phase2-flags STUDENT.pt
 
 Text: ``\n`` is the only line end. Raw WMT text holds bare ``\r``, ``\x85``, ``\u2028``
@@ -374,8 +375,8 @@ def _transformer_parameters(layers: int, dim: int, ffn: int, decoder: bool,
     return layers * block + 2 * dim
 
 
-def disk_estimate(settings: Dict[str, str], data: Optional[str]) -> Tuple[List[str], float]:
-    """Lines of estimated checkpoint disk use per training stage, and the total (GB).
+def stage_checkpoints(settings: Dict[str, str], data: Optional[str]) -> Dict[str, Tuple[int, int, int]]:
+    """{training stage: (parameters, bytes a checkpoint, checkpoint files kept at its peak)}.
 
     A checkpoint holds the model (2 bytes a parameter with FP16, else 4) and Adam's two
     fp32 moments (8 bytes a trained parameter); the files kept are those of the stage's
@@ -385,8 +386,6 @@ def disk_estimate(settings: Dict[str, str], data: Optional[str]) -> Tuple[List[s
     guess = int(settings["BPE_MERGES"]) + 1000
     v_src = _dictionary_size(data, src) or guess
     v_tgt = _dictionary_size(data, tgt) or guess
-    vocab_note = "dictionaries of data-bin" if _dictionary_size(data, tgt) else \
-        f"~{guess:,}-word dictionaries (BPE_MERGES + 1000; exact once prepare has run)"
     t = {k: int(settings[f"TEACHER_{k}"]) for k in ("LAYERS", "DIM", "FFN")}
     s = {k: int(settings[f"STUDENT_DEC_{k}"]) for k in ("LAYERS", "DIM", "FFN")}
     encoder = _transformer_parameters(t["LAYERS"], t["DIM"], t["FFN"], False, t["DIM"])
@@ -397,22 +396,48 @@ def disk_estimate(settings: Dict[str, str], data: Optional[str]) -> Tuple[List[s
     model_bytes = 2 if settings.get("FP16") == "1" else 4
     last = int(settings["AVG_LAST"])
     kept = {"epochs": last + 4, "updates": 2 * last + 3}
-    gb = 1e9
-    stages = [
-        ("teacher", teacher, teacher * (model_bytes + 8), kept[settings["TEACHER_AVERAGE"]]),
-        ("kd_student", student, student * (model_bytes + 8), kept[settings["STUDENT_AVERAGE"]]),
+    return {
+        "teacher": (teacher, teacher * (model_bytes + 8), kept[settings["TEACHER_AVERAGE"]]),
+        "kd_student": (student, student * (model_bytes + 8), kept[settings["STUDENT_AVERAGE"]]),
         # phase 1: the frozen teacher inside the model, generators about a student's size
-        ("wd_phase1", student, teacher * model_bytes + student * (model_bytes + 8), 3),
-        ("materialize", student, student * 4, 1),
-        ("wd_phase2", student, student * (model_bytes + 8), kept[settings["STUDENT_AVERAGE"]]),
-    ]
+        "wd_phase1": (student, teacher * model_bytes + student * (model_bytes + 8), 3),
+        "materialize": (student, student * 4, 1),
+        "wd_phase2": (student, student * (model_bytes + 8), kept[settings["STUDENT_AVERAGE"]]),
+    }
+
+
+def disk_estimate(settings: Dict[str, str], data: Optional[str]) -> Tuple[List[str], float]:
+    """Lines of estimated checkpoint disk use per training stage, and the total (GB)."""
+    guess = int(settings["BPE_MERGES"]) + 1000
+    vocab_note = "dictionaries of data-bin" if _dictionary_size(data, settings["TGT"]) else \
+        f"~{guess:,}-word dictionaries (BPE_MERGES + 1000; exact once prepare has run)"
+    gb = 1e9
     lines, total = [], 0.0
-    for name, params, size, files in stages:
+    for name, (params, size, files) in stage_checkpoints(settings, data).items():
         total += size * files / gb
         lines.append(f"  {name:<12} {files:>2} x {size / gb:5.2f} GB = {size * files / gb:6.1f} GB"
                      f"  ({params / 1e6:.0f}M parameters)")
     lines.append(f"  (from {vocab_note}; data and KD data come on top)")
     return lines, total
+
+
+def check_disk(args) -> None:
+    """Refuse to start a training stage whose checkpoints (estimate, less what its save
+    dir already holds: a resumed stage) do not fit on the disk of that directory."""
+    from wd_fairseq.disk_space import human, require_free_space
+    from wd_fairseq.teacher import WDSetupError
+
+    settings = dict(line.rstrip("\n").split("=", 1) for line in sys.stdin if "=" in line)
+    _, size, files = stage_checkpoints(settings, args.data)[args.stage]
+    held = sum(os.path.getsize(os.path.join(args.dir, f)) for f in os.listdir(args.dir)
+               if f.endswith(".pt")) if os.path.isdir(args.dir) else 0
+    try:
+        require_free_space(args.dir, size * files - held,
+                           f"the checkpoints of stage {args.stage} ({files} x {human(size)})",
+                           "free space there, or set WORK to a bigger disk (or lower AVG_LAST); "
+                           "a rerun resumes the stage")
+    except WDSetupError as e:
+        sys.exit(f"recipe_tools.py check-disk: error: {e}")
 
 
 def review(args) -> None:
@@ -496,6 +521,12 @@ def main(argv=None):
     p.add_argument("--last", type=int, required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(run=average)
+    p = sub.add_parser("check-disk")
+    p.add_argument("--stage", required=True, choices=("teacher", "kd_student", "wd_phase1",
+                                                      "materialize", "wd_phase2"))
+    p.add_argument("--dir", required=True, help="the directory the stage writes its checkpoints to")
+    p.add_argument("--data", help="data-bin (its dictionary sizes, once prepared)")
+    p.set_defaults(run=check_disk)
     p = sub.add_parser("phase2-flags")
     p.add_argument("student")
     p.set_defaults(run=phase2_flags)
