@@ -169,9 +169,9 @@ def _record_teacher_config(cfg, teacher_config: str) -> None:
             setattr(target, "teacher_config", teacher_config)
 
 
-def _teacher_config_from_resume(cfg) -> Optional[str]:
-    """When --teacher-path is gone, the checkpoint fairseq-train is about to resume
-    from (same rule as fairseq's ``load_checkpoint``) still has the teacher config."""
+def _resume_state(cfg):
+    """(path, state) of the checkpoint fairseq-train is about to resume from (same
+    rule as fairseq's ``load_checkpoint``), read lazily; None when there is none."""
     root = cfg._get_parent() if OmegaConf.is_config(cfg) else None
     if root is None or "checkpoint" not in root:
         return None
@@ -181,9 +181,50 @@ def _teacher_config_from_resume(cfg) -> Optional[str]:
         path = os.path.join(ckpt.save_dir, f"checkpoint_last{ckpt.checkpoint_suffix or ''}.pt")
     if not os.path.isfile(path):
         return None
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    model = (state.get("cfg") or {}).get("model") or {}
+    return path, torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _teacher_config_from_resume(cfg) -> Optional[str]:
+    """When --teacher-path is gone, the checkpoint fairseq-train is about to resume
+    from still has the teacher config."""
+    resume = _resume_state(cfg)
+    if resume is None:
+        return None
+    model = (resume[1].get("cfg") or {}).get("model") or {}
     return model.get("teacher_config")
+
+
+def check_resumed_teacher(cfg, path: str, teacher: nn.Module, teacher_args: Dict) -> None:
+    """A resumed run keeps its teacher: refuse a --teacher-path whose weights or
+    architecture options differ from the teacher of the checkpoint being resumed."""
+    resume = _resume_state(cfg)
+    model = (resume[1].get("cfg") or {}).get("model") or {} if resume else {}
+    if not model.get("teacher_config"):
+        return  # nothing to resume, or not a WD checkpoint
+    checkpoint, state = resume
+    old, new = json.loads(model["teacher_config"]), json.loads(json.dumps(teacher_args))
+    options = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]
+    tensors = teacher.state_dict()
+    saved = {name: state["model"].get(f"teacher.{name}") for name in tensors}
+    differ = sum(saved[name] is None or not torch.equal(tensor.to(saved[name].dtype), saved[name])
+                 for name, tensor in tensors.items())
+    if not options and not differ:
+        return
+    what = [f"{differ} of {len(tensors)} weight tensors"] if differ else []
+    what += [f"architecture options ({', '.join(options)})"] if options else []
+    restore_file = cfg._get_parent().checkpoint.restore_file
+    restart = ("pass a new --save-dir" if restore_file == "checkpoint_last.pt" else
+               f"drop --restore-file {restore_file}")
+    old_path = model.get("teacher_path")
+    same = old_path and os.path.abspath(old_path) == os.path.abspath(path)
+    raise WDSetupError(
+        f"--teacher-path {path}: this run resumes from {checkpoint}, whose teacher "
+        f"({'this file as it was then' if same else old_path}) differs from it in "
+        f"{' and '.join(what)}; its generators were trained on that teacher. Fix: resume with "
+        f"that same teacher ({'put the file back' if same else f'--teacher-path {old_path}'}), "
+        f"or {restart} to start a new run with {path}"
+    )
 
 
 class WDTransformerDecoder(TransformerDecoderBase):
@@ -232,6 +273,8 @@ class WDTransformerModel(TransformerModel):
             teacher, teacher_args = load_teacher(path, task)
             loaded = True
         teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
+        if loaded:
+            check_resumed_teacher(cfg, path, teacher, teacher_args)
         _record_teacher_config(cfg, json.dumps(teacher_args, sort_keys=True))
         args = student_args(cfg, teacher_args, task)
         model = super().build_model(argparse.Namespace(**args), task)
