@@ -119,7 +119,8 @@ def task_langs(task) -> Tuple[Optional[str], Optional[str]]:
 def check_dictionaries(state: dict, task, path: str, flag: str = "--teacher-path") -> None:
     """The one rule for "does this checkpoint match this data" (every tool and engine):
     its embedding tables index the task's dictionaries (size), the dictionaries hold the
-    symbols of those it was trained with (where that data-bin is still there)."""
+    symbols of those it was trained with (where that data-bin is still there) and, for
+    multilingual data, its language tokens come in its own order."""
     src, tgt = task_langs(task)
     multilingual = hasattr(task, "data_manager")  # (the multilingual task)
     settings = getattr(task, "cfg", None) or getattr(task, "args", None)
@@ -153,12 +154,36 @@ def check_dictionaries(state: dict, task, path: str, flag: str = "--teacher-path
                 "symbols. Fix: use the data-bin it was trained with, or binarise the data with "
                 f"fairseq-preprocess --{short}dict {teacher_dict}"
             )
+    own = _run_langs(state) if multilingual else None
+    if own is not None and list(own) != list(task.langs):
+        raise WDSetupError(
+            f"{flag} {path}: its language tokens are those of --langs {','.join(own)}, in that "
+            f"order; the multilingual task's are of {','.join(task.langs)}, so a language would "
+            f"read another's token. Fix: pass --langs {','.join(own)} (or its --lang-dict)"
+        )
 
 
 def _data_dictionary(settings, lang: str) -> str:
     """The dictionary file a task loaded for ``lang``."""
     fixed = getattr(settings, "fixed_dictionary", None)
     return fixed or os.path.join(str(settings.data).split(":")[0], f"dict.{lang}.txt")
+
+
+def _run_langs(state: dict) -> Optional[list]:
+    """The language list of a multilingual checkpoint's run (fairseq's rule: --langs,
+    --lang-dict or the languages of --lang-pairs), or None where it cannot be read here."""
+    from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
+
+    from .multilingual import lang_pairs, task_settings
+
+    run = task_settings(state["cfg"]["task"] if state.get("cfg") is not None else state.get("args"))
+    langs = run.get("langs")
+    run.update(langs=langs.split(",") if isinstance(langs, str) else langs,
+               lang_dict=run.get("lang_dict"), lang_pairs=["-".join(p) for p in lang_pairs(run)])
+    try:
+        return MultilingualDatasetManager.load_langs(argparse.Namespace(**run))
+    except OSError:  # its --lang-dict is not here
+        return None
 
 
 def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, entries: int,
