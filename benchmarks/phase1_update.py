@@ -95,7 +95,7 @@ def generator_seconds(model) -> float:
     a phase-1 update adds for its weights, embedding rows excluded."""
     model.train()
     start = time.perf_counter()
-    with torch.enable_grad():
+    with torch.enable_grad(), model.generation_pass():
         tensors = [getattr(m, name) for m, name, _ in model.generated_tensors()
                    if not isinstance(m, torch.nn.Embedding)]
         tensors = [t for t in tensors if t.requires_grad]  # not an untrained copy
@@ -138,8 +138,8 @@ def worker_memory(args, data, flags, max_tokens: int, device: str) -> float:
     return json.loads(line[len("WORKER "):])["peak_mib"]
 
 
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def trainable(model) -> List[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def parse_tokens(text: str) -> List[int]:
@@ -170,7 +170,8 @@ def measure(args, data, device, student, pair, models, flags, max_tokens, task, 
     for name, model in zip(pair, models):
         rows.append({
             "student": student, "model": name, "max_tokens": max_tokens,
-            "trainable_params_M": trainable(model) / 1e6,
+            "trainable_tensors": len(trainable(model)),
+            "trainable_params_M": sum(p.numel() for p in trainable(model)) / 1e6,
             "update_wall_s": statistics.median(t[0] for t in times[name]),
             "update_cpu_s": statistics.median(t[1] for t in times[name]),
             "peak_mem_MiB": memory[name],
@@ -223,7 +224,8 @@ def main():
                "target_ratio": TARGET, "target_metric": primary, "settings": settings,
                "environment": environment(device), "rows": rows}
     path = write_results(args, "phase1_update", results)
-    print_table(rows, ["student", "model", "max_tokens", "trainable_params_M", "target_tokens",
+    print_table(rows, ["student", "model", "max_tokens", "trainable_tensors", "trainable_params_M",
+                       "target_tokens",
                        "update_wall_s", "update_wall_ratio", "update_cpu_s", "update_cpu_ratio",
                        "peak_mem_MiB", "peak_mem_ratio"])
     print()

@@ -168,6 +168,21 @@ def translation_task(data: Path):
     )
 
 
+def probe_loss(model):
+    """A loss whose gradient reaches every generator: a fixed batch (seed 0) through
+    ``model`` in training mode, dropout drawn from seed 0 too."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    vocab = model.encoder.embed_tokens.num_embeddings
+    src = torch.randint(4, vocab, (3, 6), generator=g)
+    prev = torch.randint(4, vocab, (3, 5), generator=g)
+    model.train()
+    torch.manual_seed(0)
+    logits = model(src, torch.full((3,), 6), prev)[0].float()
+    return logits.logsumexp(-1).mean() + logits.pow(2).mean()
+
+
 def build_wd(data: Path, teacher: Path, **flags):
     """An in-process phase-1 model (what ``--arch wd_transformer`` + flags builds)."""
     from omegaconf import OmegaConf

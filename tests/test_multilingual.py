@@ -323,7 +323,7 @@ def test_phase1_of_an_m2m_100_shaped_teacher(tmp_path, table_scale, one_thread):
     model = task.build_model(cfg.model)
     assert model.teacher.encoder.embed_tokens.weight.shape == (vocabulary, 64)
     assert len(model.teacher.encoder.layers) == 12 and model.teacher.cfg.encoder.normalize_before
-    table = next(g for m, _, g in model.generated_tensors() if m is model.encoder.embed_tokens).generator
+    table = next(g for m, _, g in model.generated_tensors() if m is model.encoder.embed_tokens).bank.generator
     assert table.scale.shape == ((vocabulary, 32) if table_scale == "token" else (1, 32))
     sample = task.dataset("train").collater([task.dataset("train")[i] for i in range(4)])
     logits = model(**sample["net_input"])[0]

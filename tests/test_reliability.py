@@ -312,13 +312,14 @@ def scaled_teacher_model(data_bin, teacher):
 
 def fp16_generator_overflows(model) -> bool:
     """Would computing any full generator (docs/method.md 3.2) in fp16 overflow?"""
-    for _, _, generated in model.generated_tensors():
-        g = generated.generator
+    for bank in model.generator_banks.values():
+        g = bank.generator
         if isinstance(g, MatrixGenerator):
-            c = (g.layer_mix.half() @ g.layer_reduce.half()).squeeze(1)
-            w = sum(ci * t.half() for ci, t in zip(c, generated.teacher_tensors()))
-            if not torch.isfinite(g.out_proj.half().t() @ w @ g.in_proj.half()).all():
-                return True
+            for k in range(len(bank.names)):
+                c = (g.layer_mix[k].half() @ g.layer_reduce[k].half()).squeeze(1)
+                w = sum(ci * t.half() for ci, t in zip(c, bank.teacher_tensors(k)))
+                if not torch.isfinite(g.out_proj[k].half().t() @ w @ g.in_proj[k].half()).all():
+                    return True
     return False
 
 

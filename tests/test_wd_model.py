@@ -1,11 +1,15 @@
-"""The phase-1 model in process: bookkeeping, caching, precision, teacher formats, errors."""
+"""The phase-1 model in process: bookkeeping, banks, caching, precision, teacher formats,
+old checkpoints, errors."""
 
 import argparse
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_wd, translation_task
+from conftest import TRAIN_FLAGS, USER_DIR, build_wd, probe_loss, run_cli, translation_task
+from test_generator import member, reference_matrix, reference_vector
 from fairseq import options
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models.transformer import TransformerModel
@@ -19,6 +23,9 @@ from wd_fairseq.generator import (
 from wd_fairseq.model import WDTransformerModel
 from wd_fairseq.parametrization import GeneratedTensor
 from wd_fairseq.teacher import WDSetupError
+
+#: a phase-1 run of the per-tensor generators (before banks): see its make.py
+PER_TENSOR = Path(__file__).parent / "data" / "per_tensor_phase1"
 
 STUDENT = dict(encoder_layers=2, decoder_layers=1, decoder_embed_dim=16,
                decoder_ffn_embed_dim=24, decoder_attention_heads=2)
@@ -45,7 +52,7 @@ def wd(data_bin, postnorm_teacher):
 
 def test_every_student_tensor_is_generated_and_only_generators_train(wd):
     trainable = {id(p) for p in wd.parameters() if p.requires_grad}
-    generator_params = {id(p) for _, _, g in wd.generated_tensors() for p in g.generator.parameters()}
+    generator_params = {id(p) for bank in wd.generator_banks.values() for p in bank.generator.parameters()}
     assert trainable == generator_params
     assert not any(p.requires_grad for p in wd.teacher.parameters())
     for name, p in wd.named_parameters():
@@ -61,7 +68,7 @@ def test_generator_kinds_follow_shapes_and_groups(wd):
     kinds = {}
     for module, name, g in wd.generated_tensors():
         path = next(n for n, m in wd.named_modules() if m is module)
-        kinds[f"{path}.{name}"] = (type(g.generator), g.sources)
+        kinds[f"{path}.{name}"] = (type(g.bank.generator), g.sources)
     # encoder layer 0 <- teacher layer 0 (group of one, same shape): element-wise
     assert kinds["encoder.layers.0.fc1.weight"] == (ElementwiseGenerator, ["encoder.layers.0.fc1.weight"])
     # encoder layer 1 <- teacher layers 1, 2 (3 layers into 2 groups): full generator
@@ -74,8 +81,8 @@ def test_generator_kinds_follow_shapes_and_groups(wd):
     assert kinds["decoder.embed_tokens.weight"][0] is TableGenerator
     assert kinds["encoder.embed_tokens.weight"][0] is TableGenerator
     # cross-attention k/v read the encoder output: input width d_E = 32, output d_S = 16
-    k_gen = wd.decoder.layers[0].encoder_attn.k_proj.parametrizations.weight[0].generator
-    assert k_gen.in_proj.shape == (32, 32) and k_gen.out_proj.shape == (32, 16)
+    k_gen = wd.decoder.layers[0].encoder_attn.k_proj.parametrizations.weight[0].bank.generator
+    assert k_gen.in_proj.shape[1:] == (32, 32) and k_gen.out_proj.shape[1:] == (32, 16)
     assert wd.decoder.layers[0].encoder_attn.k_proj.weight.shape == (16, 32)
 
 
@@ -108,25 +115,25 @@ def test_teacher_is_frozen_and_unchanged_by_training(data_bin, postnorm_teacher,
 
 def count_generator_calls(model):
     calls = []
-    for _, _, g in model.generated_tensors():
-        g.generator.register_forward_hook(lambda *a: calls.append(1))
+    for bank in model.generator_banks.values():
+        bank.generator.register_forward_hook(lambda *a: calls.append(1))
     return calls
 
 
 def test_eval_mode_caches_generated_weights_and_never_goes_stale(data_bin, postnorm_teacher):
     torch.manual_seed(0)
     model = build_wd(data_bin, postnorm_teacher, **STUDENT)
-    n = len(list(model.generated_tensors()))
+    n = len(model.generator_banks)
     calls = count_generator_calls(model)
     model.eval()
     with torch.no_grad():
         first = student_logits(model)
-        assert len(calls) == n  # each generator ran once
+        assert len(calls) == n  # each bank ran once
         for _ in range(3):
             student_logits(model)
         assert len(calls) == n  # ... and never again
     # An in-place update of a generator parameter (as an optimizer step does).
-    gen = model.decoder.layers[0].fc1.parametrizations.weight[0].generator
+    gen = model.decoder.layers[0].fc1.parametrizations.weight[0].bank.generator
     with torch.no_grad():
         gen.shift.add_(0.5)
         changed = student_logits(model)
@@ -185,7 +192,7 @@ def test_eval_reads_skip_torch_parametrization_and_copies_keep_their_own_cache(w
         torch.testing.assert_close(student_logits(model), first, rtol=0, atol=0)
         assert not calls  # cached reads bypass torch's parametrization call
         copy = build_wd_copy(model)  # shares the parametrized classes with ``model``
-        copy.decoder.layers[0].fc1.parametrizations.weight[0].generator.shift.add_(0.5)
+        copy.decoder.layers[0].fc1.parametrizations.weight[0].bank.generator.shift.add_(0.5)
         assert not torch.allclose(student_logits(copy), first)
         torch.testing.assert_close(student_logits(model), first, rtol=0, atol=0)
 
@@ -392,9 +399,9 @@ def test_encoder_and_decoder_both_shrink_and_materialise_exactly(data_bin, preno
                  decoder_ffn_embed_dim=12, decoder_attention_heads=2,
                  share_decoder_input_output_embed=True)
     model = build_wd(data_bin, prenorm_teacher, **flags)
-    k = model.decoder.layers[0].encoder_attn.k_proj.parametrizations.weight[0].generator
-    assert k.in_proj.shape == (32, 16) and model.decoder.layers[0].encoder_attn.k_proj.weight.shape == (8, 16)
-    assert model.encoder.embed_tokens.parametrizations.weight[0].generator.proj.shape == (32, 16)
+    k = model.decoder.layers[0].encoder_attn.k_proj.parametrizations.weight[0].bank.generator
+    assert k.in_proj.shape[1:] == (32, 16) and model.decoder.layers[0].encoder_attn.k_proj.weight.shape == (8, 16)
+    assert model.encoder.embed_tokens.parametrizations.weight[0].bank.generator.proj.shape == (32, 16)
     assert model.encoder.layer_norm.weight.shape == (16,)  # pre-norm final norm, generated too
     stock = TransformerModel.build_model(argparse.Namespace(**model.student_args), translation_task(data_bin))
     stock.load_state_dict(model.student_state_dict(), strict=True)
@@ -402,3 +409,154 @@ def test_encoder_and_decoder_both_shrink_and_materialise_exactly(data_bin, preno
     with torch.no_grad():
         src, lengths, prev = batch(model, seed=3)
         torch.testing.assert_close(stock(src, lengths, prev)[0], model(src, lengths, prev)[0], rtol=0, atol=1e-5)
+
+
+# -- generator banks ----------------------------------------------------------------
+
+
+def reference_tensor(bank, k):
+    """Member k of ``bank`` from the formulas of docs/method.md (einsum, member by member)."""
+    gen, teacher = bank.generator, [t.float() for t in bank.teacher_tensors(k)]
+    if isinstance(gen, MatrixGenerator):
+        return reference_matrix(member(gen, k), teacher)
+    if isinstance(gen, VectorGenerator):
+        return reference_vector(member(gen, k), teacher)
+    if isinstance(gen, ElementwiseGenerator):
+        scale, shift = gen.members(gen.scale)[k], gen.members(gen.shift)[k]
+        return scale * torch.tanh(teacher[0]) + shift
+    projected = teacher[0] if gen.proj is None else teacher[0] @ gen.proj
+    if isinstance(gen, TableGenerator):
+        return gen.scale * torch.tanh(projected) + gen.shift
+    return projected
+
+
+@pytest.mark.parametrize("case", ["postnorm", "prenorm-tied-both-shrink", "shared-all", "slice",
+                                  "shared-table-scale"])
+def test_every_generated_tensor_follows_the_formula_of_its_bank_member(
+        case, data_bin, joined_data_bin, postnorm_teacher, prenorm_teacher, shared_teacher):
+    torch.manual_seed(0)
+    data, teacher, flags = data_bin, postnorm_teacher, dict(STUDENT)
+    if case == "prenorm-tied-both-shrink":
+        teacher = prenorm_teacher
+        flags.update(encoder_embed_dim=16, encoder_ffn_embed_dim=20, encoder_attention_heads=2,
+                     share_decoder_input_output_embed=True)
+    elif case == "shared-all":
+        data, teacher = joined_data_bin, shared_teacher
+        flags = dict(decoder_layers=1, share_all_embeddings=True)
+    elif case == "slice":
+        flags["wd_init"] = "slice"
+    elif case == "shared-table-scale":
+        flags["wd_table_scale"] = "shared"
+    model = build_wd(data, teacher, **flags)
+    if case != "slice":  # move every generator parameter away from its init
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    checked = 0
+    with torch.no_grad():
+        for module, name, generated in model.generated_tensors():
+            expected = reference_tensor(generated.bank, generated.index)
+            torch.testing.assert_close(getattr(module, name), expected, rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked == sum(len(bank.names) for bank in model.generator_banks.values())
+    kinds = {type(bank.generator) for bank in model.generator_banks.values()}
+    assert {MatrixGenerator, VectorGenerator, TableGenerator} <= kinds
+    if case == "slice":  # a slice of the teacher at step 0
+        fc1 = model.encoder.layers[0].fc1.weight
+        torch.testing.assert_close(fc1, model.teacher.encoder.layers[0].fc1.weight)
+
+
+def test_banks_group_tensors_by_kind_and_shape(wd):
+    banks = wd.generator_banks
+    elementwise = banks["elementwise"]
+    assert all(name.startswith("encoder.layers.0.") for name in elementwise.names)
+    assert len(elementwise.generator.scale.shape) == 1  # one flat buffer
+    fc1 = wd.decoder.layers[0].fc1.parametrizations.weight[0].bank
+    assert isinstance(fc1.generator, MatrixGenerator)
+    q, k = (getattr(wd.decoder.layers[0].self_attn, f).parametrizations.weight[0].bank
+            for f in ("q_proj", "k_proj"))
+    assert q is k and len(q.names) >= 4 and q.generator.out_proj.shape[0] == len(q.names)
+    members = sum(len(bank.names) for bank in banks.values())
+    assert members == len(list(wd.generated_tensors()))
+    assert len(banks) < members / 4
+
+
+def test_one_forward_runs_every_bank_once_and_tied_tables_once(data_bin, postnorm_teacher, monkeypatch):
+    torch.manual_seed(0)
+    model = build_wd(data_bin, postnorm_teacher, share_decoder_input_output_embed=True, **STUDENT)
+    calls = count_generator_calls(model)
+    rows = []
+    original_rows = TableGenerator.rows
+    monkeypatch.setattr(TableGenerator, "rows", lambda self, table, index=None: (
+        rows.append(index is None), original_rows(self, table, index))[1])
+    model.train()
+    for step in range(2):
+        calls.clear(), rows.clear()
+        logits = student_logits(model, seed=step)
+        # every bank once; the encoder table generates only its batch rows (not a forward),
+        # the tied decoder table once, whole, for the projection and the embedding alike
+        assert len(calls) == len(model.generator_banks) - 1
+        assert rows == [False, True]
+        logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_per_tensor_phase1_checkpoint_materialises_to_the_same_student(tmp_path):
+    """A phase-1 checkpoint written before banks (tests/data/per_tensor_phase1/make.py):
+    its per-tensor generators load as banks; wd-materialize writes the old student."""
+    run_cli("wd-materialize", PER_TENSOR / "checkpoint_last.pt", tmp_path / "student.pt")
+    new = torch.load(tmp_path / "student.pt", weights_only=True)["model"]
+    old = torch.load(PER_TENSOR / "student.pt", weights_only=True)["model"]
+    assert new.keys() == old.keys()
+    for key in old:
+        torch.testing.assert_close(new[key], old[key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_per_tensor_phase1_checkpoint_trains_like_before(data_bin):
+    """Generator gradients of the converted model equal the per-tensor code's (grads.pt).
+    fp32 sums in another order: norm-relative 1e-5 (measured: 4e-6 at worst, the layer
+    mixes of LayerNorm gains, whose gradients are sums with cancellation)."""
+    from fairseq import checkpoint_utils
+
+    model = checkpoint_utils.load_model_ensemble(
+        [str(PER_TENSOR / "checkpoint_last.pt")], arg_overrides={"data": str(data_bin)})[0][0]
+    probe_loss(model).backward()
+    old = torch.load(PER_TENSOR / "grads.pt", weights_only=True)
+    new = {}
+    for bank in model.generator_banks.values():
+        gen = bank.generator
+        for param_name, p in gen.named_parameters():
+            if isinstance(gen, ElementwiseGenerator):
+                grads = gen.members(p.grad)
+            elif isinstance(gen, (MatrixGenerator, VectorGenerator)):
+                grads = list(p.grad.unbind(0))
+            else:
+                grads = [p.grad]
+            for tensor, grad in zip(bank.names, grads):
+                module_path, _, tensor_name = tensor.rpartition(".")
+                new[f"{module_path}.parametrizations.{tensor_name}.0.generator.{param_name}"] = grad
+    assert new.keys() == old.keys() and len(old) > 200
+    for key, grad in old.items():
+        # (the key biases' gradients are zero but for rounding, ~1e-12: the floor)
+        error = (new[key].double() - grad.double()).norm()
+        assert error <= 1e-5 * grad.double().norm() + 1e-9, (key, error.item())
+
+
+def test_resuming_a_per_tensor_phase1_run_needs_reset_optimizer(data_bin, tmp_path):
+    save = tmp_path / "phase1"
+    save.mkdir()
+    shutil.copy(PER_TENSOR / "checkpoint_last.pt", save / "checkpoint_last.pt")
+    argv = [data_bin, "--user-dir", USER_DIR, "--arch", "wd_transformer", "--encoder-layers", "2",
+            "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "24",
+            "--decoder-attention-heads", "2", *TRAIN_FLAGS, "--max-tokens", "250",
+            "--max-update", "2", "--save-dir", save, "--disable-validation"]
+    refused = run_cli("fairseq-train", *argv, check=False)
+    assert refused.returncode != 0
+    assert re.search(r"checkpoint_last\.pt: a phase-1 checkpoint of an older wd_fairseq .*"
+                     r"Fix: resume with --reset-optimizer", refused.stderr + refused.stdout)
+    run_cli("fairseq-train", *argv, "--reset-optimizer")
+    state = torch.load(save / "checkpoint_last.pt", weights_only=True)
+    assert any(key.startswith("generator_banks.") for key in state["model"])
+    assert not any(".generator." in key and "generator_banks" not in key for key in state["model"])

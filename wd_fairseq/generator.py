@@ -1,21 +1,32 @@
-"""Parameter generators: trainable maps from frozen teacher tensors to one student tensor.
+"""Parameter generators: trainable maps from frozen teacher tensors to student tensors.
 
-Each generator implements one recipe of docs/method.md section 3. ``forward(*teacher)``
-takes the teacher tensors of the student tensor's layer group and returns the
-student tensor, always computed in fp32 (autocast off) whatever the dtype of the
-inputs and of the generator's own parameters; the caller casts the result.
+Each generator implements one recipe of docs/method.md section 3 for a *bank* of
+``n`` student tensors of one shape (its parameters carry a leading member
+dimension ``n``), so a bank costs a few batched kernels, not a few per tensor.
+``reset_member(k)`` draws member k's random start, the same values as a generator
+of that tensor alone would get; ``draw=False`` leaves every member to the caller
+(who draws them in the order of its tensors).
 
-``start_as_slice(*teacher)`` is an optional initialisation (not the authors'):
+- ``teacher_input(groups)``: the teacher tensors of each member's layer group
+  (``groups[k]``: g tensors) as the generator's fp32 input. The teacher is frozen,
+  so the caller computes it once and reuses it.
+- ``forward(x)``: every member's student tensor, computed in fp32 (autocast off)
+  whatever the dtype of the inputs and of the generator's own parameters.
+- ``members(out)``: ``out`` split into one tensor per member.
+
+``start_as_slice(groups)`` is an optional initialisation (not the authors'):
 projections start as selections of the first teacher rows/columns, layers of a
-group are averaged, and the shift is set so that at step 0 the generated tensor
+group are averaged, and the shift is set so that at step 0 each generated tensor
 equals that slice of the teacher exactly.
 """
 
 from contextlib import contextmanager
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+Groups = Sequence[Sequence[Tensor]]
 
 
 @contextmanager
@@ -30,127 +41,195 @@ def _selection(rows: int, cols: int) -> Tensor:
     return torch.eye(rows, cols)
 
 
-def _mix_layers(layers: Sequence[Tensor], mix: Tensor, reduce: Tensor) -> Tensor:
-    """Σ_l c_l · layers[l] with c = mix · reduce; layers are g tensors of equal shape."""
-    c = (mix.float() @ reduce.float()).squeeze(1)  # (g,)
-    if len(layers) == 1:
-        return layers[0].float() * c[0]
-    return torch.tensordot(torch.stack([t.float() for t in layers]), c, dims=([0], [0]))
+def _empty(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape))
+
+
+def _stacked_layers(groups: Groups) -> Tensor:
+    """(n, g, *shape) fp32: every member's g teacher layers."""
+    flat = [t for group in groups for t in group]
+    return torch.stack(flat).float().view(len(groups), len(groups[0]), *flat[0].shape)
+
+
+def _layer_weights(mix: Tensor, reduce: Tensor) -> Tensor:
+    """(n, 1, g): c = M·v per member, as a row for ``bmm``."""
+    return torch.bmm(mix.float(), reduce.float()).transpose(1, 2)
+
+
+def _mix_layers(x: Tensor, mix: Tensor, reduce: Tensor) -> Tensor:
+    """(n, *shape): Σ_l c_l · x[:, l] for x (n, g, *shape)."""
+    n, g = x.shape[:2]
+    return torch.bmm(_layer_weights(mix, reduce), x.reshape(n, g, -1)).view(n, *x.shape[2:])
 
 
 class ParameterGenerator(nn.Module):
-    """Base class: ``forward(*teacher) -> student tensor`` (fp32)."""
+    """Base class of the generators of one recipe (see the module docstring)."""
 
-    def start_as_slice(self, *teacher: Tensor) -> None:
+    def teacher_input(self, groups: Groups) -> Tensor:
+        return _stacked_layers(groups)
+
+    def members(self, out: Tensor) -> List[Tensor]:
+        return list(out.unbind(0))
+
+    def reset_member(self, k: int) -> None:
         raise NotImplementedError
+
+    def start_as_slice(self, groups: Groups) -> None:
+        raise NotImplementedError
+
+    def _reset_all(self, count: int, draw: bool) -> None:
+        if draw:
+            for k in range(count):
+                self.reset_member(k)
+
+
+def stack_members(values: Sequence[Tensor], like: Tensor) -> Tensor:
+    """Per-member tensors (e.g. of a per-tensor checkpoint) as one bank parameter shaped ``like``."""
+    return torch.cat([v.reshape(-1, *like.shape[1:]) for v in values]).to(like.dtype)
 
 
 class MatrixGenerator(ParameterGenerator):
-    """docs/method.md 3.2: W_s = A ⊙ tanh(P_outᵀ · (Σ_l c_l W_l) · P_in) + B, c = M·v.
+    """docs/method.md 3.2, per member: W_s = A ⊙ tanh(P_outᵀ · (Σ_l c_l W_l) · P_in) + B, c = M·v.
 
-    teacher: g tensors (O_T, I_T) -> student (O_S, I_S).
-    Parameters: out_proj P_out (O_T, O_S), in_proj P_in (I_T, I_S),
-    layer_mix M (g, g), layer_reduce v (g, 1), scale A and shift B (O_S, I_S).
+    teacher: n groups of g tensors (O_T, I_T) -> n student tensors (O_S, I_S).
+    Parameters: out_proj P_out (n, O_T, O_S), in_proj P_in (n, I_T, I_S),
+    layer_mix M (n, g, g), layer_reduce v (n, g, 1), scale A and shift B (n, O_S, I_S).
     """
 
-    def __init__(self, teacher_shape, student_shape, group_size: int):
+    def __init__(self, teacher_shape, student_shape, group_size: int, count: int = 1,
+                 draw: bool = True):
         super().__init__()
-        (o_t, i_t), (o_s, i_s), g = teacher_shape, student_shape, group_size
-        self.out_proj = nn.Parameter(nn.init.xavier_normal_(torch.empty(o_t, o_s)))
-        self.in_proj = nn.Parameter(nn.init.xavier_normal_(torch.empty(i_t, i_s)))
-        self.layer_mix = nn.Parameter(nn.init.xavier_normal_(torch.empty(g, g)))
-        self.layer_reduce = nn.Parameter(torch.full((g, 1), 1.0 / g))
-        self.scale = nn.Parameter(torch.ones(o_s, i_s))
-        self.shift = nn.Parameter(torch.zeros(o_s, i_s))
+        (o_t, i_t), (o_s, i_s), g, n = teacher_shape, student_shape, group_size, count
+        self.out_proj = _empty(n, o_t, o_s)
+        self.in_proj = _empty(n, i_t, i_s)
+        self.layer_mix = _empty(n, g, g)
+        self.layer_reduce = nn.Parameter(torch.full((n, g, 1), 1.0 / g))
+        self.scale = nn.Parameter(torch.ones(n, o_s, i_s))
+        self.shift = nn.Parameter(torch.zeros(n, o_s, i_s))
         # Cheaper association of P_outᵀ·W̄·P_in, in multiply-adds.
         project_out_first = o_s * o_t * i_t + o_s * i_t * i_s
         project_in_first = o_t * i_t * i_s + o_s * o_t * i_s
         self.project_out_first = project_out_first <= project_in_first
-
-    def project(self, *teacher: Tensor) -> Tensor:
-        """P_outᵀ · W̄ · P_in, (O_S, I_S), before the tanh."""
-        w = _mix_layers(teacher, self.layer_mix, self.layer_reduce)
-        p_out, p_in = self.out_proj.float(), self.in_proj.float()
-        if self.project_out_first:
-            return (p_out.t() @ w) @ p_in
-        return p_out.t() @ (w @ p_in)
-
-    def forward(self, *teacher: Tensor) -> Tensor:
-        with fp32_compute(teacher[0].device):
-            return self.scale.float() * torch.tanh(self.project(*teacher)) + self.shift.float()
+        self._reset_all(n, draw)
 
     @torch.no_grad()
-    def start_as_slice(self, *teacher: Tensor) -> None:
-        self.out_proj.copy_(_selection(*self.out_proj.shape))
-        self.in_proj.copy_(_selection(*self.in_proj.shape))
-        self.layer_mix.copy_(torch.eye(len(teacher)))
-        self.layer_reduce.fill_(1.0 / len(teacher))
-        w = self.project(*teacher)
+    def reset_member(self, k: int) -> None:
+        """3.2's start: xavier-normal projections and mix, c = 1/g, A = 1, B = 0."""
+        for p in (self.out_proj, self.in_proj, self.layer_mix):
+            nn.init.xavier_normal_(p[k])
+
+    def project(self, x: Tensor) -> Tensor:
+        """P_outᵀ · W̄ · P_in, (n, O_S, I_S), before the tanh; x (n, g, O_T, I_T)."""
+        w = _mix_layers(x, self.layer_mix, self.layer_reduce)
+        p_out_t, p_in = self.out_proj.float().transpose(1, 2), self.in_proj.float()
+        if self.project_out_first:
+            return torch.bmm(torch.bmm(p_out_t, w), p_in)
+        return torch.bmm(p_out_t, torch.bmm(w, p_in))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with fp32_compute(x.device):
+            return torch.addcmul(self.shift.float(), self.scale.float(), torch.tanh(self.project(x)))
+
+    @torch.no_grad()
+    def start_as_slice(self, groups: Groups) -> None:
+        self.out_proj.copy_(_selection(*self.out_proj.shape[1:]))
+        self.in_proj.copy_(_selection(*self.in_proj.shape[1:]))
+        g = self.layer_mix.shape[1]
+        self.layer_mix.copy_(torch.eye(g))
+        self.layer_reduce.fill_(1.0 / g)
+        w = self.project(self.teacher_input(groups))
         self.scale.fill_(1.0)
         self.shift.copy_(w - torch.tanh(w))
 
 
 class VectorGenerator(ParameterGenerator):
-    """docs/method.md 3.3/3.4 (biases, LayerNorm gains and shifts):
+    """docs/method.md 3.3/3.4 (biases, LayerNorm gains and shifts), per member:
     b_s = a ⊙ tanh(Q_outᵀ · (Σ_l c_l b_l)) + β, c = N·u.
 
-    teacher: g tensors (O_T,) -> student (O_S,).
-    Parameters: out_proj Q_out (O_T, O_S), layer_mix N (g, g), layer_reduce u (g, 1),
-    scale a and shift β (O_S,).
+    teacher: n groups of g tensors (O_T,) -> n student tensors (O_S,).
+    Parameters: out_proj Q_out (n, O_T, O_S), layer_mix N (n, g, g),
+    layer_reduce u (n, g, 1), scale a and shift β (n, O_S).
     """
 
-    def __init__(self, teacher_size: int, student_size: int, group_size: int):
+    def __init__(self, teacher_size: int, student_size: int, group_size: int, count: int = 1,
+                 draw: bool = True):
         super().__init__()
-        g = group_size
-        self.out_proj = nn.Parameter(
-            nn.init.xavier_normal_(torch.empty(teacher_size, student_size))
-        )
-        self.layer_mix = nn.Parameter(nn.init.xavier_normal_(torch.empty(g, g)))
-        self.layer_reduce = nn.Parameter(torch.full((g, 1), 1.0 / g))
-        self.scale = nn.Parameter(torch.ones(student_size))
-        self.shift = nn.Parameter(torch.zeros(student_size))
-
-    def project(self, *teacher: Tensor) -> Tensor:
-        return _mix_layers(teacher, self.layer_mix, self.layer_reduce) @ self.out_proj.float()
-
-    def forward(self, *teacher: Tensor) -> Tensor:
-        with fp32_compute(teacher[0].device):
-            return self.scale.float() * torch.tanh(self.project(*teacher)) + self.shift.float()
+        g, n = group_size, count
+        self.out_proj = _empty(n, teacher_size, student_size)
+        self.layer_mix = _empty(n, g, g)
+        self.layer_reduce = nn.Parameter(torch.full((n, g, 1), 1.0 / g))
+        self.scale = nn.Parameter(torch.ones(n, student_size))
+        self.shift = nn.Parameter(torch.zeros(n, student_size))
+        self._reset_all(n, draw)
 
     @torch.no_grad()
-    def start_as_slice(self, *teacher: Tensor) -> None:
-        self.out_proj.copy_(_selection(*self.out_proj.shape))
-        self.layer_mix.copy_(torch.eye(len(teacher)))
-        self.layer_reduce.fill_(1.0 / len(teacher))
-        b = self.project(*teacher)
+    def reset_member(self, k: int) -> None:
+        for p in (self.out_proj, self.layer_mix):
+            nn.init.xavier_normal_(p[k])
+
+    def project(self, x: Tensor) -> Tensor:
+        """(n, O_S) before the tanh; x (n, g, O_T)."""
+        mixed = torch.bmm(_layer_weights(self.layer_mix, self.layer_reduce), x)  # (n, 1, O_T)
+        return torch.bmm(mixed, self.out_proj.float()).squeeze(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with fp32_compute(x.device):
+            return torch.addcmul(self.shift.float(), self.scale.float(), torch.tanh(self.project(x)))
+
+    @torch.no_grad()
+    def start_as_slice(self, groups: Groups) -> None:
+        self.out_proj.copy_(_selection(*self.out_proj.shape[1:]))
+        g = self.layer_mix.shape[1]
+        self.layer_mix.copy_(torch.eye(g))
+        self.layer_reduce.fill_(1.0 / g)
+        b = self.project(self.teacher_input(groups))
         self.scale.fill_(1.0)
         self.shift.copy_(b - torch.tanh(b))
 
 
 class ElementwiseGenerator(ParameterGenerator):
-    """docs/method.md 3.6 (same shape, same layer): X_s = A ⊙ tanh(X_t) + B.
+    """docs/method.md 3.6 (same shape, same layer), per member: X_s = A ⊙ tanh(X_t) + B.
 
-    teacher: one tensor of any shape -> student of the same shape.
+    teacher: n tensors of any shapes (one per group) -> n student tensors of the
+    same shapes. The members lie end to end in one flat buffer of N elements:
+    scale A and shift B (N,); the input is the constant tanh(X_t), (N,).
     """
 
-    def __init__(self, shape):
+    def __init__(self, *shapes):
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(shape))
-        self.shift = nn.Parameter(torch.zeros(shape))
+        self.shapes = [torch.Size(shape) for shape in shapes]
+        size = sum(shape.numel() for shape in self.shapes)
+        self.scale = nn.Parameter(torch.ones(size))
+        self.shift = nn.Parameter(torch.zeros(size))
 
-    def forward(self, teacher: Tensor) -> Tensor:
-        with fp32_compute(teacher.device):
-            return self.scale.float() * torch.tanh(teacher.float()) + self.shift.float()
+    def reset_member(self, k: int) -> None:
+        pass  # A = 1, B = 0: nothing random
+
+    def teacher_input(self, groups: Groups) -> Tensor:
+        return torch.tanh(self._flat(groups))
+
+    @staticmethod
+    def _flat(groups: Groups) -> Tensor:
+        return torch.cat([group[0].reshape(-1) for group in groups]).float()
+
+    def members(self, out: Tensor) -> List[Tensor]:
+        parts = out.split([shape.numel() for shape in self.shapes])
+        return [part.view(shape) for part, shape in zip(parts, self.shapes)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        with fp32_compute(x.device):
+            return torch.addcmul(self.shift.float(), self.scale.float(), x)
 
     @torch.no_grad()
-    def start_as_slice(self, teacher: Tensor) -> None:
-        t = teacher.float()
+    def start_as_slice(self, groups: Groups) -> None:
+        t = self._flat(groups)
         self.scale.fill_(1.0)
         self.shift.copy_(t - torch.tanh(t))
 
 
 class TableGenerator(ParameterGenerator):
-    """docs/method.md 3.7, embedding tables: X[y] = A[y] ⊙ tanh(E[y] · P) + B[y].
+    """docs/method.md 3.7, an embedding table (a bank of one):
+    X[y] = A[y] ⊙ tanh(E[y] · P) + B[y].
 
     teacher: table E (V, d_T) -> student table (V, d_S). P (d_T, d_S) exists only
     when the widths differ (same width: the element-wise recipe, per token).
@@ -159,16 +238,27 @@ class TableGenerator(ParameterGenerator):
     (1, d_S) for every token, so the generator's size does not grow with V.
     """
 
-    def __init__(self, num_rows: int, teacher_dim: int, student_dim: int, per_token: bool = True):
+    def __init__(self, num_rows: int, teacher_dim: int, student_dim: int, per_token: bool = True,
+                 draw: bool = True):
         super().__init__()
         self.proj: Optional[nn.Parameter] = None
         if teacher_dim != student_dim:
-            self.proj = nn.Parameter(
-                nn.init.xavier_normal_(torch.empty(teacher_dim, student_dim))
-            )
+            self.proj = _empty(teacher_dim, student_dim)
         rows = num_rows if per_token else 1
         self.scale = nn.Parameter(torch.ones(rows, student_dim))
         self.shift = nn.Parameter(torch.zeros(rows, student_dim))
+        self._reset_all(1, draw)
+
+    @torch.no_grad()
+    def reset_member(self, k: int = 0) -> None:
+        if self.proj is not None:
+            nn.init.xavier_normal_(self.proj)
+
+    def teacher_input(self, groups: Groups) -> Tensor:
+        return groups[0][0]  # rows are cast when read: no fp32 copy of the table
+
+    def members(self, out: Tensor) -> List[Tensor]:
+        return [out]
 
     def _project(self, table: Tensor) -> Tensor:
         table = table.float()
@@ -188,10 +278,10 @@ class TableGenerator(ParameterGenerator):
         return self.rows(table)
 
     @torch.no_grad()
-    def start_as_slice(self, table: Tensor) -> None:
+    def start_as_slice(self, groups: Groups) -> None:
         if self.proj is not None:
             self.proj.copy_(_selection(*self.proj.shape))
-        x = self._project(table)
+        x = self._project(self.teacher_input(groups))
         self.scale.fill_(1.0)
         # exact per token; with one shared B the mean over tokens (the closest start)
         residual = x - torch.tanh(x)
@@ -199,19 +289,29 @@ class TableGenerator(ParameterGenerator):
 
 
 class ProjectionGenerator(ParameterGenerator):
-    """docs/method.md 3.7, output projection: W_out = O_T · P_o, no tanh, no A/B.
+    """docs/method.md 3.7, output projection (a bank of one): W_out = O_T · P_o, no tanh, no A/B.
 
     teacher: O_T (V, d_T) -> student (V, d_S). When d_S = d_T there is no P_o and
     the teacher's projection is used as is (the authors' choice: nothing trains).
     """
 
-    def __init__(self, teacher_dim: int, student_dim: int):
+    def __init__(self, teacher_dim: int, student_dim: int, draw: bool = True):
         super().__init__()
         self.proj: Optional[nn.Parameter] = None
         if teacher_dim != student_dim:
-            self.proj = nn.Parameter(
-                nn.init.xavier_normal_(torch.empty(teacher_dim, student_dim))
-            )
+            self.proj = _empty(teacher_dim, student_dim)
+        self._reset_all(1, draw)
+
+    @torch.no_grad()
+    def reset_member(self, k: int = 0) -> None:
+        if self.proj is not None:
+            nn.init.xavier_normal_(self.proj)
+
+    def teacher_input(self, groups: Groups) -> Tensor:
+        return groups[0][0]
+
+    def members(self, out: Tensor) -> List[Tensor]:
+        return [out]
 
     def forward(self, table: Tensor) -> Tensor:
         with fp32_compute(table.device):
@@ -220,6 +320,6 @@ class ProjectionGenerator(ParameterGenerator):
             return table.float() @ self.proj.float()
 
     @torch.no_grad()
-    def start_as_slice(self, table: Tensor) -> None:
+    def start_as_slice(self, groups: Groups) -> None:
         if self.proj is not None:
             self.proj.copy_(_selection(*self.proj.shape))

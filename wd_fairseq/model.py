@@ -1,16 +1,20 @@
 """``wd_transformer``: the phase-1 WD model (docs/method.md sections 2 and 3).
 
 The model is a stock fairseq ``transformer`` of the student's shape. Every
-student tensor is a :class:`~wd_fairseq.parametrization.GeneratedTensor`: a
-trainable generator applied to the frozen teacher tensors of its layer group.
-The teacher is held once, as a frozen stock Transformer in ``model.teacher``
-(never in the optimizer), so a phase-1 checkpoint is self-contained.
+student tensor is a :class:`~wd_fairseq.parametrization.GeneratedTensor`: its
+share of a :class:`~wd_fairseq.parametrization.GeneratorBank`, one trainable
+generator over every student tensor of one kind and shape (``model.generator_banks``),
+applied to the frozen teacher tensors of each tensor's layer group. Each model
+forward is one generation pass: every bank runs once. The teacher is held once,
+as a frozen stock Transformer in ``model.teacher`` (never in the optimizer), so a
+phase-1 checkpoint is self-contained.
 """
 
 import argparse
 import json
 import os
 import re
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -27,12 +31,14 @@ from torch.nn.utils import parametrize
 from .generator import (
     ElementwiseGenerator,
     MatrixGenerator,
+    ParameterGenerator,
     ProjectionGenerator,
     TableGenerator,
     VectorGenerator,
+    stack_members,
 )
 from .layer_groups import layer_groups
-from .parametrization import GeneratedEmbedding, GeneratedTensor, SameAs, generate
+from .parametrization import GeneratedEmbedding, GeneratedTensor, GeneratorBank, SameAs, generate
 from .teacher import WDSetupError, build_teacher, load_teacher
 
 #: Student shape flags; any not given is the teacher's.
@@ -194,6 +200,23 @@ def _teacher_config_from_resume(cfg) -> Optional[str]:
     return model.get("teacher_config")
 
 
+def _refuse_per_tensor_optimizer_resume(cfg) -> None:
+    """A phase-1 checkpoint written before generator banks loads (its generators are
+    converted), but its optimizer state has one entry per old generator tensor."""
+    resume = _resume_state(cfg)
+    if resume is None or cfg._get_parent().checkpoint.reset_optimizer:
+        return
+    path, state = resume
+    if any(_PER_TENSOR_GENERATOR.search(key) for key in state.get("model") or {}):
+        raise WDSetupError(
+            f"{path}: a phase-1 checkpoint of an older wd_fairseq (one generator per student "
+            "tensor). Its generators load (converted to banks), its optimizer state cannot. "
+            "Fix: resume with --reset-optimizer (the generators carry on; Adam, the update "
+            "count and the learning-rate schedule restart), or finish the run with the "
+            "wd_fairseq version that wrote it"
+        )
+
+
 def check_resumed_teacher(cfg, path: str, teacher: nn.Module, teacher_args: Dict) -> None:
     """A resumed run keeps its teacher: refuse a --teacher-path whose weights or
     architecture options differ from the teacher of the checkpoint being resumed."""
@@ -263,8 +286,10 @@ class WDTransformerModel(TransformerModel):
     def build_model(cls, cfg, task):
         teacher_config = safe_getattr(cfg, "teacher_config", None)
         path = safe_getattr(cfg, "teacher_path", None)
-        if teacher_config is None and not (path and os.path.isfile(path)):
-            teacher_config = _teacher_config_from_resume(cfg)
+        if teacher_config is None:  # a command line, not a checkpoint
+            _refuse_per_tensor_optimizer_resume(cfg)
+            if not (path and os.path.isfile(path)):
+                teacher_config = _teacher_config_from_resume(cfg)
         if teacher_config is not None:
             # From a checkpoint: teacher weights come with the state dict.
             teacher, teacher_args = build_teacher(json.loads(teacher_config), task)
@@ -293,8 +318,12 @@ class WDTransformerModel(TransformerModel):
 
     def attach_teacher(self, teacher: TransformerModel, teacher_args: Dict,
                        table_scale: str = "token") -> None:
-        """Replace every student tensor by a generator reading ``teacher``
-        (``table_scale``: see ``--wd-table-scale``)."""
+        """Replace every student tensor by its share of a generator bank reading
+        ``teacher`` (``table_scale``: see ``--wd-table-scale``).
+
+        Each bank's members draw their random start in the student's tensor order: the same
+        values as one generator per tensor would get from the same seed.
+        """
         student = list(self.named_parameters(remove_duplicate=False))
         self.teacher = teacher
         teacher_tensors = dict(teacher.named_parameters(remove_duplicate=False))
@@ -303,6 +332,8 @@ class WDTransformerModel(TransformerModel):
             for side in ("encoder", "decoder")
         }
         self._replace_token_embeddings()
+        members: Dict[tuple, list] = {}  # kind -> [(position, module, tensor name, name, sources)]
+        tied = None
         done = set()
         for name, _ in student:
             module_path, _, tensor_name = name.rpartition(".")
@@ -311,7 +342,7 @@ class WDTransformerModel(TransformerModel):
                 continue  # a shared module (encoder and decoder tables)
             done.add((id(module), tensor_name))
             if name == "decoder.output_projection.weight" and self.decoder.share_input_output_embed:
-                generate(module, tensor_name, SameAs(self.decoder.embed_tokens, "weight"))
+                tied = (module, tensor_name)
                 continue
             sources = self._sources(name, module, groups)
             for source in sources:
@@ -321,10 +352,35 @@ class WDTransformerModel(TransformerModel):
                         f"{source}, which the teacher does not have. Fix: keep the "
                         "teacher's architecture options; only shapes may differ"
                     )
-            shapes = [tuple(teacher_tensors[s].shape) for s in sources]
+            teacher_shape = tuple(teacher_tensors[sources[0]].shape)
             shape = tuple(getattr(module, tensor_name).shape)
-            generator = self._generator(name, module, shapes[0], shape, len(sources), table_scale)
-            generate(module, tensor_name, GeneratedTensor(generator, teacher, sources))
+            kind = self._generator_kind(name, module, teacher_shape, shape, len(sources), table_scale)
+            members.setdefault(kind, []).append((len(done), module, tensor_name, name, sources))
+        self._build_banks(teacher, members)
+        if tied is not None:
+            generate(*tied, SameAs(self.decoder.embed_tokens, "weight"))
+            self.decoder.embed_tokens.parametrizations.weight[0].bank.full_table_in_pass = True
+
+    def _build_banks(self, teacher: TransformerModel, members: Dict[tuple, list]) -> None:
+        """One bank per kind of ``members`` (kind -> [(position, module, tensor name, name,
+        sources)]); every member then draws its start, in order of position."""
+        self.generator_banks = nn.ModuleDict()
+        order = []  # (position, bank, member)
+        for (cls, args, _), bank_members in members.items():
+            positions, modules, tensor_names, names, sources = zip(*bank_members)
+            if cls is ElementwiseGenerator:
+                generator = cls(*(tuple(getattr(m, t).shape) for m, t in zip(modules, tensor_names)))
+            elif cls in (MatrixGenerator, VectorGenerator):
+                generator = cls(*args, count=len(names), draw=False)
+            else:
+                generator = cls(*args, draw=False)
+            bank = GeneratorBank(generator, teacher, sources, names)
+            self.generator_banks[_bank_key(generator, names)] = bank
+            for index, (position, module, tensor_name) in enumerate(zip(positions, modules, tensor_names)):
+                generate(module, tensor_name, GeneratedTensor(bank, index))
+                order.append((position, bank, index))
+        for _, bank, index in sorted(order, key=lambda entry: entry[0]):
+            bank.generator.reset_member(index)
 
     def _replace_token_embeddings(self) -> None:
         """Token tables become GeneratedEmbedding (row-wise generation in training)."""
@@ -347,23 +403,25 @@ class WDTransformerModel(TransformerModel):
         return [f"{side}.layers.{j}.{rest}" for j in groups[side][index]]
 
     @staticmethod
-    def _generator(name, module, teacher_shape, shape, group_size, table_scale="token"):
+    def _generator_kind(name, module, teacher_shape, shape, group_size, table_scale="token"):
+        """(generator class, its arguments, tensor name or None): one bank per kind (a
+        table or projection is a bank of its own)."""
         if name.endswith("output_projection.weight"):
-            return ProjectionGenerator(teacher_shape[1], shape[1])
+            return ProjectionGenerator, (teacher_shape[1], shape[1]), name
         if isinstance(module, nn.Embedding):
             if teacher_shape[0] != shape[0]:
                 raise WDSetupError(
                     f"{name}: the teacher table has {teacher_shape[0]} rows, the "
                     f"student's {shape[0]}. Fix: use the teacher's dictionaries"
                 )
-            return TableGenerator(shape[0], teacher_shape[1], shape[1], per_token=table_scale == "token")
+            return TableGenerator, (shape[0], teacher_shape[1], shape[1], table_scale == "token"), name
         if len(shape) != len(teacher_shape) or len(shape) not in (1, 2):
             raise WDSetupError(f"{name}: no WD generator for a tensor of shape {shape}")
         if shape == teacher_shape and group_size == 1:
-            return ElementwiseGenerator(shape)
+            return ElementwiseGenerator, (), None  # any shapes: one flat buffer
         if len(shape) == 2:
-            return MatrixGenerator(teacher_shape, shape, group_size)
-        return VectorGenerator(teacher_shape[0], shape[0], group_size)
+            return MatrixGenerator, (teacher_shape, shape, group_size), None
+        return VectorGenerator, (teacher_shape[0], shape[0], group_size), None
 
     def generated_tensors(self):
         """(module, tensor name, GeneratedTensor) for every generated student tensor."""
@@ -374,8 +432,34 @@ class WDTransformerModel(TransformerModel):
 
     def start_as_slice(self) -> None:
         """Optional init (``--wd-init slice``): the student starts as a slice of the teacher."""
-        for _, _, generated in self.generated_tensors():
-            generated.generator.start_as_slice(*generated.teacher_tensors())
+        for bank in self.generator_banks.values():
+            bank.generator.start_as_slice(bank.teacher_groups())
+
+    @contextmanager
+    def generation_pass(self):
+        """Every bank generates at most once inside (reads reuse its tensors)."""
+        with ExitStack() as stack:
+            for bank in self.generator_banks.values():
+                bank.open_pass()
+                stack.callback(bank.close_pass)
+            yield
+
+    def forward(self, *args, **kwargs):
+        with self.generation_pass():
+            return super().forward(*args, **kwargs)
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Phase-1 checkpoints of wd_fairseq before banks (one generator per tensor,
+        ``<tensor path>.parametrizations.<name>.0.generator.*``) load as banks."""
+        super().upgrade_state_dict_named(state_dict, name)
+        prefix = f"{name}." if name else ""
+        if not any(_PER_TENSOR_GENERATOR.search(key) for key in state_dict):
+            return
+        for key, bank in self.generator_banks.items():
+            for param_name, like in bank.generator.named_parameters():
+                old = [f"{prefix}{_per_tensor_path(tensor)}.generator.{param_name}" for tensor in bank.names]
+                state_dict[f"{prefix}generator_banks.{key}.generator.{param_name}"] = stack_members(
+                    [state_dict.pop(k) for k in old], like)
 
     # -- inference ----------------------------------------------------------------
 
@@ -404,8 +488,11 @@ class WDTransformerModel(TransformerModel):
             module.__class__ = type(module).__bases__[0]
             for name, value in tensors.items():
                 # a Parameter that requires grad, like a loaded student's (same matmul paths)
-                module.register_parameter(name, plain.setdefault(id(value), nn.Parameter(value.detach())))
+                # (a copy: the value is a view of its bank's whole output)
+                module.register_parameter(
+                    name, plain.setdefault(id(value), nn.Parameter(value.detach().clone())))
         del self.teacher
+        self.generator_banks = nn.ModuleDict()  # nothing left to generate
         self.train(training)
 
     # -- materialisation ----------------------------------------------------------
@@ -415,7 +502,7 @@ class WDTransformerModel(TransformerModel):
         """The generated student as a stock ``transformer`` state dict (model dtype)."""
         state = {}
         for key, value in self.state_dict().items():
-            if key.startswith("teacher."):
+            if key.startswith(("teacher.", "generator_banks.")):
                 continue
             if ".parametrizations." not in key:
                 state[key] = value
@@ -424,6 +511,27 @@ class WDTransformerModel(TransformerModel):
                 tensor = getattr(self.get_submodule(module_path), tensor_name)
                 state[f"{module_path}.{tensor_name}"] = tensor.detach().clone()
         return state
+
+
+#: a generator parameter in a phase-1 checkpoint written before banks
+_PER_TENSOR_GENERATOR = re.compile(r"\.parametrizations\.[^.]+\.0\.generator\.")
+
+
+def _per_tensor_path(tensor: str) -> str:
+    """``a.b.weight`` -> ``a.b.parametrizations.weight.0``: where a per-tensor
+    checkpoint kept that tensor's generator."""
+    module_path, _, tensor_name = tensor.rpartition(".")
+    return f"{module_path}.parametrizations.{tensor_name}.0"
+
+
+def _bank_key(generator: ParameterGenerator, names) -> str:
+    """A bank's name in ``generator_banks`` (and in checkpoints)."""
+    if isinstance(generator, (TableGenerator, ProjectionGenerator)):
+        return names[0].replace(".", "_")  # a bank of one
+    if isinstance(generator, ElementwiseGenerator):
+        return "elementwise"
+    shapes = "_".join("x".join(map(str, p.shape[1:])) for p in generator.parameters())
+    return f"{type(generator).__name__}_{shapes}"
 
 
 def _preset(args, **defaults):

@@ -1,13 +1,15 @@
 """Student tensors as ``torch.nn.utils.parametrize`` parametrizations.
 
 The WD student is a stock fairseq Transformer whose every weight is replaced by a
-:class:`GeneratedTensor`: reading ``module.weight`` runs the generator on the
-frozen teacher tensors, so every fairseq code path (training, incremental
-decoding, ensembles) sees ordinary tensors. The student's own storage for the
-tensor shrinks to an empty placeholder that only carries the model's dtype.
+:class:`GeneratedTensor`: reading ``module.weight`` returns that tensor's share of
+what its :class:`GeneratorBank` (one generator over every student tensor of one
+kind and shape) computes from the frozen teacher tensors, so every fairseq code
+path (training, incremental decoding, ensembles) sees ordinary tensors. The
+student's own storage for the tensor shrinks to an empty placeholder that only
+carries the model's dtype.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .generator import ParameterGenerator, TableGenerator
+from .generator import ParameterGenerator, TableGenerator, fp32_compute
 
 #: Optimizer steps taken in this process. Optimizers write parameters through ``p.data``
 #: (fairseq's Adam, its fp16 optimizers), which bumps no version counter, so an
@@ -30,83 +32,164 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-class GeneratedTensor(nn.Module):
-    """Parametrization computing a student tensor from teacher tensors.
+class GeneratorBank(nn.Module):
+    """The student tensors one generator makes together, and when it makes them.
 
     Args:
-        generator: the trainable map (fp32 maths).
+        generator: the trainable map of every member (fp32 maths).
         teacher: the module holding the frozen teacher tensors. It is not
             registered here (the teacher lives once, in the WD model).
-        sources: names of the teacher tensors in ``teacher`` (one per layer of the
-            group, in order).
+        sources: per member, the names of its layer group's teacher tensors in
+            ``teacher`` (in layer order).
+        names: per member, the student tensor's name (messages, old checkpoints).
 
-    In eval mode with grad disabled the result is cached and reused until the
-    mode changes, the module moves (``_apply``), a state dict is loaded into it
-    (``assign=True`` too), an optimizer takes a step, or any input tensor changes
-    in place (version counter).
+    ``values(dtype)`` returns every member's tensor. Within a generation pass
+    (``open_pass``/``close_pass``: one model forward) the first call generates and
+    later ones reuse the result. In eval mode with grad disabled the result is cached
+    until the mode changes, the module moves (``_apply``), a state dict is loaded
+    into it (``assign=True`` too), an optimizer takes a step, or an input tensor
+    changes in place (version counter).
     """
 
-    def __init__(self, generator: ParameterGenerator, teacher: nn.Module, sources: List[str]):
+    def __init__(self, generator: ParameterGenerator, teacher: nn.Module,
+                 sources: Sequence[Sequence[str]], names: Sequence[str]):
         super().__init__()
         self.generator = generator
-        self.sources = list(sources)
+        self.sources = [list(s) for s in sources]
+        self.names = list(names)
         self._teacher = [teacher]
-        self._cache = None
-        self.register_load_state_dict_post_hook(GeneratedTensor._drop_cache)
+        #: a table that a tied projection reads whole: within a pass its rows come
+        #: from the whole table, generated once
+        self.full_table_in_pass = False
+        self._pass: Optional[dict] = None  # dtype -> members, while a pass is open
+        self._pass_input: Optional[Tensor] = None
+        self._eval: Optional[_EvalCache] = None
+        self.register_load_state_dict_post_hook(GeneratorBank._drop_caches)
 
-    def teacher_tensors(self) -> List[Tensor]:
-        return [self._teacher[0].get_parameter(name) for name in self.sources]
+    def teacher_tensors(self, member: int) -> List[Tensor]:
+        return [self._teacher[0].get_parameter(name) for name in self.sources[member]]
 
-    def forward(self, placeholder: Tensor) -> Tensor:
+    def teacher_groups(self) -> List[List[Tensor]]:
+        return [self.teacher_tensors(k) for k in range(len(self.sources))]
+
+    def teacher_input(self) -> Tensor:
+        """The generator's input (the stacked teacher layers, or their tanh): made once
+        per pass, not kept after it (kept, it would be a second copy of the teacher
+        through the optimizer step)."""
+        if self._pass is not None and self._pass_input is not None:
+            return self._pass_input
+        groups = self.teacher_groups()
+        with torch.no_grad(), fp32_compute(groups[0][0].device):
+            x = self.generator.teacher_input(groups)
+        if self._pass is not None:
+            self._pass_input = x
+        return x
+
+    def open_pass(self) -> None:
+        self._pass, self._pass_input = {}, None
+
+    def close_pass(self) -> None:
+        self._pass = self._pass_input = None
+
+    def values(self, dtype: torch.dtype) -> List[Tensor]:
+        """Every member's student tensor, in ``dtype``."""
         if self.training or torch.is_grad_enabled():
-            self._cache = None
-            return self.generator(*self.teacher_tensors()).to(placeholder.dtype)
-        value = self.cached()
-        if value is None:
-            teacher = self.teacher_tensors()
-            inputs = teacher + list(self.generator.parameters())
+            self._eval = None
+            if self._pass is not None and dtype in self._pass:
+                return self._pass[dtype]
+            members = self._generate(dtype)
+            if self._pass is not None:
+                self._pass[dtype] = members
+            return members
+        if self._eval is None or self._eval.dtype != dtype or not self._eval.valid(range(len(self.names))):
             # requires_grad (harmless: only returned under no_grad) keeps torch's matmul
             # folding (B*beam, 1, C) activations into one GEMM instead of a batched one;
             # detach first: a generator may return a teacher tensor itself.
-            value = self.generator(*teacher).to(placeholder.dtype).detach().requires_grad_()
-            self._cache = (inputs, _versions(inputs), _optimizer_steps[0], value)
-        return value
+            members = [m.detach().requires_grad_() for m in self._generate(dtype)]
+            self._eval = _EvalCache(members, dtype, list(self.generator.parameters()), self.teacher_groups())
+        return self._eval.members
 
-    def cached(self) -> Optional[Tensor]:
-        """The eval-mode value if it is cached and still valid, else None."""
-        if self._cache is None or self.training or torch.is_grad_enabled():
+    def cached(self, member: int) -> Optional[Tensor]:
+        """Member ``member``'s eval-mode value if it is cached and still valid, else None."""
+        if self._eval is None or self.training or torch.is_grad_enabled():
             return None
-        inputs, versions, steps, value = self._cache
-        if steps != _optimizer_steps[0] or _versions(inputs) != versions:
-            return None
-        return value
-
-    @staticmethod
-    def _drop_cache(module: "GeneratedTensor", incompatible_keys) -> None:
-        module._cache = None  # load_state_dict may have replaced the inputs (assign=True)
+        return self._eval.members[member] if self._eval.valid((member,)) else None
 
     def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
         """Only the rows ``index`` of a generated table (TableGenerator only)."""
         assert isinstance(self.generator, TableGenerator)
-        return self.generator.rows(self.teacher_tensors()[0], index).to(dtype)
+        if self.full_table_in_pass and self._pass is not None:
+            return self.values(dtype)[0][index]
+        return self.generator.rows(self.teacher_input(), index).to(dtype)
+
+    def _generate(self, dtype: torch.dtype) -> List[Tensor]:
+        return self.generator.members(self.generator(self.teacher_input()).to(dtype))
+
+    @staticmethod
+    def _drop_caches(module: "GeneratorBank", incompatible_keys=None) -> None:
+        # load_state_dict may have replaced the inputs (assign=True)
+        module._pass = module._pass_input = module._eval = None
+
+    def train(self, mode: bool = True):
+        self._eval = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        GeneratorBank._drop_caches(self)  # .to()/.half(): inputs and dtype are about to change
+        return super()._apply(fn, recurse)
+
+
+class _EvalCache:
+    """Eval-mode member values and what they depend on: the optimizer step count and the
+    version counters of the generator's parameters and of each member's teacher tensors."""
+
+    def __init__(self, members: List[Tensor], dtype: torch.dtype, params: List[Tensor],
+                 teacher: List[List[Tensor]]):
+        self.members, self.dtype, self.params, self.teacher = members, dtype, params, teacher
+        self.steps = _optimizer_steps[0]
+        self.versions = [p._version for p in params]
+        self.teacher_versions = [[t._version for t in group] for group in teacher]
+
+    def valid(self, members) -> bool:
+        if self.steps != _optimizer_steps[0] or [p._version for p in self.params] != self.versions:
+            return False
+        return all([t._version for t in self.teacher[k]] == self.teacher_versions[k] for k in members)
+
+
+class GeneratedTensor(nn.Module):
+    """Parametrization returning member ``index`` of ``bank`` (not registered here:
+    the bank lives once, in the WD model)."""
+
+    def __init__(self, bank: GeneratorBank, index: int):
+        super().__init__()
+        self._bank = [bank]
+        self.index = index
+
+    @property
+    def bank(self) -> GeneratorBank:
+        return self._bank[0]
+
+    @property
+    def sources(self) -> List[str]:
+        return self.bank.sources[self.index]
+
+    def teacher_tensors(self) -> List[Tensor]:
+        return self.bank.teacher_tensors(self.index)
+
+    def forward(self, placeholder: Tensor) -> Tensor:
+        return self.bank.values(placeholder.dtype)[self.index]
+
+    def cached(self) -> Optional[Tensor]:
+        """The eval-mode value if it is cached and still valid, else None."""
+        return self.bank.cached(self.index)
+
+    def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
+        """Only the rows ``index`` of a generated table."""
+        return self.bank.rows(index, dtype)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         # Called once at registration: the student's own tensor is not kept.
         return value.new_empty(0)
-
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        self._cache = None  # .to()/.half(): inputs and dtype are about to change
-        return super()._apply(fn, recurse)
-
-
-def _versions(tensors: List[Tensor]) -> list:
-    """What a cached result depends on: the in-place version of each input
-    (``.to()``/``.half()`` replace storage through ``_apply``, which clears the cache)."""
-    return [t._version for t in tensors]
 
 
 class SameAs(nn.Module):
