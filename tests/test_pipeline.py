@@ -17,11 +17,11 @@ STUDENT_FLAGS = [
 ]
 
 
-def phase1(data, teacher, save_dir, *extra, updates=16):
+def phase1(data, teacher, save_dir, *extra, updates=16, check=True):
     return run_cli(
         "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "wd_transformer",
         "--teacher-path", teacher, *STUDENT_FLAGS, *TRAIN_FLAGS,
-        "--max-update", updates, "--save-dir", save_dir, *extra,
+        "--max-update", updates, "--save-dir", save_dir, *extra, check=check,
     )
 
 
@@ -153,6 +153,43 @@ def test_phase1_checkpoint_is_self_contained(data_bin, postnorm_teacher, tmp_pat
     assert "num_updates 12" in log
     run_cli("wd-materialize", tmp_path / "phase1" / "checkpoint_last.pt", tmp_path / "student.pt")
     generate(data_bin, tmp_path / "phase1" / "checkpoint_last.pt", "--user-dir", USER_DIR)
+
+
+def test_phase1_resumed_with_another_teacher_stops_before_training(data_bin, postnorm_teacher,
+                                                                   tmp_path):
+    """A resumed run keeps its teacher: other weights, or other weights and architecture
+    options, are refused naming both files and the fix; the same teacher, moved, resumes."""
+    first = tmp_path / "first.pt"
+    first.write_bytes(postnorm_teacher.read_bytes())
+    save_dir = tmp_path / "phase1"
+    phase1(data_bin, first, save_dir, updates=8)
+    checkpoint = save_dir / "checkpoint_last.pt"
+    saved = checkpoint.read_bytes()
+    state = torch.load(first, weights_only=True)
+    state["model"]["encoder.layers.0.fc1.weight"] += 0.01
+    torch.save(state, tmp_path / "weights.pt")
+    state["cfg"]["model"].activation_fn = "gelu"
+    torch.save(state, tmp_path / "weights-gelu.pt")
+    for name, differs in [("weights", rf"1 of \d+ weight tensors"),
+                          ("weights-gelu", r"1 of \d+ weight tensors and architecture options "
+                                           r"\(activation_fn relu -> gelu\)")]:
+        new = tmp_path / f"{name}.pt"
+        proc = phase1(data_bin, new, save_dir, updates=12, check=False)
+        assert proc.returncode != 0, f"resumed with {new}"
+        last = proc.stderr.strip().splitlines()[-1]
+        print(last)
+        assert re.fullmatch(
+            rf"wd_fairseq\.teacher\.WDSetupError: --teacher-path {new}: this run resumes from "
+            rf"{checkpoint}, whose teacher \({first}\) differs from it in {differs}; its "
+            rf"generators were trained on that teacher\. Fix: resume with that same teacher "
+            rf"\(--teacher-path {first}\), or pass a new --save-dir to start a new run with {new}",
+            last), proc.stderr[-3000:]
+        assert "num_updates" not in proc.stdout + proc.stderr
+        assert checkpoint.read_bytes() == saved
+    moved = tmp_path / "moved.pt"
+    first.rename(moved)
+    resumed = phase1(data_bin, moved, save_dir, updates=12)
+    assert "num_updates 12" in resumed.stdout + resumed.stderr
 
 
 def test_hydra_train_with_common_user_dir(data_bin, postnorm_teacher, tmp_path):

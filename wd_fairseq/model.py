@@ -217,6 +217,39 @@ def _refuse_per_tensor_optimizer_resume(cfg) -> None:
         )
 
 
+def check_resumed_teacher(cfg, path: str, teacher: nn.Module, teacher_args: Dict) -> None:
+    """A resumed run keeps its teacher: refuse a --teacher-path whose weights or
+    architecture options differ from the teacher of the checkpoint being resumed."""
+    resume = _resume_state(cfg)
+    model = (resume[1].get("cfg") or {}).get("model") or {} if resume else {}
+    if not model.get("teacher_config"):
+        return  # nothing to resume, or not a WD checkpoint
+    checkpoint, state = resume
+    old, new = json.loads(model["teacher_config"]), json.loads(json.dumps(teacher_args))
+    options = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]
+    tensors = teacher.state_dict()
+    saved = {name: state["model"].get(f"teacher.{name}") for name in tensors}
+    differ = sum(saved[name] is None or not torch.equal(tensor.to(saved[name].dtype), saved[name])
+                 for name, tensor in tensors.items())
+    if not options and not differ:
+        return
+    what = [f"{differ} of {len(tensors)} weight tensors"] if differ else []
+    what += [f"architecture options ({', '.join(options)})"] if options else []
+    restore_file = cfg._get_parent().checkpoint.restore_file
+    restart = ("pass a new --save-dir" if restore_file == "checkpoint_last.pt" else
+               f"drop --restore-file {restore_file}")
+    old_path = model.get("teacher_path")
+    same = old_path and os.path.abspath(old_path) == os.path.abspath(path)
+    raise WDSetupError(
+        f"--teacher-path {path}: this run resumes from {checkpoint}, whose teacher "
+        f"({'this file as it was then' if same else old_path}) differs from it in "
+        f"{' and '.join(what)}; its generators were trained on that teacher. Fix: resume with "
+        f"that same teacher ({'put the file back' if same else f'--teacher-path {old_path}'}), "
+        f"or {restart} to start a new run with {path}"
+    )
+
+
 class WDTransformerDecoder(TransformerDecoderBase):
     """The stock decoder, except that reordering the incremental state (every beam
     search step) skips the parametrization modules: they keep no state, and
@@ -265,6 +298,8 @@ class WDTransformerModel(TransformerModel):
             teacher, teacher_args = load_teacher(path, task)
             loaded = True
         teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
+        if loaded:
+            check_resumed_teacher(cfg, path, teacher, teacher_args)
         _record_teacher_config(cfg, json.dumps(teacher_args, sort_keys=True))
         args = student_args(cfg, teacher_args, task)
         model = super().build_model(argparse.Namespace(**args), task)

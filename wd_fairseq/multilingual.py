@@ -1,6 +1,6 @@
 """fairseq's multilingual translation task (``translation_multi_simple_epoch``, the task of
-M2M-100 and NLLB) set up for one direction, for the tools that work one direction at a time
-(``wd-kd-data``, ``wd-export-ct2``); the run's settings are in ``multilingual_settings``.
+M2M-100 and NLLB) for the tools that work one direction at a time (``wd-kd-data``,
+``wd-export-ct2``).
 
 A multilingual run has one dictionary for every language, extended by the task with a
 language token per language (``__xx__``). With ``--encoder-langtok src`` (or ``tgt``)
@@ -11,15 +11,15 @@ which decoding forces as the first output token and removes from the result.
 
 import argparse
 import os
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 from fairseq import tasks
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import DictConfig, OmegaConf
 
-from .multilingual_settings import (MULTILINGUAL_TASK, is_multilingual, lang_pairs,  # noqa: F401
-                                    local_file, task_settings)
 from .teacher import WDSetupError, check_dictionaries
 
+MULTILINGUAL_TASK = "translation_multi_simple_epoch"
 #: Entries fairseq's nllb branch appends after the language tokens with
 #: --add-data-source-prefix-tags (NLLB-200 checkpoints); fairseq main's task does not know
 #: the flag, so its dictionaries are these 3 entries short (fairseq#4557).
@@ -34,6 +34,26 @@ class LangTokens(NamedTuple):
 
 
 NO_LANG_TOKENS = LangTokens(None, None)
+
+
+def task_settings(task_cfg) -> dict:
+    """A run's ``cfg.task`` (Namespace, DictConfig or dict) as a plain dict."""
+    if isinstance(task_cfg, argparse.Namespace):
+        return dict(vars(task_cfg))
+    if isinstance(task_cfg, DictConfig):
+        return OmegaConf.to_container(task_cfg, resolve=True, enum_to_str=True)
+    return dict(task_cfg or {})
+
+
+def is_multilingual(task_cfg) -> bool:
+    settings = task_settings(task_cfg)
+    return (settings.get("_name") or settings.get("task")) == MULTILINGUAL_TASK
+
+
+def lang_pairs(settings: dict) -> List[Tuple[str, str]]:
+    """The (source, target) directions of a multilingual run's ``--lang-pairs``."""
+    listed = settings["lang_pairs"]
+    return [tuple(p.split("-")) for p in (listed.split(",") if isinstance(listed, str) else listed)]
 
 
 def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what: str):
@@ -52,12 +72,13 @@ def direction_task(task_cfg, data: str, source_lang: str, target_lang: str, what
                            "does not support. Fix: use a run with language tokens as prefixes")
     for key, flag in (("fixed_dictionary", "--fixed-dictionary"), ("lang_dict", "--lang-dict")):
         path = settings.get(key)
-        if path:
-            settings[key] = local_file(path, data)
-            if settings[key] is None:
+        if path and not os.path.isfile(path):
+            local = os.path.join(data, os.path.basename(path))
+            if not os.path.isfile(local):
                 raise WDSetupError(
-                    f"{what}: its run's {flag} {path} does not exist here, nor does "
-                    f"{os.path.join(data, os.path.basename(path))}. Fix: copy that file into {data}")
+                    f"{what}: its run's {flag} {path} does not exist here, nor does {local}. "
+                    f"Fix: copy that file into {data}")
+            settings[key] = local
     settings.update(_name=MULTILINGUAL_TASK, task=MULTILINGUAL_TASK, data=data,
                     source_lang=source_lang, target_lang=target_lang)
     try:

@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import logging
 import os
 import pickle
 import re
@@ -15,10 +14,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY, build_model
 from fairseq.models.transformer import TransformerModel
 from omegaconf import DictConfig, OmegaConf
 
-from .multilingual_settings import is_multilingual, run_langs, task_settings
 from .safe_loading import allow_fairseq_checkpoints, refused_global
-
-logger = logging.getLogger("wd_fairseq.teacher")
 
 
 class WDSetupError(ValueError):
@@ -123,8 +119,8 @@ def task_langs(task) -> Tuple[Optional[str], Optional[str]]:
 def check_dictionaries(state: dict, task, path: str, flag: str = "--teacher-path") -> None:
     """The one rule for "does this checkpoint match this data" (every tool and engine):
     its embedding tables index the task's dictionaries (size), the dictionaries hold the
-    symbols of those it was trained with (where that data-bin is still there), a
-    multilingual task its language tokens in the same order."""
+    symbols of those it was trained with (where that data-bin is still there) and, for
+    multilingual data, its language tokens come in its own order."""
     src, tgt = task_langs(task)
     multilingual = hasattr(task, "data_manager")  # (the multilingual task)
     settings = getattr(task, "cfg", None) or getattr(task, "args", None)
@@ -145,7 +141,6 @@ def check_dictionaries(state: dict, task, path: str, flag: str = "--teacher-path
             f"Fix: use the data-bin it was trained with, or binarise the data with "
             f"fairseq-preprocess --{short}dict set to its dictionary"
         )
-    check_langs(state, task, path, flag)
     data_dir = _teacher_data_dir(state)
     for side, short, lang, dictionary, _ in sides if data_dir else ():
         teacher_dict = os.path.join(data_dir, f"dict.{lang}.txt")
@@ -159,35 +154,13 @@ def check_dictionaries(state: dict, task, path: str, flag: str = "--teacher-path
                 "symbols. Fix: use the data-bin it was trained with, or binarise the data with "
                 f"fairseq-preprocess --{short}dict {teacher_dict}"
             )
-
-
-def _run_task(state: dict):
-    """The task settings of the run that wrote a checkpoint."""
-    return state["cfg"].get("task") if state.get("cfg") is not None else state.get("args")
-
-
-def check_langs(state: dict, task, path: str, flag: str = "--teacher-path") -> None:
-    """A multilingual checkpoint's language tokens must be the task's, in the same order:
-    the order of ``--langs`` decides their ids."""
-    langs = getattr(task, "langs", None)
-    run = _run_task(state)
-    if langs is None or not is_multilingual(run):
-        return
-    data = str(task.args.data).split(":")[0]
-    settings = task_settings(run)
-    trained = run_langs(settings, data)
-    if trained is None:
-        logger.warning("%s %s: its run's --lang-dict %s is not here nor in %s, so the order of "
-                       "--langs cannot be checked against its own. Fix: copy that file into %s",
-                       flag, path, settings["lang_dict"], data, data)
-        return
-    if list(langs) != trained:
-        instead = " instead of --lang-dict" if getattr(task.args, "lang_dict", None) else ""
+    own = _run_langs(state) if multilingual else None
+    if own is not None and list(own) != list(task.langs):
         raise WDSetupError(
-            f"{flag} {path}: its language tokens are those of --langs {','.join(trained)}, this "
-            f"run's of --langs {','.join(langs)}: every language token would stand for another "
-            "language (the order of --langs decides their ids). "
-            f"Fix: pass --langs {','.join(trained)}{instead}, the order it was trained with")
+            f"{flag} {path}: its language tokens are those of --langs {','.join(own)}, in that "
+            f"order; the multilingual task's are of {','.join(task.langs)}, so a language would "
+            f"read another's token. Fix: pass --langs {','.join(own)} (or its --lang-dict)"
+        )
 
 
 def _data_dictionary(settings, lang: str) -> str:
@@ -196,11 +169,28 @@ def _data_dictionary(settings, lang: str) -> str:
     return fixed or os.path.join(str(settings.data).split(":")[0], f"dict.{lang}.txt")
 
 
+def _run_langs(state: dict) -> Optional[list]:
+    """The language list of a multilingual checkpoint's run (fairseq's rule: --langs,
+    --lang-dict or the languages of --lang-pairs), or None where it cannot be read here."""
+    from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
+
+    from .multilingual import lang_pairs, task_settings
+
+    run = task_settings(state["cfg"]["task"] if state.get("cfg") is not None else state.get("args"))
+    langs = run.get("langs")
+    run.update(langs=langs.split(",") if isinstance(langs, str) else langs,
+               lang_dict=run.get("lang_dict"), lang_pairs=["-".join(p) for p in lang_pairs(run)])
+    try:
+        return MultilingualDatasetManager.load_langs(argparse.Namespace(**run))
+    except OSError:  # its --lang-dict is not here
+        return None
+
+
 def _multilingual_mismatch(state: dict, task, path: str, side: str, rows: int, entries: int,
                            flag: str) -> str:
     """Why a multilingual teacher's table and the task's dictionary differ, and what to pass."""
     langs = getattr(task, "langs", None) or []
-    run = _run_task(state)
+    run = state.get("cfg", {}).get("task") if state.get("cfg") is not None else state.get("args")
     nllb = bool(getattr(run, "add_data_source_prefix_tags", False))
     hint = (" The checkpoint was trained with --add-data-source-prefix-tags (fairseq's nllb branch: "
             "3 more entries after the language tokens), which this fairseq's task does not add: "
