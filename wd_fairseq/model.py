@@ -190,20 +190,15 @@ def _resume_state(cfg):
     return path, torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
-def _teacher_config_from_resume(cfg) -> Optional[str]:
-    """When --teacher-path is gone, the checkpoint fairseq-train is about to resume
-    from still has the teacher config."""
-    resume = _resume_state(cfg)
-    if resume is None:
-        return None
-    model = (resume[1].get("cfg") or {}).get("model") or {}
-    return model.get("teacher_config")
+def _resumed_model_cfg(resume) -> dict:
+    """The model config of the checkpoint being resumed (``_resume_state``), or {}:
+    when --teacher-path is gone, its ``teacher_config`` still has the teacher."""
+    return ((resume[1].get("cfg") or {}).get("model") or {}) if resume else {}
 
 
-def _refuse_per_tensor_optimizer_resume(cfg) -> None:
+def _refuse_per_tensor_optimizer_resume(cfg, resume) -> None:
     """A phase-1 checkpoint written before generator banks loads (its generators are
     converted), but its optimizer state has one entry per old generator tensor."""
-    resume = _resume_state(cfg)
     if resume is None or cfg._get_parent().checkpoint.reset_optimizer:
         return
     path, state = resume
@@ -217,11 +212,10 @@ def _refuse_per_tensor_optimizer_resume(cfg) -> None:
         )
 
 
-def check_resumed_teacher(cfg, path: str, teacher: nn.Module, teacher_args: Dict) -> None:
-    """A resumed run keeps its teacher: refuse a --teacher-path whose weights or
-    architecture options differ from the teacher of the checkpoint being resumed."""
-    resume = _resume_state(cfg)
-    model = (resume[1].get("cfg") or {}).get("model") or {} if resume else {}
+def check_resumed_teacher(cfg, resume, path: str, teacher: nn.Module, teacher_args: Dict) -> None:
+    """A resumed run (``resume``: ``_resume_state``) keeps its teacher: refuse a
+    --teacher-path whose weights or architecture options differ from its teacher."""
+    model = _resumed_model_cfg(resume)
     if not model.get("teacher_config"):
         return  # nothing to resume, or not a WD checkpoint
     checkpoint, state = resume
@@ -286,10 +280,12 @@ class WDTransformerModel(TransformerModel):
     def build_model(cls, cfg, task):
         teacher_config = safe_getattr(cfg, "teacher_config", None)
         path = safe_getattr(cfg, "teacher_path", None)
+        resume = None
         if teacher_config is None:  # a command line, not a checkpoint
-            _refuse_per_tensor_optimizer_resume(cfg)
+            resume = _resume_state(cfg)
+            _refuse_per_tensor_optimizer_resume(cfg, resume)
             if not (path and os.path.isfile(path)):
-                teacher_config = _teacher_config_from_resume(cfg)
+                teacher_config = _resumed_model_cfg(resume).get("teacher_config")
         if teacher_config is not None:
             # From a checkpoint: teacher weights come with the state dict.
             teacher, teacher_args = build_teacher(json.loads(teacher_config), task)
@@ -299,7 +295,7 @@ class WDTransformerModel(TransformerModel):
             loaded = True
         teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
         if loaded:
-            check_resumed_teacher(cfg, path, teacher, teacher_args)
+            check_resumed_teacher(cfg, resume, path, teacher, teacher_args)
         _record_teacher_config(cfg, json.dumps(teacher_args, sort_keys=True))
         args = student_args(cfg, teacher_args, task)
         model = super().build_model(argparse.Namespace(**args), task)
