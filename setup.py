@@ -5,6 +5,27 @@ import os
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
+try:  # setuptools >= 64: PEP 660 editable installs (pip install -e .)
+    from setuptools.command.editable_wheel import editable_wheel
+except ImportError:  # older setuptools installs editable packages with `develop`: no hook
+    editable_wheel = None
+
+HOOK_NAME = "wd_fairseq.pth"
+
+
+def startup_hook(package_dir: str) -> str:
+    """The lines of ``wd_fairseq.pth``: at interpreter start-up, load safe_loading.py and
+    quiet_logs.py alone (standard library only; no package import) from ``package_dir``,
+    a Python expression (``sitedir`` is the directory of the .pth being read)."""
+    lines = []
+    for module, call in (("safe_loading", "install_import_hook"), ("quiet_logs", "install")):
+        lines.append(
+            "import importlib.util as _u, os as _o; "
+            f"_s = _u.spec_from_file_location('wd_fairseq_{module}', _o.path.join({package_dir}, '{module}.py')); "
+            f"_m = _u.module_from_spec(_s); _s.loader.exec_module(_m); _m.{call}()"
+        )
+    return "\n".join(lines) + "\n"
+
 
 class BuildWithStartupHook(build_py):
     """Also install ``wd_fairseq.pth`` into site-packages: it lets stock fairseq
@@ -13,7 +34,26 @@ class BuildWithStartupHook(build_py):
 
     def run(self):
         super().run()
-        self.copy_file("wd_fairseq.pth", os.path.join(self.build_lib, "wd_fairseq.pth"))
+        if not getattr(self, "editable_mode", False):  # setuptools < 64 has no editable mode
+            with open(os.path.join(self.build_lib, HOOK_NAME), "w") as f:
+                f.write(startup_hook("_o.path.join(sitedir, 'wd_fairseq')"))
+
+
+cmdclass = {"build_py": BuildWithStartupHook}
+if editable_wheel is not None:
+
+    class EditableWithStartupHook(editable_wheel):
+        """``pip install -e .``: the same hook, loading the modules from this checkout.
+        Every file in the wheel's unpacked directory is installed, and setuptools
+        fills that directory in ``_install_namespaces`` (the one place to add a file)."""
+
+        def _install_namespaces(self, installation_dir, pth_prefix):
+            super()._install_namespaces(installation_dir, pth_prefix)
+            package_dir = os.path.abspath(os.path.join(os.path.dirname(__file__), "wd_fairseq"))
+            with open(os.path.join(installation_dir, HOOK_NAME), "w") as f:
+                f.write(startup_hook(repr(package_dir)))
+
+    cmdclass["editable_wheel"] = EditableWithStartupHook
 
 
 setup(
@@ -24,7 +64,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["wd_fairseq"],
-    cmdclass={"build_py": BuildWithStartupHook},
+    cmdclass=cmdclass,
     # fairseq 0.12.2 does not import on Python 3.11; fairseq-fixed is the
     # maintained build of 0.12 that does. The plugin works with any fairseq 0.12.x.
     install_requires=[

@@ -1,14 +1,16 @@
 """End to end through the real entry points: stock teacher -> WD phase 1 (--user-dir)
 -> wd-materialize -> stock decoding and stock phase 2, without the plugin."""
 
+import os
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN_FLAGS, USER_DIR, run_cli, translation_task
+from conftest import REPO, TRAIN_FLAGS, USER_DIR, run_cli, translation_task
 from fairseq import checkpoint_utils
 
 STUDENT_FLAGS = [
@@ -210,3 +212,44 @@ checkpoint: {{save_dir: {tmp_path / "ckpt"}, no_epoch_checkpoints: true}}
     model = state["cfg"]["model"]
     assert (model["_name"], model["decoder_layers"], model["decoder_embed_dim"]) == ("wd_transformer_stu1", 1, 16)
     assert state["optimizer_history"][-1]["num_updates"] == 4
+
+
+def editable_venv(root):
+    """A new virtual environment with this checkout installed by ``pip install -e .``
+    (offline: its dependencies are this environment's, linked in, without wd_fairseq)."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    deps = root / "deps"
+    deps.mkdir()
+    for entry in site.iterdir():
+        if not (entry.name.startswith(("wd_fairseq", "__editable__")) or entry.suffix == ".pth"):
+            (deps / entry.name).symlink_to(entry)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    new_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   capture_output=True, text=True, check=True).stdout.strip())
+    (new_site / "zz_dependencies.pth").write_text(f"{deps}\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
+                    "--no-build-isolation", "-e", REPO], check=True, capture_output=True)
+    return python, new_site
+
+
+def test_editable_install_lets_stock_generate_load_fairseq_checkpoints(postnorm_teacher, data_bin,
+                                                                        tmp_path):
+    """`pip install -e .` installs the start-up hook too: stock fairseq-generate (no
+    --user-dir) loads a stock fairseq checkpoint (it holds an argparse.Namespace) under
+    torch >= 2.6; without the hook the same command is refused."""
+    python, site = editable_venv(tmp_path)
+    hook = site / "wd_fairseq.pth"
+    assert str(REPO / "wd_fairseq") in hook.read_text()  # loads from the checkout
+    command = [python, "-m", "fairseq_cli.generate", data_bin, "--path", postnorm_teacher,
+               "--beam", "1", "--gen-subset", "test", "--required-batch-size-multiple", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(hypotheses(proc.stdout)) == 60
+    hook.unlink()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode != 0 and "argparse.Namespace" in proc.stderr

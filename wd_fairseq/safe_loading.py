@@ -9,7 +9,8 @@ arbitrary code.
 
 Importing the plugin (``--user-dir``) calls :func:`allow_fairseq_checkpoints`.
 For stock commands run without the plugin (e.g. ``fairseq-generate`` on a phase-2
-checkpoint), the installed package ships ``wd_fairseq.pth``, which loads this file
+checkpoint), the installed package ships ``wd_fairseq.pth`` (written by setup.py, for
+``pip install -e .`` too), which loads this file
 alone at interpreter start-up and calls :func:`install_import_hook`: nothing is
 imported until fairseq imports its ``checkpoint_utils``, then the allow-list is
 registered. This file therefore imports only the standard library at top level.
