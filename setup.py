@@ -92,6 +92,7 @@ setup(
             "wd-train = wd_fairseq.launch:cli_main",
             "wd-init-student = wd_fairseq.init_student:cli_main",
             "wd-trim-vocab = wd_fairseq.trim_vocab:cli_main",
+            "wd-translate = wd_fairseq.translate:cli_main",
         ],
     },
 )

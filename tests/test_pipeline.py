@@ -1,6 +1,7 @@
 """End to end through the real entry points: stock teacher -> WD phase 1 (--user-dir)
 -> wd-materialize -> stock decoding and stock phase 2, without the plugin."""
 
+import json
 import os
 import re
 import shlex
@@ -253,3 +254,34 @@ def test_editable_install_lets_stock_generate_load_fairseq_checkpoints(postnorm_
     hook.unlink()
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode != 0 and "argparse.Namespace" in proc.stderr
+
+
+def logged_rates(proc) -> dict:
+    """{update: lr} of a fairseq-train run with --log-format json --log-interval 1."""
+    rates = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if "| train_inner |" in line:
+            stats = json.loads(line.split("| train_inner |", 1)[1])
+            rates[int(stats["num_updates"])] = float(stats["lr"])
+    return rates
+
+
+def test_offset_schedule_continues_the_single_run_curve(data_bin, tmp_path):
+    """A second run with --lr-scheduler inverse_sqrt_offset --update-offset 6 logs, at its
+    update s, the rate a single inverse_sqrt run logs at update 6 + s (across the end of
+    the warmup, which is 8 updates); stock fairseq-generate decodes its checkpoint."""
+    from conftest import TEACHER_SHAPE
+
+    schedule = ["--lr", "5e-3", "--warmup-updates", "8", "--warmup-init-lr", "1e-7",
+                "--log-format", "json", "--log-interval", "1", "--disable-validation"]
+    single = run_cli("fairseq-train", data_bin, "--arch", "transformer", *TEACHER_SHAPE, *TRAIN_FLAGS,
+                     *schedule, "--max-update", 14, "--save-dir", tmp_path / "single")
+    second = run_cli("fairseq-train", data_bin, "--arch", "transformer", *TEACHER_SHAPE, *TRAIN_FLAGS,
+                     *schedule, "--user-dir", USER_DIR, "--lr-scheduler", "inverse_sqrt_offset",
+                     "--update-offset", 6, "--max-update", 8, "--save-dir", tmp_path / "second")
+    single, second = logged_rates(single), logged_rates(second)
+    assert sorted(second) == list(range(1, 9)) and sorted(single) == list(range(1, 15))
+    for step, rate in second.items():
+        assert rate == pytest.approx(single[6 + step], rel=1e-5), step
+    assert second[1] < second[2] > second[8]  # the end of the warmup, then the decay: no restart
+    generate(data_bin, tmp_path / "second" / "checkpoint_last.pt")  # stock fairseq, no plugin

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, write_toy_corpus
+from conftest import REPO, run_cli, write_toy_corpus
 
 sys.path.insert(0, str(REPO / "examples" / "recipes"))
 import recipe_tools  # noqa: E402
 
 import wd_fairseq  # noqa: F401
+from wd_fairseq import evaluation  # noqa: E402
 from wd_fairseq.evaluation import (  # noqa: E402
     EvaluationError,
     read_generate_log,
@@ -44,7 +45,7 @@ TINY = dict(
     STUDENT_DEC_HEADS="4", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="20",
     KD_UPDATES="10", PHASE1_UPDATES="10", PHASE2_UPDATES="10", SAVE_INTERVAL_UPDATES="5",
     AVG_LAST="2", KD_ALPHA="0.5", KD_TEMPERATURE="2", KD_MAX_TOKENS="2000",
-    EVAL_BATCH_SIZE="64", SPEED_BATCH_SIZE="32", GENERATE_EXTRA="--max-len-a 1.5 --max-len-b 5",
+    EVAL_BATCH_SIZE="64", SPEED_BATCH_SIZE="32", SPEED_ROUNDS="2", GENERATE_EXTRA="--max-len-a 1.5 --max-len-b 5",
     TRAIN_EXTRA="--validate-interval 100", KD_EXTRA="--filter-length-ratio 50",
 )
 
@@ -218,15 +219,67 @@ def test_results_table(recipe_run):
         assert row["test_set"] == "test"
         assert 0 <= row["sacrebleu"] <= 100 and 0 <= row["tokenized_bleu"] <= 100
         assert row["sacrebleu_signature"].startswith("nrefs:1|case:mixed|")
-        assert row["speed_source"] == f"{row['model']}.test.gen"  # the speed stage's run
+        rounds = [f"{row['model']}.test.r{r}.gen" for r in (1, 2)]
+        assert row["speed_source"] == ", ".join(rounds)  # the speed stage's two rounds
         assert row["sentences_per_second"] > 0 and row["speedup_vs_teacher"] > 0
+        assert len(row["rounds_sentences_per_second"]) == 2
         hyps = (work / "eval" / f"{row['model']}.test.hyp").read_text().splitlines()
         assert len(hyps) == 60
     assert results["rows"][0]["speedup_vs_teacher"] == 1.0
+    teacher, *students = results["rows"]  # the students share one architecture, and one speed
+    assert "speed_shared_with" not in teacher and teacher["architecture"] != students[0]["architecture"]
+    assert len({s["architecture"] for s in students}) == 1
+    assert all(s["speed_shared_with"] == MODELS[1:] for s in students)
+    pooled = sorted(x for s in students for x in s["rounds_sentences_per_second"])
+    assert {s["sentences_per_second"] for s in students} == {round((pooled[2] + pooled[3]) / 2, 2)}
     markdown = (work / "results.md").read_text()
+    assert "one architecture: one speed, the median of their 6 timing runs" in markdown
     assert "| model | test set | sacreBLEU |" in markdown and "sacreBLEU signature" in markdown
-    speed_log = (work / "speed" / "teacher.test.gen").read_text()
+    speed_log = (work / "speed" / "teacher.test.r1.gen").read_text()
     assert "Translated 60 sentences" in speed_log  # nothing dropped from the test set
+
+
+def test_translate_raw_text_as_the_pipeline_prepares_it(recipe_run, tmp_path):
+    """wd-translate prepares raw text exactly as the recipe (Moses, BPE with its
+    vocabulary filter: identical to bpe/test.en), decodes as fairseq-generate (one
+    sentence a batch, so the same per-sentence length limit) and detokenizes as
+    wd-evaluate; a CTranslate2 float32 export, greedy, gives fairseq's greedy output."""
+    from sacremoses import MosesDetokenizer
+
+    from wd_fairseq.translate import TextCodec
+
+    work = recipe_run[0]
+    bpe = ["--bpe-codes", work / "bpe" / "codes.en", "--bpe-vocabulary", work / "bpe" / "vocab.en",
+           "--bpe-vocabulary-threshold", "1"]
+    codec = TextCodec("en", "ro", "moses", str(work / "bpe" / "codes.en"), str(work / "bpe" / "vocab.en"), 1)
+    raw = read_lines(str(work / "raw" / "test.en"))
+    assert [" ".join(codec.encode(line)) for line in raw] == read_lines(str(work / "bpe" / "test.en"))
+    student = work / "wd_phase2" / "checkpoint_avg.pt"
+    search = ["--max-len-a", "1.5", "--max-len-b", "5"]
+    generated = run_cli("fairseq-generate", work / "data-bin", "--path", student, "--gen-subset", "test",
+                        "--beam", "6", "--remove-bpe", "--batch-size", "1", "--required-batch-size-multiple",
+                        "1", "--cpu", *search)
+    detokenizer = MosesDetokenizer("ro")
+    hypotheses = [detokenizer.detokenize(h.split()) for h in read_generate_log_text(generated.stdout + generated.stderr, tmp_path)]
+    outputs = {}
+    run_cli("wd-export-ct2", student, tmp_path / "ct2", "--quantization", "float32")
+    for name, model, beam in (("beam6", student, "6"), ("fairseq", student, "1"),
+                              ("ctranslate2", tmp_path / "ct2", "1")):
+        run_cli("wd-translate", "--model", model, "--input", work / "raw" / "test.en", "--output",
+                tmp_path / f"{name}.ro", "--beam", beam, *bpe, *search)
+        outputs[name] = read_lines(str(tmp_path / f"{name}.ro"))
+        assert len(outputs[name]) == 60
+    # (a float near-tie may fall either way where batches differ: allow 3 of 60)
+    assert sum(a == b for a, b in zip(outputs["beam6"], hypotheses)) >= 57
+    assert sum(a == b for a, b in zip(outputs["fairseq"], outputs["ctranslate2"])) >= 57
+    proc = run_cli("wd-translate", "--model", student, "--bpe-codes", tmp_path / "missing", check=False)
+    assert proc.returncode == 1 and "--bpe-codes" in proc.stderr and "no such file" in proc.stderr
+
+
+def read_generate_log_text(text: str, tmp_path: Path):
+    log = tmp_path / "generate.log"
+    log.write_text(text)
+    return read_generate_log(str(log))[0]
 
 
 def test_rerun_skips_finished_stages_and_names_unknown_ones(recipe_run):
@@ -474,6 +527,26 @@ def test_plan_is_the_authors_setting(tmp_path, pair, gpus, visible):
         assert "--beam 6 --lenpen 1.0" in stages[stage]
 
 
+def test_phase2_can_continue_phase1s_learning_rate_curve(tmp_path):
+    """PHASE2_SCHEDULE=continue: phase 2 takes inverse_sqrt_offset from update
+    PHASE1_UPDATES with phase 1's warmup (the plan names it as a difference from the
+    authors' restart); another value is refused before any work."""
+    env = {"WORK": str(tmp_path / "w"), "PATH": gpu_box(tmp_path / "bin", 8),
+           "PHASE2_SCHEDULE": "continue"}
+    plan = run_recipe("examples/wmt16_en_ro/run.sh", "plan", env=env).stdout
+    stages = dict(re.findall(r"^== (\w+)\n(.*?)(?=^== |\Z)", plan, re.M | re.S))
+    [line] = training_commands(stages["wd_phase2"])
+    args = line.split()
+    flag = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+    assert (flag["--lr-scheduler"], flag["--update-offset"], flag["--warmup-updates"]) == \
+        ("inverse_sqrt_offset", "30000", "4000")
+    assert "--user-dir" in flag
+    assert "PHASE2_SCHEDULE" in plan.split("differences from the authors' settings", 1)[1].split("\n\n")[0]
+    proc = run_recipe("examples/wmt16_en_ro/run.sh", "plan", env=dict(env, PHASE2_SCHEDULE="cont"),
+                      check=False)
+    assert proc.returncode == 1 and "PHASE2_SCHEDULE=cont: choose restart" in proc.stderr
+
+
 def test_prepare_downloads_checks_and_concatenates(tmp_path):
     """The download path on a local archive (file:// URL): checksum, extraction, and
     concatenation of TRAIN_PREFIXES; valid/test come from RAW-like files already in place."""
@@ -540,7 +613,7 @@ def test_generate_log_parsing(tmp_path):
     with pytest.raises(EvaluationError, match="not 0..1"):
         read_generate_log(str(log))
     log.write_text("H-0\t-0.1\tfirst\n")
-    with pytest.raises(EvaluationError, match="complete stdout"):
+    with pytest.raises(EvaluationError, match="complete output of fairseq-generate, stdout and stderr"):
         read_generate_log(str(log))
 
 
@@ -555,6 +628,52 @@ def test_results_table_relative_speed():
     student = document["rows"][1]
     assert student["speedup_vs_teacher"] == 3.0 and student["sacrebleu"] == 39.5
     assert "| wd_student | mt02 | 39.5 | - | - | 30.0 | 3.0x |" in markdown
+
+
+def test_results_table_one_speed_per_architecture():
+    """Students of one architecture get the median of all their timing rounds; a model
+    of another architecture, or of none recorded, keeps its own."""
+    records = [
+        {"model": "teacher", "test_set": "t", "architecture": "big", "sentences_per_second": 10.0,
+         "rounds_sentences_per_second": [10.0, 9.0, 11.0]},
+        {"model": "kd", "test_set": "t", "architecture": "small", "sentences_per_second": 20.0,
+         "rounds_sentences_per_second": [20.0, 19.0, 21.0]},
+        {"model": "wd", "test_set": "t", "architecture": "small", "sentences_per_second": 30.0,
+         "rounds_sentences_per_second": [30.0, 29.0, 31.0]},
+        {"model": "other", "test_set": "t", "sentences_per_second": 5.0,
+         "rounds_sentences_per_second": [5.0]},
+    ]
+    document, markdown = results_table(records, "teacher", "T")
+    speeds = {row["model"]: row["sentences_per_second"] for row in document["rows"]}
+    assert speeds == {"teacher": 10.0, "kd": 25.0, "wd": 25.0, "other": 5.0}
+    assert document["rows"][1]["speedup_vs_teacher"] == 2.5
+    assert "kd, wd (t) have one architecture: one speed, the median of their 6 timing runs" in markdown
+
+
+def test_speed_record_is_the_median_of_its_rounds(tmp_path):
+    logs = []
+    for i, rate in enumerate((12.0, 30.0, 18.0)):
+        logs.append(tmp_path / f"r{i}.gen")
+        logs[-1].write_text(f"H-0\t-0.1\tx\nTranslated 1 sentences (2 tokens) in 0.1s "
+                            f"({rate} sentences/s, 20.0 tokens/s)\n")
+    out = tmp_path / "speed.json"
+    evaluation.cli_main(["speed", "--name", "m", "--generate-log", *map(str, logs), "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["sentences_per_second"] == 18.0
+    assert record["rounds_sentences_per_second"] == [12.0, 30.0, 18.0]
+    assert "architecture" not in record  # no --checkpoint
+
+
+def test_score_names_the_flag_when_generate_left_sentences_out(tmp_path):
+    log = tmp_path / "gen.log"
+    log.write_text("H-0\t-0.1\ta b\nTranslated 1 sentences (2 tokens) in 0.1s (10.0 sentences/s, "
+                   "20.0 tokens/s)\n")
+    refs = tmp_path / "ref.en"
+    refs.write_text("a b\nc d\n")
+    with pytest.raises(SystemExit, match=r"gen.log has 1 hypotheses but .*ref.en has 2 lines.*"
+                                         r"--required-batch-size-multiple 1"):
+        evaluation.cli_main(["score", "--generate-log", str(log), "--refs", str(refs), "--lang", "en",
+                             "--name", "m", "--out", str(tmp_path / "s.json")])
 
 
 # -- text: "\\n" is the only line end --------------------------------------------------------

@@ -12,5 +12,6 @@ trust_rank0_broadcasts()
 
 from . import model  # noqa: E402,F401  (registers wd_transformer)
 from . import criterion  # noqa: E402,F401  (registers kd_label_smoothed_cross_entropy)
+from . import lr_schedule  # noqa: E402,F401  (registers inverse_sqrt_offset)
 
 __version__ = "0.1.0"

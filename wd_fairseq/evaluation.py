@@ -6,18 +6,23 @@ results table of a language pair (docs/method.md section 6).
   sacreBLEU with its signature, chrF, and tokenized BLEU after one of the
   authors' conventions (:data:`CONVENTIONS`, multi-bleu.perl equivalent). The
   log's timing line gives the decoding speed (sentences/s).
-* ``wd-evaluate speed``: records the speed of a separate timing run.
+* ``wd-evaluate speed``: records the speed of separate timing runs (the median of
+  their rounds) and, given the checkpoint, the architecture it decodes with.
 * ``wd-evaluate table``: merges the records into one JSON and Markdown table with
-  each model's speed relative to the teacher's.
+  each model's speed relative to the teacher's; models of one architecture (students
+  trained differently) get one speed, the median of all their rounds: their
+  differences are the machine's noise, not the models'.
 """
 
 import argparse
 import json
 import os
 import re
+import statistics
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from sacrebleu.metrics import BLEU, CHRF
 from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
 
@@ -57,12 +62,15 @@ def read_generate_log(path: str) -> Tuple[List[str], Dict]:
     if not hypotheses or timing is None:
         raise EvaluationError(
             f"{path}: no H- lines or no 'Translated ... sentences/s' line. Fix: pass the "
-            "complete stdout of fairseq-generate (did it fail or get interrupted?)"
+            "complete output of fairseq-generate, stdout and stderr (> LOG 2>&1; did it fail "
+            "or get interrupted?)"
         )
     if sorted(hypotheses) != list(range(len(hypotheses))):
         raise EvaluationError(
-            f"{path}: hypothesis ids are not 0..{len(hypotheses) - 1}. Fix: rerun "
-            "fairseq-generate on the whole test split (no --skip-invalid-size-inputs-valid-test)"
+            f"{path}: hypothesis ids are not 0..{len(hypotheses) - 1}: sentences are missing. "
+            "Fix: rerun fairseq-generate on the whole test split with "
+            "--required-batch-size-multiple 1 (its default 8 can drop sentences) and without "
+            "--skip-invalid-size-inputs-valid-test"
         )
     return [hypotheses[i] for i in range(len(hypotheses))], timing
 
@@ -164,6 +172,14 @@ def cmd_score(args) -> Dict:
     detok = MosesDetokenizer(args.lang)
     hypotheses = [detok.detokenize(h.split()) for h in hypotheses]
     references = [read_lines(path) for path in args.refs]
+    for path, ref in zip(args.refs, references):
+        if len(hypotheses) < len(ref):
+            raise EvaluationError(
+                f"{args.generate_log} has {len(hypotheses)} hypotheses but {path} has {len(ref)} "
+                "lines: fairseq-generate left sentences out. Fix: rerun it with "
+                "--required-batch-size-multiple 1 (its default 8 can drop the last sentences), "
+                "or pass the references of the decoded test set"
+            )
     record = {"model": args.name, "test_set": args.test_set, "target_lang": args.lang,
               **score(hypotheses, references, args.lang, args.convention),
               "sentences_per_second": timing["sentences_per_second"],
@@ -174,13 +190,66 @@ def cmd_score(args) -> Dict:
     return record
 
 
+#: Options of a fairseq Transformer that decide the network it decodes with.
+ARCHITECTURE_FIELDS = (
+    "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads",
+    "decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
+    "encoder_normalize_before", "decoder_normalize_before", "activation_fn",
+    "share_decoder_input_output_embed", "share_all_embeddings",
+)
+
+
+def architecture_of(checkpoint: str) -> Optional[str]:
+    """The network a fairseq checkpoint decodes with, as a string: the shape options of
+    its config and the sizes of its token tables (tensors memory-mapped, not read);
+    None where the config lacks a shape option."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise EvaluationError(f"{checkpoint}: cannot be read ({e}). Fix: pass the checkpoint "
+                              "the timing runs decoded with") from e
+    model_cfg = (state.get("cfg") or {}).get("model") or state.get("args")
+    get = model_cfg.get if isinstance(model_cfg, dict) else lambda k: getattr(model_cfg, k, None)
+    values = [get(field) for field in ARCHITECTURE_FIELDS]
+    if model_cfg is None or any(v is None for v in values[:8]):
+        return None
+    tables = [tuple(state["model"][k].shape) for k in ("encoder.embed_tokens.weight",
+                                                        "decoder.embed_tokens.weight")
+              if k in state["model"]]
+    return ",".join(f"{f}={v}" for f, v in zip(ARCHITECTURE_FIELDS, values)) + f",tables={tables}"
+
+
 def cmd_speed(args) -> Dict:
-    _, timing = read_generate_log(args.generate_log)
+    rounds = [read_generate_log(log)[1]["sentences_per_second"] for log in args.generate_log]
     record = {"model": args.name, "test_set": args.test_set,
-              "sentences_per_second": timing["sentences_per_second"],
-              "speed_source": os.path.basename(args.generate_log)}
+              "sentences_per_second": statistics.median(rounds),
+              "rounds_sentences_per_second": rounds,
+              "speed_source": ", ".join(os.path.basename(log) for log in args.generate_log)}
+    if args.checkpoint:
+        record["architecture"] = architecture_of(args.checkpoint)
     write_atomic(args.out, json.dumps(record, indent=2) + "\n")
     return record
+
+
+def share_speeds(rows: List[Dict]) -> List[str]:
+    """Give rows of one architecture and test set one speed, the median of all their
+    rounds (in place); returns a line per such group for the table's notes."""
+    groups: Dict[Tuple[str, str], List[Dict]] = {}
+    for row in rows:
+        if row.get("architecture") and row.get("rounds_sentences_per_second"):
+            groups.setdefault((row["architecture"], row["test_set"]), []).append(row)
+    notes = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        rounds = [s for row in group for s in row["rounds_sentences_per_second"]]
+        names = [row["model"] for row in group]
+        for row in group:
+            row["sentences_per_second"] = round(statistics.median(rounds), 2)
+            row["speed_shared_with"] = names
+        notes.append(f"{', '.join(names)} ({group[0]['test_set']}) have one architecture: one speed, "
+                     f"the median of their {len(rounds)} timing runs")
+    return notes
 
 
 def results_table(records: List[Dict], teacher: str, title: str,
@@ -191,6 +260,7 @@ def results_table(records: List[Dict], teacher: str, title: str,
     for record in records:
         merged.setdefault((record["model"], record["test_set"]), {}).update(record)
     rows = list(merged.values())
+    shared = share_speeds(rows)
     for row in rows:
         base = merged.get((teacher, row["test_set"]), {}).get("sentences_per_second")
         speed = row.get("sentences_per_second")
@@ -215,7 +285,9 @@ def results_table(records: List[Dict], teacher: str, title: str,
                   f"- tokenized BLEU: {tok}"]
     speeds = sorted({r["speed_source"] for r in rows if "speed_source" in r})
     if speeds:
-        lines.append(f"- speed: sentences/s of fairseq-generate ({', '.join(speeds)})")
+        lines.append(f"- speed: sentences/s of fairseq-generate, median of the timing runs "
+                     f"({'; '.join(speeds)})")
+    lines += [f"- speed: {note}" for note in shared]
     lines += [f"- {note}" for note in notes]
     document = {"title": title, "teacher": teacher, "rows": rows, "notes": list(notes)}
     return document, "\n".join(lines) + "\n"
@@ -238,7 +310,8 @@ def cli_main(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(prog="wd-evaluate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="BLEU/chrF (+speed) of a fairseq-generate --remove-bpe log")
-    p.add_argument("--generate-log", required=True, help="stdout of fairseq-generate --remove-bpe")
+    p.add_argument("--generate-log", required=True,
+                   help="output of fairseq-generate --remove-bpe: stdout and stderr (> LOG 2>&1)")
     p.add_argument("--refs", required=True, nargs="+", help="raw reference file(s), one per reference")
     p.add_argument("--lang", required=True, help="target language (Moses and sacreBLEU rules)")
     p.add_argument("--convention", choices=sorted(CONVENTIONS), default="moses",
@@ -248,8 +321,11 @@ def cli_main(argv: Optional[List[str]] = None):
     p.add_argument("--hypotheses-out", help="write the detokenized hypotheses here")
     p.add_argument("--out", required=True, help="record (JSON) to write")
     p.set_defaults(run=cmd_score)
-    p = sub.add_parser("speed", help="record the speed of a fairseq-generate timing run")
-    p.add_argument("--generate-log", required=True)
+    p = sub.add_parser("speed", help="record the speed of fairseq-generate timing runs (median)")
+    p.add_argument("--generate-log", required=True, nargs="+",
+                   help="fairseq-generate output (stdout and stderr) of each timing run")
+    p.add_argument("--checkpoint", help="the checkpoint decoded: models of one architecture "
+                   "then share one speed in the table")
     p.add_argument("--name", required=True)
     p.add_argument("--test-set", default="test")
     p.add_argument("--out", required=True, help="record (JSON) to write")

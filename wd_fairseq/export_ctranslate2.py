@@ -163,8 +163,17 @@ def export(student: str, output: str, data: Optional[str] = None,
                     f"{'; '.join(reasons)}. A WD student inherits these options from its "
                     "teacher. Fix: serve this student with fairseq-generate"
                 ) from e
+            with open(os.path.join(model_dir, "wd_fairseq.json"), "w", encoding="utf-8") as f:
+                json.dump(ct2_metadata(args), f, indent=2)  # (for wd-translate)
             _replace_dir(model_dir, output, scratch)
     return version, args
+
+
+def ct2_metadata(args: argparse.Namespace) -> dict:
+    """What a CTranslate2 model does not record of the fairseq model it was made from."""
+    return {"source_lang": args.source_lang, "target_lang": args.target_lang,
+            "max_positions": [args.max_source_positions, args.max_target_positions],
+            "multilingual": args.task == MULTILINGUAL_TASK}
 
 
 def usage_line(output: str, args: argparse.Namespace) -> str:

@@ -165,13 +165,17 @@ class CTranslate2Engine:
     On the CPU, ``threads`` translators of one thread each work on different batches
     (``inter_threads``): at KD-data batch sizes that is faster than one translator using
     every thread inside each operation (measured 1.5x with 2 threads, beam 6,
-    ``benchmarks/kd_data_speed.py``). A batch's result does not depend on the split."""
+    ``benchmarks/kd_data_speed.py``). A batch's result does not depend on the split.
+
+    ``past_limit``: decode one token past the length limit, so that a hypothesis cut
+    there is recognisably overlong (KD data); without it, a hypothesis is cut at the
+    limit, where fairseq forces EOS: the same tokens (translation)."""
 
     name = "ctranslate2"
 
     def __init__(self, model_dir: str, quantization: str, device: str, threads: int, beam: int,
                  lenpen: float, max_len_a: float, max_len_b: int, src_dict, tokens: LangTokens,
-                 max_positions: Tuple[int, int]):
+                 max_positions: Tuple[int, int], past_limit: bool = True):
         import ctranslate2
 
         self.devices = (list(range(ctranslate2.get_cuda_device_count())) if device == "cuda"
@@ -184,7 +188,7 @@ class CTranslate2Engine:
         self.beam, self.lenpen = beam, lenpen
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
         self.src_dict, self.tokens = src_dict, tokens
-        self._max_positions = max_positions
+        self._max_positions, self.past_limit = max_positions, past_limit
 
     def max_positions(self) -> Tuple[int, int]:
         return self._max_positions
@@ -210,7 +214,8 @@ class CTranslate2Engine:
         # right after it, as fairseq (whose min_len=1 only bans EOS at the forced step)
         return self.translator.translate_batch(
             tokens, target_prefix=prefix, asynchronous=True, beam_size=self.beam, patience=1,
-            length_penalty=self.lenpen, max_decoding_length=limit + 1 + (prefix is not None),
+            length_penalty=self.lenpen,
+            max_decoding_length=limit + self.past_limit + (prefix is not None),
             min_decoding_length=1, return_end_token=True, max_input_length=0, return_scores=True)
 
     def _collect(self, batch: np.ndarray, results) -> List[Hypothesis]:

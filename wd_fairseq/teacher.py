@@ -215,18 +215,19 @@ def build_teacher(args: dict, task) -> Tuple[TransformerModel, dict]:
     return teacher, json.loads(json.dumps(vars(namespace), default=str))
 
 
-def load_teacher(path: str, task) -> Tuple[TransformerModel, dict]:
-    """Load ``--teacher-path``: the frozen teacher and its (completed) model args."""
-    state = read_checkpoint(path, "--teacher-path")
+def load_teacher(path: str, task, flag: str = "--teacher-path") -> Tuple[TransformerModel, dict]:
+    """Load a stock translation Transformer (``flag`` names it in errors): the model and
+    its (completed) model args."""
+    state = read_checkpoint(path, flag)
     args = model_args(state)
-    check_translation_transformer(args, path, "--teacher-path")
-    check_dictionaries(state, task, path)
+    check_translation_transformer(args, path, flag)
+    check_dictionaries(state, task, path, flag)
     teacher, args = build_teacher(args, task)
     try:
         teacher.load_state_dict(state["model"], strict=True)
     except RuntimeError as e:
         raise WDSetupError(
-            f"--teacher-path {path}: its weights do not fit its own config ({e}). "
+            f"{flag} {path}: its weights do not fit its own config ({e}). "
             "Fix: pass an unmodified fairseq checkpoint"
         ) from e
     return teacher, args

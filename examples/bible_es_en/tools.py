@@ -155,9 +155,16 @@ def report(args) -> None:
     rows = load_run(args.work)
     test_set = rows[0]["test_set"]
     size = len(read_lines(os.path.join(args.work, "eval", f"teacher.{test_set}.hyp")))
+    rounds = len(rows[0].get("rounds_sentences_per_second", [None]))
     notes = signatures(rows) + [
-        f"- test set: {size} sentences; speed: sentences/s of fairseq-generate in the speed stage"
-    ] + [f"- {n}" for n in args.note]
+        f"- test set: {size} sentences; speed: sentences/s of fairseq-generate in the speed stage, "
+        f"the median of {rounds} interleaved runs per model"
+    ]
+    shared = [r["label"] for r in rows if r.get("speed_shared_with")]
+    if shared:
+        notes.append(f"- speed: {', '.join(shared)} have one architecture: one speed, the median "
+                     "of all their runs (their differences would be the machine's noise)")
+    notes += [f"- {n}" for n in args.note]
     lines = [f"# {args.title}", ""] + markdown_table(rows) + [""] + notes
     write_atomic(args.out_prefix + ".md", "\n".join(lines) + "\n")
     document = {"title": args.title, "rows": rows, "notes": notes, "plot": os.path.basename(args.out_prefix) + ".png"}

@@ -69,6 +69,10 @@
 #                       product NUM_GPUS x MAX_TOKENS x UPDATE_FREQ other than BATCH_TOKENS
 #                       (3, 5, 6, 7 GPUs) is refused unless ALLOW_BATCH_MISMATCH=1
 #   LR (7e-4) WARMUP (4000) PHASE2_WARMUP (1000) SEED (1) LABEL_SMOOTHING (0.1)
+#   PHASE2_SCHEDULE (restart)  restart: phase 2 warms up again (PHASE2_WARMUP), the authors';
+#                       continue: phase 2 goes on along phase 1's inverse_sqrt curve from update
+#                       PHASE1_UPDATES (--lr-scheduler inverse_sqrt_offset), as one run of
+#                       PHASE1_UPDATES + PHASE2_UPDATES would: the KD students' curve
 #   DROPOUT ATTENTION_DROPOUT ACTIVATION_DROPOUT (0.1 each, every training stage)
 #   TEACHER_UPDATES (100000) KD_UPDATES (30000) PHASE1_UPDATES (30000) PHASE2_UPDATES (30000)
 #   SAVE_INTERVAL_UPDATES (1000) AVG_LAST (5) PHASE2_AVG_LAST (AVG_LAST: phase 2's own count)
@@ -98,6 +102,8 @@
 #                       letters, digits, _ . -; no spaces in the paths
 #   BLEU_CONVENTION     tokenized BLEU: moses, moses-lc (NIST) or ende-compound (WMT14 En-De)
 #   SPEED_BATCH_SIZE (1)  sentences per batch in the speed stage (first test set)
+#   SPEED_ROUNDS (3)    timing runs of every model, interleaved; the table gives the median,
+#                       one speed per architecture (students of one shape share it)
 #   GENERATE_EXTRA      extra fairseq-generate flags for evaluate and speed (e.g. --max-len-b 50)
 set -euo pipefail
 
@@ -153,6 +159,7 @@ read -r NUM_GPUS UPDATE_FREQ EFFECTIVE_TOKENS <<< "$BATCH"
 LR=${LR:-7e-4}
 WARMUP=${WARMUP:-4000}
 PHASE2_WARMUP=${PHASE2_WARMUP:-1000}
+PHASE2_SCHEDULE=${PHASE2_SCHEDULE:-restart}
 DROPOUT=${DROPOUT:-0.1}
 ATTENTION_DROPOUT=${ATTENTION_DROPOUT:-0.1}
 ACTIVATION_DROPOUT=${ACTIVATION_DROPOUT:-0.1}
@@ -184,6 +191,7 @@ SEL_LAYERS=${SEL_LAYERS:-spread}
 SEL_DIMS=${SEL_DIMS:-first}
 BLEU_CONVENTION=${BLEU_CONVENTION:-moses}
 SPEED_BATCH_SIZE=${SPEED_BATCH_SIZE:-1}
+SPEED_ROUNDS=${SPEED_ROUNDS:-3}
 GENERATE_EXTRA=${GENERATE_EXTRA:-}
 KD_EXTRA=${KD_EXTRA:-}
 FORCE=${FORCE:-0}
@@ -217,6 +225,10 @@ export TQDM_DISABLE=${TQDM_DISABLE:-1}
 
 log() { echo "[$(date '+%F %T')] [$PAIR_NAME] $*"; }
 die() { echo "pipeline.sh: error: $*" >&2; exit 1; }
+[[ "$PHASE2_SCHEDULE" =~ ^(restart|continue)$ ]] \
+  || die "PHASE2_SCHEDULE=$PHASE2_SCHEDULE: choose restart (the authors') or continue. Fix: e.g. PHASE2_SCHEDULE=continue"
+[[ "$SPEED_ROUNDS" =~ ^[1-9][0-9]*$ ]] \
+  || die "SPEED_ROUNDS=$SPEED_ROUNDS is not a positive integer. Fix: e.g. SPEED_ROUNDS=3"
 flag_if() { [ "$1" = 1 ] && echo "$2" || true; }
 device_flags() { flag_if "$FP16" --fp16; flag_if "$CPU" --cpu; }
 
@@ -519,8 +531,13 @@ stage_wd_phase2() {
   [ "$PLAN" = 1 ] || read -r -a flags < "$WORK/wd_phase2/flags"
   check_disk wd_phase2 "$WORK/wd_phase2"
   train_flags "$STUDENT_AVERAGE" "$PHASE2_AVG_LAST"; criterion_flags ls
+  local schedule=(--warmup-updates "$PHASE2_WARMUP")  # the authors' restart
+  if [ "$PHASE2_SCHEDULE" = continue ]; then  # phase 1's curve, from where phase 1 stopped
+    schedule=(--user-dir "$WD_USER_DIR" --lr-scheduler inverse_sqrt_offset
+      --update-offset "$PHASE1_UPDATES" --warmup-updates "$WARMUP")
+  fi
   train "$DATA_KD" "${flags[@]}" --finetune-from-model "$WD_INIT_CKPT" --upsample-primary 1 \
-    "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" --warmup-updates "$PHASE2_WARMUP" \
+    "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" "${schedule[@]}" \
     --max-update "$PHASE2_UPDATES" --save-dir "$WORK/wd_phase2"
   average "$WORK/wd_phase2" "$STUDENT_AVERAGE" "$PHASE2_AVG_LAST"
 }
@@ -608,13 +625,23 @@ stage_evaluate() {
 
 stage_speed() {
   act mkdir -p "$WORK/speed"
-  local i name set=${TEST_SET_NAMES[0]}
-  for i in "${!MODEL_NAMES[@]}"; do
-    name=${MODEL_NAMES[$i]}
-    evaluated "$name" || continue
-    generate "${MODEL_CKPTS[$i]}" "$set" "$WORK/speed/$name.$set.gen" --batch-size "$SPEED_BATCH_SIZE"
-    run wd-evaluate speed --generate-log "$WORK/speed/$name.$set.gen" --name "$name" --test-set "$set" \
-      --out "$WORK/speed/$name.$set.json" > /dev/null
+  local i k r n name logs set=${TEST_SET_NAMES[0]} order=()
+  for i in "${!MODEL_NAMES[@]}"; do evaluated "${MODEL_NAMES[$i]}" && order+=("$i"); done
+  n=${#order[@]}
+  # Rounds interleave the models (each round starts one model later), so a slow spell of
+  # the machine does not land on one model.
+  for ((r = 1; r <= SPEED_ROUNDS; r++)); do
+    for ((k = 0; k < n; k++)); do
+      i=${order[$(((k + r - 1) % n))]}
+      generate "${MODEL_CKPTS[$i]}" "$set" "$WORK/speed/${MODEL_NAMES[$i]}.$set.r$r.gen" \
+        --batch-size "$SPEED_BATCH_SIZE"
+    done
+  done
+  for i in "${order[@]}"; do
+    name=${MODEL_NAMES[$i]} logs=()
+    for ((r = 1; r <= SPEED_ROUNDS; r++)); do logs+=("$WORK/speed/$name.$set.r$r.gen"); done
+    run wd-evaluate speed --name "$name" --test-set "$set" --checkpoint "${MODEL_CKPTS[$i]}" \
+      --generate-log "${logs[@]}" --out "$WORK/speed/$name.$set.json" > /dev/null
   done
   results_table
 }
@@ -626,11 +653,11 @@ SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SAC
   BPE_VOCAB_THRESHOLD JOINED_DICT CLEAN_MAX_LEN CLEAN_RATIO TEACHER_LAYERS TEACHER_DIM
   TEACHER_FFN TEACHER_HEADS STUDENT_DEC_LAYERS STUDENT_DEC_DIM STUDENT_DEC_FFN
   STUDENT_DEC_HEADS WD_INIT VISIBLE_GPUS NUM_GPUS MAX_TOKENS UPDATE_FREQ BATCH_TOKENS
-  EFFECTIVE_TOKENS ALLOW_BATCH_MISMATCH LR WARMUP PHASE2_WARMUP DROPOUT ATTENTION_DROPOUT
+  EFFECTIVE_TOKENS ALLOW_BATCH_MISMATCH LR WARMUP PHASE2_WARMUP PHASE2_SCHEDULE DROPOUT ATTENTION_DROPOUT
   ACTIVATION_DROPOUT LABEL_SMOOTHING SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES
   PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST PHASE2_AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
   KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE KD_EXTRA SEL_LAYERS SEL_DIMS BEAM LENPEN
-  EVAL_BATCH_SIZE EVAL_MODELS EXTRA_MODELS BLEU_CONVENTION SPEED_BATCH_SIZE GENERATE_EXTRA)
+  EVAL_BATCH_SIZE EVAL_MODELS EXTRA_MODELS BLEU_CONVENTION SPEED_BATCH_SIZE SPEED_ROUNDS GENERATE_EXTRA)
 
 settings() {
   local v

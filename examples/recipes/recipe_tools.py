@@ -329,6 +329,7 @@ def batch(args) -> None:
 #: The authors' settings (docs/method.md section 1; the paper's teacher and students).
 AUTHORS = {
     "EFFECTIVE_TOKENS": 32768, "LR": 7e-4, "WARMUP": 4000, "PHASE2_WARMUP": 1000,
+    "PHASE2_SCHEDULE": "restart",
     "DROPOUT": 0.1, "ATTENTION_DROPOUT": 0.1, "ACTIVATION_DROPOUT": 0.1,
     "LABEL_SMOOTHING": 0.1, "SEED": 1, "FP16": 1, "KD_ALPHA": 0,
     "TEACHER_LAYERS": 6, "TEACHER_DIM": 512, "TEACHER_FFN": 2048, "TEACHER_HEADS": 8,
