@@ -108,10 +108,19 @@ def test_impossible_shapes_are_refused_before_writing(data_bin, postnorm_teacher
     assert not list(tmp_path.iterdir())
 
 
-def test_sharing_teacher_needs_equal_student_widths(joined_data_bin, shared_teacher, tmp_path):
-    with pytest.raises(WDSetupError, match="encoder and decoder widths must be equal"):
-        init_student(str(shared_teacher), str(tmp_path / "s.pt"),
-                     dict(decoder_embed_dim=16, decoder_attention_heads=2))
+def test_sharing_teacher_with_a_narrower_student_decoder_ties_the_decoders_tables(
+        joined_data_bin, shared_teacher, tmp_path):
+    """One table cannot have two widths: the student keeps the teacher's table (encoder)
+    and its first 16 columns (decoder, tied with the output projection), as phase 1's
+    --share-decoder-input-output-embed student of the same shape."""
+    flags = init_student(str(shared_teacher), str(tmp_path / "s.pt"),
+                         dict(decoder_embed_dim=16, decoder_attention_heads=2))
+    assert "--share-decoder-input-output-embed" in flags and "--share-all-embeddings" not in flags
+    student = load_stock(tmp_path / "s.pt", joined_data_bin)
+    assert student.decoder.output_projection.weight is student.decoder.embed_tokens.weight
+    table = torch.load(shared_teacher, weights_only=False)["model"]["encoder.embed_tokens.weight"]
+    assert torch.equal(student.encoder.embed_tokens.weight, table)
+    assert torch.equal(student.decoder.embed_tokens.weight, table[:, :16])
 
 
 def test_cli_student_loads_without_the_plugin_and_trains_with_stock_fairseq(

@@ -503,10 +503,12 @@ def test_one_forward_runs_every_bank_once_and_tied_tables_once(data_bin, postnor
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_a_per_tensor_phase1_checkpoint_materialises_to_the_same_student(tmp_path):
+def test_a_per_tensor_phase1_checkpoint_materialises_to_the_same_student(data_bin, tmp_path):
     """A phase-1 checkpoint written before banks (tests/data/per_tensor_phase1/make.py):
-    its per-tensor generators load as banks; wd-materialize writes the old student."""
-    run_cli("wd-materialize", PER_TENSOR / "checkpoint_last.pt", tmp_path / "student.pt")
+    its per-tensor generators load as banks; wd-materialize writes the old student
+    (the data-bin it was made on, in make.py's temporary directory, is this toy corpus's)."""
+    run_cli("wd-materialize", PER_TENSOR / "checkpoint_last.pt", tmp_path / "student.pt",
+            "--data", data_bin)
     new = torch.load(tmp_path / "student.pt", weights_only=True)["model"]
     old = torch.load(PER_TENSOR / "student.pt", weights_only=True)["model"]
     assert new.keys() == old.keys()

@@ -15,7 +15,9 @@ features:
   64) keeps every head and half of each;
 - the FFN's inner width.
 
-Shared tables stay shared. The result is a stock ``transformer`` checkpoint for
+Shared tables stay shared; where the teacher shares all embeddings but the student's
+decoder is narrower than its encoder (one table cannot have two widths), the student
+shares its decoder's input and output tables, as phase 1 does for that shape. The result is a stock ``transformer`` checkpoint for
 ``fairseq-train --finetune-from-model``.
 """
 
@@ -69,10 +71,9 @@ def student_shape(teacher_args: Dict, flags: Dict) -> Dict:
                 f"must divide the width and be at most the teacher's head width {teacher_head}. "
                 f"Fix: use at least {-(-dim // teacher_head)} heads that divide {dim}")
     if args.get("share_all_embeddings") and args["encoder_embed_dim"] != args["decoder_embed_dim"]:
-        raise WDSetupError(
-            "the teacher shares all embeddings, so the student's encoder and decoder widths "
-            f"must be equal (got {args['encoder_embed_dim']} and {args['decoder_embed_dim']}). "
-            "Fix: give both sides the same --encoder-embed-dim and --decoder-embed-dim")
+        # one table cannot have two widths: the decoder keeps its input and output tied,
+        # as phase 1 does for this shape (--share-decoder-input-output-embed)
+        args.update(share_all_embeddings=False, share_decoder_input_output_embed=True)
     return args
 
 

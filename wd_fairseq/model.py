@@ -39,6 +39,8 @@ from .generator import (
 )
 from .layer_groups import layer_groups
 from .parametrization import GeneratedEmbedding, GeneratedTensor, GeneratorBank, SameAs, generate
+from .resume import (PER_TENSOR_GENERATOR, check_resumed_teacher, refuse_per_tensor_optimizer_resume,
+                     resume_state, resumed_model_cfg)
 from .teacher import WDSetupError, build_teacher, load_teacher
 
 #: Student shape flags; any not given is the teacher's.
@@ -161,6 +163,8 @@ def _record_teacher_config(cfg, teacher_config: str) -> None:
 
     fairseq may hand ``build_model`` a merged copy of ``cfg.model``; writing to the
     root config's ``model`` too makes the saved checkpoint carry the teacher config.
+    The root is reached through OmegaConf's private ``_get_parent`` (see
+    :func:`~wd_fairseq.resume.resume_state`: fairseq 0.12 offers no other way).
     """
     targets = [cfg]
     if OmegaConf.is_config(cfg):
@@ -173,75 +177,6 @@ def _record_teacher_config(cfg, teacher_config: str) -> None:
                 target.teacher_config = teacher_config
         else:
             setattr(target, "teacher_config", teacher_config)
-
-
-def _resume_state(cfg):
-    """(path, state) of the checkpoint fairseq-train is about to resume from (same
-    rule as fairseq's ``load_checkpoint``), read lazily; None when there is none."""
-    root = cfg._get_parent() if OmegaConf.is_config(cfg) else None
-    if root is None or "checkpoint" not in root:
-        return None
-    ckpt = root.checkpoint
-    path = ckpt.restore_file
-    if path == "checkpoint_last.pt":
-        path = os.path.join(ckpt.save_dir, f"checkpoint_last{ckpt.checkpoint_suffix or ''}.pt")
-    if not os.path.isfile(path):
-        return None
-    return path, torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-
-
-def _resumed_model_cfg(resume) -> dict:
-    """The model config of the checkpoint being resumed (``_resume_state``), or {}:
-    when --teacher-path is gone, its ``teacher_config`` still has the teacher."""
-    return ((resume[1].get("cfg") or {}).get("model") or {}) if resume else {}
-
-
-def _refuse_per_tensor_optimizer_resume(cfg, resume) -> None:
-    """A phase-1 checkpoint written before generator banks loads (its generators are
-    converted), but its optimizer state has one entry per old generator tensor."""
-    if resume is None or cfg._get_parent().checkpoint.reset_optimizer:
-        return
-    path, state = resume
-    if any(_PER_TENSOR_GENERATOR.search(key) for key in state.get("model") or {}):
-        raise WDSetupError(
-            f"{path}: a phase-1 checkpoint of an older wd_fairseq (one generator per student "
-            "tensor). Its generators load (converted to banks), its optimizer state cannot. "
-            "Fix: resume with --reset-optimizer (the generators carry on; Adam, the update "
-            "count and the learning-rate schedule restart), or finish the run with the "
-            "wd_fairseq version that wrote it"
-        )
-
-
-def check_resumed_teacher(cfg, resume, path: str, teacher: nn.Module, teacher_args: Dict) -> None:
-    """A resumed run (``resume``: ``_resume_state``) keeps its teacher: refuse a
-    --teacher-path whose weights or architecture options differ from its teacher."""
-    model = _resumed_model_cfg(resume)
-    if not model.get("teacher_config"):
-        return  # nothing to resume, or not a WD checkpoint
-    checkpoint, state = resume
-    old, new = json.loads(model["teacher_config"]), json.loads(json.dumps(teacher_args))
-    options = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
-               if old.get(k) != new.get(k)]
-    tensors = teacher.state_dict()
-    saved = {name: state["model"].get(f"teacher.{name}") for name in tensors}
-    differ = sum(saved[name] is None or not torch.equal(tensor.to(saved[name].dtype), saved[name])
-                 for name, tensor in tensors.items())
-    if not options and not differ:
-        return
-    what = [f"{differ} of {len(tensors)} weight tensors"] if differ else []
-    what += [f"architecture options ({', '.join(options)})"] if options else []
-    restore_file = cfg._get_parent().checkpoint.restore_file
-    restart = ("pass a new --save-dir" if restore_file == "checkpoint_last.pt" else
-               f"drop --restore-file {restore_file}")
-    old_path = model.get("teacher_path")
-    same = old_path and os.path.abspath(old_path) == os.path.abspath(path)
-    raise WDSetupError(
-        f"--teacher-path {path}: this run resumes from {checkpoint}, whose teacher "
-        f"({'this file as it was then' if same else old_path}) differs from it in "
-        f"{' and '.join(what)}; its generators were trained on that teacher. Fix: resume with "
-        f"that same teacher ({'put the file back' if same else f'--teacher-path {old_path}'}), "
-        f"or {restart} to start a new run with {path}"
-    )
 
 
 class WDTransformerDecoder(TransformerDecoderBase):
@@ -282,10 +217,10 @@ class WDTransformerModel(TransformerModel):
         path = safe_getattr(cfg, "teacher_path", None)
         resume = None
         if teacher_config is None:  # a command line, not a checkpoint
-            resume = _resume_state(cfg)
-            _refuse_per_tensor_optimizer_resume(cfg, resume)
+            resume = resume_state(cfg)
+            refuse_per_tensor_optimizer_resume(cfg, resume)
             if not (path and os.path.isfile(path)):
-                teacher_config = _resumed_model_cfg(resume).get("teacher_config")
+                teacher_config = resumed_model_cfg(resume).get("teacher_config")
         if teacher_config is not None:
             # From a checkpoint: teacher weights come with the state dict.
             teacher, teacher_args = build_teacher(json.loads(teacher_config), task)
@@ -449,7 +384,7 @@ class WDTransformerModel(TransformerModel):
         ``<tensor path>.parametrizations.<name>.0.generator.*``) load as banks."""
         super().upgrade_state_dict_named(state_dict, name)
         prefix = f"{name}." if name else ""
-        if not any(_PER_TENSOR_GENERATOR.search(key) for key in state_dict):
+        if not any(PER_TENSOR_GENERATOR.search(key) for key in state_dict):
             return
         for key, bank in self.generator_banks.items():
             for param_name, like in bank.generator.named_parameters():
@@ -510,9 +445,6 @@ class WDTransformerModel(TransformerModel):
 
 
 #: a generator parameter in a phase-1 checkpoint written before banks
-_PER_TENSOR_GENERATOR = re.compile(r"\.parametrizations\.[^.]+\.0\.generator\.")
-
-
 def _per_tensor_path(tensor: str) -> str:
     """``a.b.weight`` -> ``a.b.parametrizations.weight.0``: where a per-tensor
     checkpoint kept that tensor's generator."""
