@@ -15,12 +15,12 @@ import argparse
 import json
 import os
 import re
-import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from sacrebleu.metrics import BLEU, CHRF
 from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
 
+from .cli import run_cli
 from .romanian import normalize_romanian
 
 _HYPOTHESIS = re.compile(r"^H-(\d+)\t[^\t]*\t(.*)$")
@@ -264,10 +264,7 @@ def cli_main(argv: Optional[List[str]] = None):
                    help="a line on how the models were made (repeatable)")
     p.set_defaults(run=cmd_table)
     args = parser.parse_args(argv)
-    try:
-        result = args.run(args)
-    except EvaluationError as e:
-        sys.exit(f"wd-evaluate {args.command}: error: {e}")
+    result = run_cli(f"wd-evaluate {args.command}", lambda: args.run(args), (EvaluationError,))
     print(result if isinstance(result, str) else json.dumps(result, indent=2))
 
 

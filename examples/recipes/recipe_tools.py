@@ -208,7 +208,7 @@ def average_checkpoints(checkpoints: List[str], out: str) -> None:
     import torch
 
     import wd_fairseq  # noqa: F401  (allow-lists fairseq checkpoint types for torch.load)
-    from wd_fairseq.materialize import save_atomic
+    from wd_fairseq.checkpoints import save_atomic
 
     total = None
     for path in checkpoints:
@@ -424,20 +424,18 @@ def disk_estimate(settings: Dict[str, str], data: Optional[str]) -> Tuple[List[s
 def check_disk(args) -> None:
     """Refuse to start a training stage whose checkpoints (estimate, less what its save
     dir already holds: a resumed stage) do not fit on the disk of that directory."""
+    from wd_fairseq.cli import run_cli
     from wd_fairseq.disk_space import human, require_free_space
-    from wd_fairseq.teacher import WDSetupError
 
     settings = dict(line.rstrip("\n").split("=", 1) for line in sys.stdin if "=" in line)
     _, size, files = stage_checkpoints(settings, args.data)[args.stage]
     held = sum(os.path.getsize(os.path.join(args.dir, f)) for f in os.listdir(args.dir)
                if f.endswith(".pt")) if os.path.isdir(args.dir) else 0
-    try:
-        require_free_space(args.dir, size * files - held,
-                           f"the checkpoints of stage {args.stage} ({files} x {human(size)})",
-                           "free space there, or set WORK to a bigger disk (or lower AVG_LAST); "
-                           "a rerun resumes the stage")
-    except WDSetupError as e:
-        sys.exit(f"recipe_tools.py check-disk: error: {e}")
+    run_cli("recipe_tools.py check-disk", lambda: require_free_space(
+        args.dir, size * files - held,
+        f"the checkpoints of stage {args.stage} ({files} x {human(size)})",
+        "free space there, or set WORK to a bigger disk (or lower AVG_LAST); "
+        "a rerun resumes the stage"))
 
 
 def review(args) -> None:
@@ -472,7 +470,7 @@ def phase2_flags(args) -> None:
     """The ``fairseq-train`` flags that rebuild a materialised student."""
     import torch
 
-    from wd_fairseq.materialize import phase2_flags as flags
+    from wd_fairseq.checkpoints import phase2_flags as flags
 
     state = torch.load(args.student, map_location="cpu", weights_only=True)
     print(" ".join(flags(state["cfg"]["model"])))
