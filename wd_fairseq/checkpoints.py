@@ -8,7 +8,6 @@ plugin), its atomic save, the task of the run a checkpoint comes from, and the
 import argparse
 import os
 import shlex
-import tempfile
 from typing import Dict, List, Optional
 
 import torch
@@ -17,6 +16,7 @@ from fairseq.models.transformer import TransformerModel
 from omegaconf import OmegaConf, open_dict
 
 from .disk_space import disk_full_errors, require_free_space, tensor_sizes
+from .files import atomic_writer
 from .teacher import WDSetupError
 
 #: Flags phase 2 needs to rebuild exactly the materialised student (shape, dropout, ...).
@@ -156,24 +156,12 @@ def save_atomic(obj, path: str) -> None:
     needed = tensor_sizes(obj)[1]
     what, fix = f"STUDENT {path}", "free space there, or choose another output path"
     require_free_space(directory, needed, what, fix)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".wd-materialize-", suffix=".pt", dir=directory)
-        with disk_full_errors(directory, needed, what, fix, [tmp]), os.fdopen(fd, "wb") as f:
+        with disk_full_errors(directory, needed, what, fix), \
+                atomic_writer(path, "wb", prefix=".wd-materialize-", suffix=".pt") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (mkstemp makes it 0600)
-        os.replace(tmp, path)
     except OSError as e:
         raise WDSetupError(
             f"STUDENT {path}: writing failed ({e}); {path} was not written. "
             "Fix: free disk space or choose another output path"
         ) from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-
-

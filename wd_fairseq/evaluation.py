@@ -21,6 +21,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
 
 from .cli import run_cli
+from .files import write_atomic
 from .romanian import normalize_romanian
 
 _HYPOTHESIS = re.compile(r"^H-(\d+)\t[^\t]*\t(.*)$")
@@ -150,13 +151,6 @@ def read_lines(path: str) -> List[str]:
     # and Python's default newline mode would split there); a last line needs no "\n"
     lines = text.split("\n")
     return lines[:-1] if lines[-1] == "" else lines
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def cmd_score(args) -> Dict:

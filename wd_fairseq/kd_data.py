@@ -52,6 +52,7 @@ from fairseq.data import Dictionary, data_utils, indexed_dataset
 
 from .arguments import at_least_one, finite_float, nonnegative_float, nonnegative_int, positive_int
 from .disk_space import checkpoint_tensor_sizes, disk_full_errors, require_free_space
+from .files import atomic_writer, write_atomic
 from .kd_decoding import (PAD_TOKEN, CTranslate2Engine, FairseqEngine, Progress, batch_plan,
                           cpu_threads, hypothesis_limit)
 from .multilingual import NO_LANG_TOKENS, LangTokens, data_task, lang_tokens
@@ -184,7 +185,7 @@ class ShardStore:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 old = json.load(f)
-        for stale in glob.glob(os.path.join(self.directory, "part-*.tsv.tmp")):
+        for stale in glob.glob(os.path.join(self.directory, ".*.tmp")):  # left by a killed run
             os.remove(stale)
         if old != manifest:
             if self.shards():
@@ -192,7 +193,7 @@ class ShardStore:
                             self.directory)
             for shard in self.shards():
                 os.remove(shard)
-            write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     def done(self, sentences: int) -> np.ndarray:
         """Boolean mask of the sentences already saved."""
@@ -210,13 +211,9 @@ class ShardStore:
         own = sorted(glob.glob(os.path.join(self.directory, f"part-{self.worker:02d}-*.tsv")))
         number = int(os.path.basename(own[-1])[8:-4]) + 1 if own else 0
         path = os.path.join(self.directory, f"part-{self.worker:02d}-{number:06d}.tsv")
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_writer(path) as f:
             for index, flag, text in rows:
                 f.write(f"{index}\t{flag}\t{text}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     def merged(self) -> Iterator[Row]:
         """Every saved row once, in corpus order, streamed from the shards."""
@@ -245,15 +242,6 @@ def _merge(shards: List[str]) -> Iterator[Row]:
 def _parse_row(line: str) -> Row:
     index, flag, text = line.rstrip("\n").split("\t", 2)
     return int(index), flag, text
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def file_stamp(path: str, content_hash: bool = False) -> Dict:
@@ -535,7 +523,7 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
     fix = (f"free space on the file system of {data} (or move the data-bin to a bigger one) and "
            f"rerun: the decoded shards in {store.directory} are kept and the run resumes")
     require_free_space(data, needed, what, fix)
-    partial = [os.path.join(data, f".kd-tmp.{out_split}.*"), os.path.join(store.directory, "*.tmp")]
+    partial = [os.path.join(data, f".kd-tmp.{out_split}.*")]  # (files.atomic_writer cleans up its own)
 
     os.makedirs(store.directory, exist_ok=True)
     decoder = _build_engine(candidates, manifests, teacher_path, task, tokens, data, store.directory,
@@ -603,11 +591,8 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
             yield row
 
     with disk_full_errors(data, needed, what, fix, partial):
-        with open(text_path + ".tmp", "w", encoding="utf-8") as text_file:
+        with atomic_writer(text_path) as text_file:
             write_split(out, target_rows(text_file), inp.prefix(source_lang), impl, len(tgt_dict))
-            text_file.flush()
-            os.fsync(text_file.fileno())
-        os.replace(text_path + ".tmp", text_path)
     summary = {
         "sentences": len(source), "counts": counts,
         "fallback_to_reference": len(source) - counts[OK],
@@ -618,7 +603,7 @@ def build_kd_split(data: str, teacher_path: str, source_lang: Optional[str] = No
         "manifest": manifest,
     }
     with disk_full_errors(data, needed, what, fix, partial):
-        write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     for shard in store.shards():  # (after the summary: a rerun finds the split up to date)
         os.remove(shard)
     with disk_full_errors(data, needed, what, fix, partial):

@@ -45,14 +45,14 @@ def _load_wd_module(name: str):
 
 
 normalize_romanian = _load_wd_module("romanian").normalize_romanian
+_files = _load_wd_module("files")
+atomic_writer, write_atomic = _files.atomic_writer, _files.write_atomic  # (and bible_es_en's tools)
 
 
 def _replace_into(path: str, lines) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_writer(path) as f:
         for line in lines:
             f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def _lines(path: str) -> Iterator[str]:
@@ -149,8 +149,7 @@ def clean(args) -> None:
     outputs = [f"{args.out_prefix}.{args.src_lang}", f"{args.out_prefix}.{args.tgt_lang}"]
     dropped = {"empty": 0, "length": 0, "ratio": 0}
     kept = 0
-    with open(outputs[0] + ".tmp", "w", encoding="utf-8", newline="\n") as f_src, \
-            open(outputs[1] + ".tmp", "w", encoding="utf-8", newline="\n") as f_tgt:
+    with atomic_writer(outputs[0]) as f_src, atomic_writer(outputs[1]) as f_tgt:
         for s, t in zip(_lines(args.src), _lines(args.tgt)):
             ns, nt = len(s.split()), len(t.split())
             if min(ns, nt) < 1:
@@ -163,8 +162,6 @@ def clean(args) -> None:
                 f_src.write(s + "\n")
                 f_tgt.write(t + "\n")
                 kept += 1
-    for path in outputs:
-        os.replace(path + ".tmp", path)
     print(f"clean: kept {kept} of {n_src} pairs; dropped {dropped['empty']} with an empty "
           f"side, {dropped['length']} longer than {args.max_len} tokens, {dropped['ratio']} "
           f"with a length ratio above {args.ratio}")
