@@ -195,22 +195,14 @@ def environment(device: str) -> dict:
     return info
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_results(args, name: str, results: dict) -> Path:
     """Write ``results`` as JSON (atomically) and return the path."""
     path = args.output or args.workdir / "results" / f"{name}{'-quick' if args.quick else ''}.json"
-    _write_atomic(Path(path), lambda f: json.dump(results, f, indent=2, sort_keys=False))
+    from wd_fairseq.files import atomic_writer  # (imports fairseq: only once a benchmark ran)
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(str(path)) as f:
+        json.dump(results, f, indent=2, sort_keys=False)
     return Path(path)
 
 

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-from wd_fairseq.materialize import load_phase1, save_atomic, student_checkpoint
+from wd_fairseq.checkpoints import save_atomic
+from wd_fairseq.materialize import load_phase1, student_checkpoint
 
 from common import (STUDENTS, assets_of, add_common_args, environment, mib, print_table,
                     run, use_threads, write_results)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import List
 
 import torch
-from wd_fairseq.materialize import phase2_flags
+from wd_fairseq.checkpoints import phase2_flags
 
 from common import (STUDENTS, USER_DIR, assets_of, add_common_args, environment,
                     fairseq_device_flags, print_table, resolve_device, run, use_threads,

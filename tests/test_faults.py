@@ -16,7 +16,9 @@ from fairseq.tasks.translation import TranslationTask
 from conftest import BIN, build_wd, preprocess, run_cli
 
 from wd_fairseq import export_ctranslate2, init_student
-from wd_fairseq.kd_data import ShardStore, Split, build_kd_split
+from wd_fairseq.kd_binarize import Split
+from wd_fairseq.kd_data import KDJob, build_kd_split
+from wd_fairseq.kd_shards import ShardStore
 from wd_fairseq.model import DROPOUT_FIELDS, SHAPE_FIELDS
 from wd_fairseq.teacher import WDSetupError
 
@@ -134,12 +136,12 @@ def test_kd_data_disk_full_while_writing_train1_keeps_the_shards_and_resumes(
     """The disk fills after decoding (up-front check passed): a clear error, no partial
     file, the decoded shards kept; once space is freed, the rerun decodes nothing."""
     clean = shutil.copytree(small_bin, tmp_path / "clean")
-    build_kd_split(str(clean), str(postnorm_teacher), cpu=True, engine="fairseq")
+    build_kd_split(KDJob(str(clean), str(postnorm_teacher), cpu=True, engine="fairseq"))
     disk = small_disk("disk")
     data = shutil.copytree(small_bin, disk / "bin")
     fill_before(monkeypatch, ShardStore, "merged", disk)
     with pytest.raises(WDSetupError) as error:
-        build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine="fairseq")
+        build_kd_split(KDJob(str(data), str(postnorm_teacher), cpu=True, engine="fairseq"))
     message = str(error.value)
     print(message)
     assert re.fullmatch(rf"{data}: " + NO_SPACE.format(
@@ -154,7 +156,7 @@ def test_kd_data_disk_full_while_writing_train1_keeps_the_shards_and_resumes(
     os.remove(disk / "filler")
     monkeypatch.setattr(TranslationTask, "inference_step",
                         lambda *a, **k: pytest.fail("decoded a sentence again"))
-    summary = build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine="fairseq")
+    summary = build_kd_split(KDJob(str(data), str(postnorm_teacher), cpu=True, engine="fairseq"))
     assert summary["decoded_this_run"] == 0
     for name in ("train1.src-tgt.tgt.bin", "train1.src-tgt.tgt.idx", "kd-train1/train1.tgt"):
         assert (data / name).read_bytes() == (clean / name).read_bytes(), name

@@ -13,8 +13,10 @@ from conftest import preprocess, run_cli
 import wd_fairseq  # noqa: F401
 from fairseq.data import Dictionary, data_utils
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
-from wd_fairseq.kd_data import (EMPTY, LENGTH_RATIO, LOW_SCORE, OK, OVERLONG, PAD, Filters, Split,
-                                build_kd_split, classify)
+from wd_fairseq.kd_binarize import Split
+from wd_fairseq.kd_data import KDJob, build_kd_split
+from wd_fairseq.kd_decoding import (EMPTY, LENGTH_RATIO, LOW_SCORE, OK, OVERLONG, PAD, Filters,
+                                    classify)
 from wd_fairseq.teacher import WDSetupError
 
 N_TRAIN = 120
@@ -121,10 +123,11 @@ def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
 
     # Rerun: nothing to do. Other settings: refused unless --overwrite.
     stamp = os.stat(data / "train1.src-tgt.tgt.bin").st_mtime_ns
-    assert build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine="fairseq") == summary
+    job = KDJob(str(data), str(postnorm_teacher), cpu=True, engine="fairseq")
+    assert build_kd_split(job) == summary
     assert os.stat(data / "train1.src-tgt.tgt.bin").st_mtime_ns == stamp
     with pytest.raises(WDSetupError, match="train1.src-tgt.src.idx exists .* --overwrite"):
-        build_kd_split(str(data), str(postnorm_teacher), beam=2, cpu=True, engine="fairseq")
+        build_kd_split(KDJob(str(data), str(postnorm_teacher), beam=2, cpu=True, engine="fairseq"))
 
 
 def test_resumes_after_interrupt_and_restarts_on_new_settings(data, postnorm_teacher, tmp_path,
@@ -132,18 +135,18 @@ def test_resumes_after_interrupt_and_restarts_on_new_settings(data, postnorm_tea
     clean = shutil.copytree(data, tmp_path / "clean")
     settings = dict(batch_size=16, save_every=16, cpu=True, engine="fairseq")
     count_batches(None)
-    build_kd_split(str(clean), str(postnorm_teacher), **settings)
+    build_kd_split(KDJob(str(clean), str(postnorm_teacher), **settings))
 
     state = count_batches(5)
     with pytest.raises(Interrupt):
-        build_kd_split(str(data), str(postnorm_teacher), **settings)
+        build_kd_split(KDJob(str(data), str(postnorm_teacher), **settings))
     saved = sum(len(p.read_text().splitlines()) for p in (data / "kd-train1").glob("part-*.tsv"))
     assert 0 < saved <= state["sentences"]  # rows not yet saved are decoded again
     assert not Split(str(data), "train1", "src", "tgt").visible()
     assert len(load_train(data)) == N_TRAIN  # fairseq does not see a partial train1
 
     state = count_batches(None)
-    build_kd_split(str(data), str(postnorm_teacher), **settings)
+    build_kd_split(KDJob(str(data), str(postnorm_teacher), **settings))
     assert state["sentences"] == N_TRAIN - saved  # only the rest was decoded
     assert rows(data, "train1", "tgt") == rows(clean, "train1", "tgt")
     assert (data / "kd-train1" / "train1.tgt").read_text() == \
@@ -154,9 +157,9 @@ def test_resumes_after_interrupt_and_restarts_on_new_settings(data, postnorm_tea
                             ignore=shutil.ignore_patterns("train1*", "kd-train1"))
     count_batches(3)
     with pytest.raises(Interrupt):
-        build_kd_split(str(fresh), str(postnorm_teacher), **settings)
+        build_kd_split(KDJob(str(fresh), str(postnorm_teacher), **settings))
     state = count_batches(None)
-    summary = build_kd_split(str(fresh), str(postnorm_teacher), beam=2, **settings)
+    summary = build_kd_split(KDJob(str(fresh), str(postnorm_teacher), beam=2, **settings))
     assert state["sentences"] == N_TRAIN and summary["manifest"]["beam"] == 2
 
 
@@ -174,13 +177,13 @@ def test_interrupted_write_leaves_no_visible_split(data, postnorm_teacher, monke
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(Interrupt):
-        build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine="fairseq")
+        build_kd_split(KDJob(str(data), str(postnorm_teacher), cpu=True, engine="fairseq"))
     assert placed == split.files()[:2]  # target side in place, source side not yet
     assert not split.visible() and len(load_train(data)) == N_TRAIN
     monkeypatch.setattr(os, "replace", original)
 
     state = count_batches(None)
-    build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine="fairseq")
+    build_kd_split(KDJob(str(data), str(postnorm_teacher), cpu=True, engine="fairseq"))
     assert state["calls"] == 0  # every sentence was already saved
     assert split.visible() and len(load_train(data)) == 2 * N_TRAIN
     assert not list(data.glob(".kd-tmp*"))
@@ -190,8 +193,8 @@ def test_interrupted_write_leaves_no_visible_split(data, postnorm_teacher, monke
 def test_overlong_and_empty_hypotheses_fall_back_to_the_reference(data, postnorm_teacher, engine):
     # a limit of one token: every hypothesis reaches it (fairseq forces EOS there,
     # CTranslate2 cuts one token later)
-    summary = build_kd_split(str(data), str(postnorm_teacher), max_len_a=0, max_len_b=1,
-                             cpu=True, engine=engine, threads=1)
+    summary = build_kd_split(KDJob(str(data), str(postnorm_teacher), max_len_a=0, max_len_b=1,
+                                   cpu=True, engine=engine, threads=1))
     assert summary["counts"][OVERLONG] == N_TRAIN == summary["fallback_to_reference"]
     assert rows(data, "train1", "tgt") == rows(data, "train", "tgt")
 
@@ -204,7 +207,8 @@ def test_overlong_and_empty_hypotheses_fall_back_to_the_reference(data, postnorm
 @pytest.mark.parametrize("engine", ["fairseq", "ctranslate2"])
 def test_optional_filters_fall_back_and_are_counted(data, postnorm_teacher, tmp_path, engine):
     plain = shutil.copytree(data, tmp_path / "plain")
-    summary = build_kd_split(str(plain), str(postnorm_teacher), cpu=True, engine=engine, threads=1)
+    summary = build_kd_split(KDJob(str(plain), str(postnorm_teacher), cpu=True, engine=engine,
+                                   threads=1))
     assert summary["counts"][LENGTH_RATIO] == summary["counts"][LOW_SCORE] == 0  # off by default
     hyps = (plain / "kd-train1" / "train1.tgt").read_text().splitlines()
     sources = [dataset_row.split() for dataset_row in _texts(data, "src")]
@@ -212,13 +216,13 @@ def test_optional_filters_fall_back_and_are_counted(data, postnorm_teacher, tmp_
     assert 0 < other_length < N_TRAIN
 
     # ratio 1: exactly the pairs whose lengths differ fall back
-    summary = build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine=engine, threads=1,
-                             filters=Filters(max_length_ratio=1.0))
+    summary = build_kd_split(KDJob(str(data), str(postnorm_teacher), cpu=True, engine=engine,
+                                   threads=1, filters=Filters(max_length_ratio=1.0)))
     assert summary["counts"][LENGTH_RATIO] == other_length
     assert summary["manifest"]["filters"] == {"max_length_ratio": 1.0, "min_score": None}
     # every score is a log-probability: below 0
-    summary = build_kd_split(str(data), str(postnorm_teacher), cpu=True, engine=engine, threads=1,
-                             filters=Filters(min_score=0.0), overwrite=True)
+    summary = build_kd_split(KDJob(str(data), str(postnorm_teacher), cpu=True, engine=engine,
+                                   threads=1, filters=Filters(min_score=0.0), overwrite=True))
     assert summary["counts"][LOW_SCORE] == N_TRAIN == summary["fallback_to_reference"]
     assert rows(data, "train1", "tgt") == rows(data, "train", "tgt")
     assert classify(["a"] * 3, 10, 1, -1.0, Filters(max_length_ratio=2.5)) == LENGTH_RATIO
@@ -244,6 +248,6 @@ def test_mismatched_line_counts_are_refused(data, postnorm_teacher):
 
 def test_missing_split_and_teacher(data, postnorm_teacher, tmp_path):
     with pytest.raises(WDSetupError, match="fairseq-preprocess"):
-        build_kd_split(str(tmp_path), str(postnorm_teacher))
+        build_kd_split(KDJob(str(tmp_path), str(postnorm_teacher)))
     with pytest.raises(WDSetupError, match="--teacher-path .*no such file"):
-        build_kd_split(str(data), str(tmp_path / "missing.pt"), cpu=True)
+        build_kd_split(KDJob(str(data), str(tmp_path / "missing.pt"), cpu=True))

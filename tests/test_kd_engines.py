@@ -20,7 +20,8 @@ from conftest import REPO, run_cli
 
 from fairseq.data import indexed_dataset
 from wd_fairseq import kd_decoding
-from wd_fairseq.kd_data import MMapWriter, build_kd_split
+from wd_fairseq.kd_binarize import MMapWriter
+from wd_fairseq.kd_data import KDJob, build_kd_split
 from wd_fairseq.teacher import WDSetupError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,10 +46,10 @@ def train1_bytes(data):
 
 def test_float32_greedy_equals_the_fairseq_engine(data, postnorm_teacher, tmp_path):
     fairseq_bin = shutil.copytree(data, tmp_path / "fairseq")
-    reference = build_kd_split(str(fairseq_bin), str(postnorm_teacher), beam=1, engine="fairseq",
-                               **CPU)
-    summary = build_kd_split(str(data), str(postnorm_teacher), beam=1, engine="ctranslate2",
-                             quantization="float32", **CPU)
+    reference = build_kd_split(KDJob(str(fairseq_bin), str(postnorm_teacher), beam=1,
+                                     engine="fairseq", **CPU))
+    summary = build_kd_split(KDJob(str(data), str(postnorm_teacher), beam=1, engine="ctranslate2",
+                                   quantization="float32", **CPU))
     assert train1_bytes(data) == train1_bytes(fairseq_bin)  # token for token
     assert summary["engine"] == "ctranslate2" and summary["quantization"] == "float32"
     assert summary["device"] == "cpu" and summary["devices"] == [0] and summary["threads"] == 1
@@ -63,9 +64,10 @@ def test_beam_search_agrees_and_the_rest_is_explained(data, postnorm_teacher, tm
     CTranslate2's, which add -log(1 - p(EOS at step 1)) to every hypothesis (it
     renormalises after forbidding EOS there; see kd_decoding)."""
     fairseq_bin = shutil.copytree(data, tmp_path / "fairseq")
-    build_kd_split(str(fairseq_bin), str(postnorm_teacher), beam=beam, engine="fairseq", **CPU)
-    build_kd_split(str(data), str(postnorm_teacher), beam=beam, engine="ctranslate2",
-                   quantization="float32", **CPU)
+    build_kd_split(KDJob(str(fairseq_bin), str(postnorm_teacher), beam=beam, engine="fairseq",
+                         **CPU))
+    build_kd_split(KDJob(str(data), str(postnorm_teacher), beam=beam, engine="ctranslate2",
+                         quantization="float32", **CPU))
     ours, theirs = kd_text(data), kd_text(fairseq_bin)
     differ = [i for i in range(len(ours)) if ours[i] != theirs[i]]
     assert len(differ) <= 0.05 * len(ours), len(differ)
@@ -97,8 +99,7 @@ def _raw_sources(data) -> str:
 
 KILLER = """
 import os, signal, sys
-import wd_fairseq.kd_data as kd_data
-from wd_fairseq import kd_decoding, export_ctranslate2
+from wd_fairseq import export_ctranslate2, kd_data, kd_shards
 where, after = sys.argv[1], int(sys.argv[2])
 calls = [0]
 
@@ -112,7 +113,7 @@ def kill_after(original):
     return wrapped
 
 if where == "save":
-    kd_data.ShardStore.save = kill_after(kd_data.ShardStore.save)
+    kd_shards.ShardStore.save = kill_after(kd_shards.ShardStore.save)
 else:  # "convert": killed after the export, before it is marked finished
     export_ctranslate2.export = kill_after(export_ctranslate2.export)
 kd_data.cli_main(sys.argv[3:])
@@ -162,7 +163,7 @@ class Interrupt(Exception):
 
 def test_teacher_beam_and_quantization_invalidate_cache_and_shards(
         data, postnorm_teacher, prenorm_teacher, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="wd_fairseq.kd_data")
+    caplog.set_level(logging.INFO, logger="wd_fairseq.kd_shards")
     teacher = tmp_path / "teacher.pt"
     shutil.copy(postnorm_teacher, teacher)
     work = data / "kd-train1"
@@ -182,8 +183,8 @@ def test_teacher_beam_and_quantization_invalidate_cache_and_shards(
         batches.update(n=0, fail_at=4)
         caplog.clear()
         with pytest.raises(Interrupt):
-            build_kd_split(str(data), str(teacher), batch_size=16, save_every=16,
-                           engine="ctranslate2", **CPU, **settings)
+            build_kd_split(KDJob(str(data), str(teacher), batch_size=16, save_every=16,
+                                 engine="ctranslate2", **CPU, **settings))
         batches.update(fail_at=None)
         restarted = "earlier shards were made with other settings; restarting" in caplog.text
         return [p.read_text() for p in sorted(work.glob("part-*.tsv"))], restarted
@@ -216,8 +217,8 @@ def test_teacher_beam_and_quantization_invalidate_cache_and_shards(
     assert new["key"]["checkpoint"]["sha256"] != marker["key"]["checkpoint"]["sha256"]
     assert json.loads((work / "manifest.json").read_text())["teacher"]["sha256"] == \
         new["key"]["checkpoint"]["sha256"]
-    summary = build_kd_split(str(data), str(teacher), batch_size=16, save_every=16, beam=2,
-                             engine="ctranslate2", quantization="float32", **CPU)
+    summary = build_kd_split(KDJob(str(data), str(teacher), batch_size=16, save_every=16, beam=2,
+                                   engine="ctranslate2", quantization="float32", **CPU))
     assert summary["manifest"]["teacher"]["sha256"] == new["key"]["checkpoint"]["sha256"]
 
 
@@ -226,13 +227,13 @@ def test_automatic_engine_falls_back_when_the_converter_refuses(data, postnorm_t
     state["cfg"]["model"].decoder_attention_heads = 2  # same shapes; CTranslate2 refuses
     teacher = tmp_path / "two-heads.pt"
     torch.save(state, teacher)
-    summary = build_kd_split(str(data), str(teacher), **CPU)
+    summary = build_kd_split(KDJob(str(data), str(teacher), **CPU))
     assert summary["engine"] == "fairseq"
     with pytest.raises(WDSetupError, match="--teacher-path .*4 encoder and 2 decoder"):
-        build_kd_split(str(data), str(teacher), engine="ctranslate2", overwrite=True, **CPU)
+        build_kd_split(KDJob(str(data), str(teacher), engine="ctranslate2", overwrite=True, **CPU))
     with pytest.raises(WDSetupError, match="--quantization float16: not available on the cpu"):
-        build_kd_split(str(data), str(postnorm_teacher), quantization="float16", overwrite=True,
-                       **CPU)
+        build_kd_split(KDJob(str(data), str(postnorm_teacher), quantization="float16",
+                             overwrite=True, **CPU))
 
 
 def test_streaming_writer_writes_fairseq_mmap_bytes(tmp_path):
@@ -256,13 +257,13 @@ def test_two_fairseq_processes_write_what_one_writes(data, postnorm_teacher, tmp
     """Two CPU processes stand in for two GPUs: every other batch of the same plan each."""
     one = shutil.copytree(data, tmp_path / "one")
     settings = dict(engine="fairseq", batch_size=16, save_every=16, **CPU)
-    build_kd_split(str(one), str(postnorm_teacher), **settings)
-    summary = build_kd_split(str(data), str(postnorm_teacher), workers=2, **settings)
+    build_kd_split(KDJob(str(one), str(postnorm_teacher), **settings))
+    summary = build_kd_split(KDJob(str(data), str(postnorm_teacher), workers=2, **settings))
     assert train1_bytes(data) == train1_bytes(one) and kd_text(data) == kd_text(one)
     assert summary["devices"] == [0, 1]
     with pytest.raises(WDSetupError, match="--workers 2: for --engine fairseq"):
-        build_kd_split(str(data), str(postnorm_teacher), engine="ctranslate2", workers=2,
-                       overwrite=True, **CPU)
+        build_kd_split(KDJob(str(data), str(postnorm_teacher), engine="ctranslate2", workers=2,
+                             overwrite=True, **CPU))
 
 
 def test_speed_benchmark_chunks_cover_the_split_and_rows_sum_them(data_bin, tmp_path):

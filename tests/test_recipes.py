@@ -30,7 +30,7 @@ from wd_fairseq.evaluation import (  # noqa: E402
     results_table,
     score,
 )
-from wd_fairseq.materialize import phase2_flags  # noqa: E402
+from wd_fairseq.checkpoints import phase2_flags  # noqa: E402
 
 STAGES = ["prepare", "teacher", "kd_data", "kd_student", "wd_phase1", "materialize",
           "wd_phase2", "evaluate", "speed"]

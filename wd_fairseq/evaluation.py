@@ -19,13 +19,14 @@ import json
 import os
 import re
 import statistics
-import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
 
+from .cli import run_cli
+from .files import write_atomic
 from .romanian import normalize_romanian
 
 _HYPOTHESIS = re.compile(r"^H-(\d+)\t[^\t]*\t(.*)$")
@@ -158,13 +159,6 @@ def read_lines(path: str) -> List[str]:
     # and Python's default newline mode would split there); a last line needs no "\n"
     lines = text.split("\n")
     return lines[:-1] if lines[-1] == "" else lines
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def cmd_score(args) -> Dict:
@@ -340,10 +334,7 @@ def cli_main(argv: Optional[List[str]] = None):
                    help="a line on how the models were made (repeatable)")
     p.set_defaults(run=cmd_table)
     args = parser.parse_args(argv)
-    try:
-        result = args.run(args)
-    except EvaluationError as e:
-        sys.exit(f"wd-evaluate {args.command}: error: {e}")
+    result = run_cli(f"wd-evaluate {args.command}", lambda: args.run(args), (EvaluationError,))
     print(result if isinstance(result, str) else json.dumps(result, indent=2))
 
 

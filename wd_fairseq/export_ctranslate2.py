@@ -20,7 +20,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Optional, Tuple
 
@@ -29,6 +28,7 @@ from fairseq.data.data_utils import infer_language_pair
 
 from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
 
+from .cli import run_cli
 from .disk_space import disk_full_errors, require_free_space, tensor_sizes
 from .multilingual import (MULTILINGUAL_TASK, data_task, direction_task, is_multilingual, lang_pairs,
                            lang_tokens, task_settings)
@@ -247,11 +247,12 @@ def cli_main(argv=None):
                         "on CPUs without fp16 support)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUTPUT_DIR")
     args = parser.parse_args(argv)
-    try:
-        version, converted = export(args.student, args.output, args.data, args.quantization, args.force)
-        usage = usage_line(args.output, converted)
-    except WDSetupError as e:
-        sys.exit(f"wd-export-ct2: error: {e}")
+    def job():
+        version, converted = export(args.student, args.output, args.data, args.quantization,
+                                    args.force)
+        return version, usage_line(args.output, converted)
+
+    version, usage = run_cli("wd-export-ct2", job)
     print(f"wrote {args.output} (CTranslate2 {version}, {args.quantization})")
     print(usage)
 

@@ -22,7 +22,6 @@ shares its decoder's input and output tables, as phase 1 does for that shape. Th
 """
 
 import argparse
-import sys
 from typing import Dict, List
 
 import torch
@@ -30,8 +29,9 @@ from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.transformer import TransformerModel
 
 from .arguments import positive_int, probability
-from .materialize import (check_output, phase2_flags, print_written, run_task, save_atomic,
+from .checkpoints import (check_output, phase2_flags, print_written, run_task, save_atomic,
                           stock_checkpoint, task_flags)
+from .cli import run_cli
 from .model import DROPOUT_FIELDS, SHAPE_FIELDS, transformer_arg_names
 from .teacher import WDSetupError, load_teacher, read_checkpoint
 
@@ -192,10 +192,8 @@ def cli_main(argv=None):
         preset = argparse.Namespace(**flags)
         ARCH_CONFIG_REGISTRY[args.arch](preset)
         flags = vars(preset)
-    try:
-        phase2 = init_student(args.teacher, args.student, flags, args.layers, args.dims, args.data)
-    except WDSetupError as e:
-        sys.exit(f"wd-init-student: error: {e}")
+    phase2 = run_cli("wd-init-student", lambda: init_student(
+        args.teacher, args.student, flags, args.layers, args.dims, args.data))
     print_written(args.student, phase2, "train it")
 
 

@@ -36,6 +36,9 @@ both engines put the source token first in every source and force the target tok
 the first output token (fairseq: the task's prefix; CTranslate2: ``target_prefix``),
 and strip it from the hypothesis. Its log-probability is part of the score in both.
 
+A hypothesis is flagged (:func:`classify`): empty, overlong, containing ``<pad>``, or
+caught by an optional filter (:class:`Filters`), it falls back to the reference.
+
 The plan is a function of the source lengths and batch settings only, never of what
 is already done, so a resumed run decodes each remaining sentence in the same batch as
 an uninterrupted run would: the results are identical, not just close.
@@ -45,7 +48,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,7 +58,7 @@ from fairseq.dataclass.configs import GenerationConfig
 
 from .multilingual import LangTokens
 
-logger = logging.getLogger("wd_fairseq.kd_data")
+logger = logging.getLogger("wd_fairseq.kd_decoding")
 
 #: A progress line at most this often (and once at the end).
 PROGRESS_SECONDS = 30
@@ -63,6 +66,12 @@ PROGRESS_SECONDS = 30
 PAD_TOKEN = "<blank>"
 #: (corpus index, hypothesis tokens without EOS, score: length-normalised log-probability)
 Hypothesis = Tuple[int, List[str], float]
+
+#: The flag of a hypothesis: OK is kept, every other falls back to the reference.
+OK, EMPTY, OVERLONG, SOURCE_TOO_LONG = "ok", "empty", "overlong", "source-too-long"
+PAD = "pad-token"  # CTranslate2 put <pad> in the hypothesis (fairseq never does)
+LENGTH_RATIO, LOW_SCORE = "length-ratio", "low-score"  # the optional filters
+FLAGS = (OK, EMPTY, OVERLONG, SOURCE_TOO_LONG, PAD, LENGTH_RATIO, LOW_SCORE)
 
 
 def length_limit(size: int, max_len_a: float, max_len_b: int, max_target: int) -> int:
@@ -77,6 +86,34 @@ def hypothesis_limit(size: int, tokens: LangTokens, max_len_a: float, max_len_b:
     sees it (language token included), less the forced target language token."""
     return (length_limit(size + (tokens.source is not None), max_len_a, max_len_b, max_target)
             - (tokens.target is not None))
+
+
+class Filters(NamedTuple):
+    """Optional outlier filters (None: off). A KD pair falls back to the reference when
+    hypothesis and source lengths differ by more than a factor ``max_length_ratio``, or
+    when the teacher's length-normalised log-probability is below ``min_score``."""
+
+    max_length_ratio: Optional[float] = None
+    min_score: Optional[float] = None
+
+
+def classify(tokens: List[str], limit: int, source_length: int = 0, score: float = 0.0,
+             filters: Filters = Filters()) -> str:
+    """Flag of a hypothesis ``tokens`` (EOS not counted) decoded with length limit
+    ``limit`` from ``source_length`` tokens (EOS not counted), scored ``score``."""
+    length = len(tokens)
+    if PAD_TOKEN in tokens:
+        return PAD
+    if length == 0:
+        return EMPTY
+    if length >= limit:  # fairseq forces EOS there, CTranslate2 cuts: it did not end
+        return OVERLONG
+    if filters.max_length_ratio is not None and source_length and \
+            max(length / source_length, source_length / length) > filters.max_length_ratio:
+        return LENGTH_RATIO
+    if filters.min_score is not None and score < filters.min_score:
+        return LOW_SCORE
+    return OK
 
 
 def batch_plan(sizes: np.ndarray, decodable: np.ndarray, max_tokens: Optional[int],

@@ -21,14 +21,16 @@ import json
 import logging
 import os
 import sys
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 from fairseq.data import Dictionary, ListDataset, data_utils
 
 from .arguments import finite_float, nonnegative_float, positive_int
-from .evaluation import read_lines, write_atomic
+from .cli import run_cli
+from .evaluation import read_lines
+from .files import write_atomic
 from .kd_decoding import CTranslate2Engine, FairseqEngine, batch_plan, cpu_threads
 from .multilingual import NO_LANG_TOKENS, data_task, lang_tokens
 from .romanian import normalize_romanian
@@ -165,7 +167,7 @@ def build_engine(args):
 
 
 def translate(lines: List[str], engine, src_dict: Dictionary, codec: TextCodec,
-              max_tokens: Optional[int], batch_size: Optional[int]) -> Iterator[str]:
+              max_tokens: Optional[int], batch_size: Optional[int]) -> List[str]:
     """The translations of ``lines``, in order (an empty line gives an empty line)."""
     encoded = [torch.LongTensor([src_dict.index(t) for t in codec.encode(line)] + [src_dict.eos()])
                for line in lines]
@@ -214,28 +216,29 @@ def cli_main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         level=logging.INFO, stream=sys.stderr)
-    try:
-        if args.bpe_vocabulary and not args.bpe_codes:
-            raise WDSetupError("--bpe-vocabulary needs --bpe-codes")
-        for flag, path in (("--input", args.input), ("--bpe-codes", args.bpe_codes),
-                           ("--bpe-vocabulary", args.bpe_vocabulary), ("--sentencepiece", args.sentencepiece)):
-            if path and path != "-" and not os.path.isfile(path):
-                raise WDSetupError(f"{flag} {path}: no such file. Fix: pass an existing file")
-        engine, src_dict, src, tgt = build_engine(args)
-        codec = TextCodec(src, tgt, args.tokenizer, args.bpe_codes, args.bpe_vocabulary,
-                          args.bpe_vocabulary_threshold, args.sentencepiece)
-        lines = sys.stdin.read().split("\n") if args.input == "-" else read_lines(args.input)
-        if args.input == "-" and lines and lines[-1] == "":
-            lines.pop()
-        logger.info("translating %d lines %s-%s with %s", len(lines), src, tgt, engine.name)
-        out = translate(lines, engine, src_dict, codec, args.max_tokens, args.batch_size)
-    except WDSetupError as e:
-        sys.exit(f"wd-translate: error: {e}")
-    text = "".join(line + "\n" for line in out)
+    text = run_cli("wd-translate", lambda: "".join(line + "\n" for line in translate_input(args)))
     if args.output == "-":
         sys.stdout.write(text)
     else:
         write_atomic(args.output, text)
+
+
+def translate_input(args) -> List[str]:
+    """The translations of ``args.input``'s lines (refusals before any decoding)."""
+    if args.bpe_vocabulary and not args.bpe_codes:
+        raise WDSetupError("--bpe-vocabulary needs --bpe-codes")
+    for flag, path in (("--input", args.input), ("--bpe-codes", args.bpe_codes),
+                       ("--bpe-vocabulary", args.bpe_vocabulary), ("--sentencepiece", args.sentencepiece)):
+        if path and path != "-" and not os.path.isfile(path):
+            raise WDSetupError(f"{flag} {path}: no such file. Fix: pass an existing file")
+    engine, src_dict, src, tgt = build_engine(args)
+    codec = TextCodec(src, tgt, args.tokenizer, args.bpe_codes, args.bpe_vocabulary,
+                      args.bpe_vocabulary_threshold, args.sentencepiece)
+    lines = sys.stdin.read().split("\n") if args.input == "-" else read_lines(args.input)
+    if args.input == "-" and lines and lines[-1] == "":
+        lines.pop()
+    logger.info("translating %d lines %s-%s with %s", len(lines), src, tgt, engine.name)
+    return translate(lines, engine, src_dict, codec, args.max_tokens, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import shutil
-import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -41,7 +40,8 @@ from fairseq.data import Dictionary, indexed_dataset
 from omegaconf import OmegaConf, open_dict
 
 from .arguments import pair_list
-from .materialize import save_atomic, task_flags
+from .checkpoints import save_atomic, task_flags
+from .cli import run_cli
 from .multilingual import data_task, direction_task, is_multilingual, lang_pairs, task_settings
 from .teacher import WDSetupError, read_checkpoint
 
@@ -245,11 +245,9 @@ def cli_main(argv=None):
     parser.add_argument("--pairs", type=pair_list, help="directions to keep, e.g. es-en,en-es (default: the teacher's)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     args = parser.parse_args(argv)
-    try:
-        summary = trim(args.teacher, args.data, args.out, args.pairs.split(",") if args.pairs else None,
-                       args.force)
-    except WDSetupError as e:
-        sys.exit(f"wd-trim-vocab: error: {e}")
+    summary = run_cli("wd-trim-vocab", lambda: trim(
+        args.teacher, args.data, args.out, args.pairs.split(",") if args.pairs else None,
+        args.force))
     (s_old, s_new), (t_old, t_new) = summary["source_vocabulary"], summary["target_vocabulary"]
     print(f"wrote {args.out}: vocabulary {s_old} -> {s_new} (source), {t_old} -> {t_new} (target); "
           f"teacher parameters {summary['parameters'][0]:,} -> {summary['parameters'][1]:,}")

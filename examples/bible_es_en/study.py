@@ -36,9 +36,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "recipes"))
-from recipe_tools import average_checkpoints  # noqa: E402
+from recipe_tools import atomic_writer, average_checkpoints, write_atomic  # noqa: E402
 from tools import (bleu_statistics, corpus_bleu, interval, paired_bootstrap,  # noqa: E402
-                   read_lines, write_atomic)
+                   read_lines)
 
 #: arm -> (label, the save dir of its training in the arm's run)
 ARMS = {"kd": ("KD", "kd_student"), "sel": ("Selection + KD", "sel_student"),
@@ -351,10 +351,9 @@ def plot(rows: List[Dict], seeds: List[Dict], teacher: Dict, path: str, title: s
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_writer(path, "wb", suffix=".png") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -26,17 +26,13 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes"))
+from recipe_tools import atomic_writer, write_atomic  # noqa: E402
+
 #: (pipeline model name, label in tables and plots); wd_phase1 is the materialised
 #: phase-1 student before phase 2.
 MODELS = [("teacher", "teacher"), ("kd_student", "KD student"),
           ("wd_phase1", "WD after phase 1"), ("wd_student", "WD student")]
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_lines(path: str) -> List[str]:
@@ -146,9 +142,9 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     ax.margins(x=0.15, y=0.15)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png")
+    with atomic_writer(path, "wb", suffix=".png") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def report(args) -> None:

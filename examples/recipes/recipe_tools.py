@@ -45,14 +45,14 @@ def _load_wd_module(name: str):
 
 
 normalize_romanian = _load_wd_module("romanian").normalize_romanian
+_files = _load_wd_module("files")
+atomic_writer, write_atomic = _files.atomic_writer, _files.write_atomic  # (and bible_es_en's tools)
 
 
 def _replace_into(path: str, lines) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_writer(path) as f:
         for line in lines:
             f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def _lines(path: str) -> Iterator[str]:
@@ -149,8 +149,7 @@ def clean(args) -> None:
     outputs = [f"{args.out_prefix}.{args.src_lang}", f"{args.out_prefix}.{args.tgt_lang}"]
     dropped = {"empty": 0, "length": 0, "ratio": 0}
     kept = 0
-    with open(outputs[0] + ".tmp", "w", encoding="utf-8", newline="\n") as f_src, \
-            open(outputs[1] + ".tmp", "w", encoding="utf-8", newline="\n") as f_tgt:
+    with atomic_writer(outputs[0]) as f_src, atomic_writer(outputs[1]) as f_tgt:
         for s, t in zip(_lines(args.src), _lines(args.tgt)):
             ns, nt = len(s.split()), len(t.split())
             if min(ns, nt) < 1:
@@ -163,8 +162,6 @@ def clean(args) -> None:
                 f_src.write(s + "\n")
                 f_tgt.write(t + "\n")
                 kept += 1
-    for path in outputs:
-        os.replace(path + ".tmp", path)
     print(f"clean: kept {kept} of {n_src} pairs; dropped {dropped['empty']} with an empty "
           f"side, {dropped['length']} longer than {args.max_len} tokens, {dropped['ratio']} "
           f"with a length ratio above {args.ratio}")
@@ -208,7 +205,7 @@ def average_checkpoints(checkpoints: List[str], out: str) -> None:
     import torch
 
     import wd_fairseq  # noqa: F401  (allow-lists fairseq checkpoint types for torch.load)
-    from wd_fairseq.materialize import save_atomic
+    from wd_fairseq.checkpoints import save_atomic
 
     total = None
     for path in checkpoints:
@@ -425,20 +422,18 @@ def disk_estimate(settings: Dict[str, str], data: Optional[str]) -> Tuple[List[s
 def check_disk(args) -> None:
     """Refuse to start a training stage whose checkpoints (estimate, less what its save
     dir already holds: a resumed stage) do not fit on the disk of that directory."""
+    from wd_fairseq.cli import run_cli
     from wd_fairseq.disk_space import human, require_free_space
-    from wd_fairseq.teacher import WDSetupError
 
     settings = dict(line.rstrip("\n").split("=", 1) for line in sys.stdin if "=" in line)
     _, size, files = stage_checkpoints(settings, args.data)[args.stage]
     held = sum(os.path.getsize(os.path.join(args.dir, f)) for f in os.listdir(args.dir)
                if f.endswith(".pt")) if os.path.isdir(args.dir) else 0
-    try:
-        require_free_space(args.dir, size * files - held,
-                           f"the checkpoints of stage {args.stage} ({files} x {human(size)})",
-                           "free space there, or set WORK to a bigger disk (or lower AVG_LAST); "
-                           "a rerun resumes the stage")
-    except WDSetupError as e:
-        sys.exit(f"recipe_tools.py check-disk: error: {e}")
+    run_cli("recipe_tools.py check-disk", lambda: require_free_space(
+        args.dir, size * files - held,
+        f"the checkpoints of stage {args.stage} ({files} x {human(size)})",
+        "free space there, or set WORK to a bigger disk (or lower AVG_LAST); "
+        "a rerun resumes the stage"))
 
 
 def review(args) -> None:
@@ -473,7 +468,7 @@ def phase2_flags(args) -> None:
     """The ``fairseq-train`` flags that rebuild a materialised student."""
     import torch
 
-    from wd_fairseq.materialize import phase2_flags as flags
+    from wd_fairseq.checkpoints import phase2_flags as flags
 
     state = torch.load(args.student, map_location="cpu", weights_only=True)
     print(" ".join(flags(state["cfg"]["model"])))

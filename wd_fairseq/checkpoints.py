@@ -1,0 +1,167 @@
+"""Checkpoint I/O shared by the tools that write a stock student (wd-materialize,
+wd-init-student, wd-trim-vocab): the stock ``transformer`` checkpoint (fp32 tensors and
+plain containers, so stock fairseq loads it with ``weights_only`` and without this
+plugin), its atomic save, the task of the run a checkpoint comes from, and the
+``fairseq-train`` flags that rebuild the student.
+"""
+
+import argparse
+import os
+import shlex
+from typing import Dict, List, Optional
+
+import torch
+from fairseq import tasks
+from fairseq.models.transformer import TransformerModel
+from omegaconf import OmegaConf, open_dict
+
+from .disk_space import disk_full_errors, require_free_space, tensor_sizes
+from .files import atomic_writer
+from .teacher import WDSetupError
+
+#: Flags phase 2 needs to rebuild exactly the materialised student (shape, dropout, ...).
+PHASE2_FLAGS = (
+    "dropout", "attention_dropout", "activation_dropout",
+    "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads",
+    "decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
+    "encoder_normalize_before", "decoder_normalize_before", "activation_fn",
+    "encoder_learned_pos", "decoder_learned_pos", "no_scale_embedding", "layernorm_embedding",
+    "no_token_positional_embeddings", "share_decoder_input_output_embed", "share_all_embeddings",
+    "max_source_positions", "max_target_positions",
+)
+
+
+#: Settings of fairseq's multilingual task that training and decoding a student repeat.
+MULTILINGUAL_TASK_FLAGS = ("lang_pairs", "encoder_langtok", "decoder_langtok", "langs", "lang_dict",
+                           "lang_tok_style", "fixed_dictionary")
+
+
+def _plain(value):
+    """Containers of primitives only (what ``torch.load(weights_only=True)`` accepts)."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def phase2_flags(student_args: Dict) -> List[str]:
+    """``fairseq-train`` flags that rebuild the student as ``--arch transformer``."""
+    flags = ["--arch", "transformer"]
+    for name in PHASE2_FLAGS:
+        value = student_args.get(name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                flags.append(flag)
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def task_flags(task_cfg) -> List[str]:
+    """The task flags a student's ``fairseq-train``/``fairseq-generate`` must repeat: none
+    for the translation task, ``--task`` and the language settings for the others
+    (e.g. ``translation_multi_simple_epoch``). ``task_cfg``: a run's ``cfg.task``."""
+    settings = vars(task_cfg) if isinstance(task_cfg, argparse.Namespace) else dict(task_cfg)
+    name = settings.get("_name") or settings.get("task")
+    if name in (None, "translation"):
+        return []
+    flags = ["--task", name]
+    for key in MULTILINGUAL_TASK_FLAGS:
+        value = settings.get(key)
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, ",".join(map(str, value))]
+        elif value not in (None, False):
+            flags += [flag, str(value)]
+    return flags
+
+
+def run_task(cfg, what: str, data: Optional[str] = None):
+    """The task of the run that wrote a checkpoint (config ``cfg``), with its data-bin
+    replaced by ``data`` if given; ``what`` names the checkpoint in errors."""
+    if data is not None:
+        with open_dict(cfg):
+            cfg.task.data = data
+    try:
+        return tasks.setup_task(cfg.task)
+    except FileNotFoundError as e:
+        raise WDSetupError(
+            f"{what}: the data-bin of its run ({cfg.task.data}) is missing "
+            f"({e}). Fix: pass --data with the data-bin holding its dictionaries"
+        ) from e
+
+
+def print_written(student: str, flags: List[str], next_step: str) -> None:
+    """What was written, and the stock fairseq-train command that trains it."""
+    print(f"wrote {student}")
+    print(f"{next_step} (stock fairseq): fairseq-train DATA "
+          + " ".join(shlex.quote(f) for f in flags)
+          + f" --finetune-from-model {shlex.quote(student)} ...")
+
+
+def stock_checkpoint(stock: TransformerModel, args: Dict, run_cfg) -> dict:
+    """A checkpoint of the stock ``transformer`` ``stock`` (built from ``args``), fp32,
+    plain containers only; task and other settings from ``run_cfg`` (the config of the
+    run it comes from)."""
+    cfg = _plain(OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True))
+    cfg["model"] = _plain(args)
+    cfg["common"]["user_dir"] = None
+    cfg["criterion"] = {"_name": "label_smoothed_cross_entropy", "label_smoothing": 0.1}
+    return {
+        "args": None,
+        "cfg": cfg,
+        "model": {k: v.float().contiguous() for k, v in stock.state_dict().items()},
+        "criterion": None,
+        "optimizer_history": [
+            {"criterion_name": "LabelSmoothedCrossEntropyCriterion",
+             "optimizer_name": "none", "lr_scheduler_state": {}, "num_updates": 0}
+        ],
+        "task_state": {},
+        "extra_state": {
+            "train_iterator": {"epoch": 1, "iterations_in_epoch": 0, "version": 2},
+            "previous_training_time": 0.0,
+        },
+        "last_optimizer_state": None,
+    }
+
+
+def check_output(path: str) -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    if os.path.isdir(path):
+        raise WDSetupError(
+            f"STUDENT {path}: is a directory. Fix: give a file name, e.g. "
+            f"{os.path.join(path, 'student.pt')}"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        raise WDSetupError(
+            f"STUDENT {path}: directory {directory} does not exist or is not writable. "
+            "Fix: create it or choose another output path"
+        )
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file next to ``path``, then rename: no partial file.
+    Refused up front where the tensors do not fit on the disk."""
+    check_output(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    needed = tensor_sizes(obj)[1]
+    what, fix = f"STUDENT {path}", "free space there, or choose another output path"
+    require_free_space(directory, needed, what, fix)
+    try:
+        with disk_full_errors(directory, needed, what, fix), \
+                atomic_writer(path, "wb", prefix=".wd-materialize-", suffix=".pt") as f:
+            torch.save(obj, f)
+    except OSError as e:
+        raise WDSetupError(
+            f"STUDENT {path}: writing failed ({e}); {path} was not written. "
+            "Fix: free disk space or choose another output path"
+        ) from e

@@ -1,0 +1,217 @@
+"""Which engine decodes a ``wd-kd-data`` job, on what, and how it runs.
+
+The device (``--cpu``, else a GPU where the engine sees one), the CTranslate2
+quantization of that device, the engine itself (an automatic choice falls back from
+CTranslate2 to fairseq when the converter refuses the teacher; the conversion is cached
+in the work directory), the number of decoding processes (fairseq: one per GPU;
+CTranslate2 decodes on every visible GPU from one process), and :func:`decode_into`, which
+runs an engine over batches of the plan into the shard store.
+"""
+
+import importlib.util
+import logging
+import multiprocessing
+import os
+import sys
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .kd_binarize import Split, load_side
+from .kd_decoding import (CTranslate2Engine, FairseqEngine, Filters, Progress, classify,
+                          cpu_threads, hypothesis_limit)
+from .kd_shards import ShardStore
+from .multilingual import LangTokens, data_task, lang_tokens
+from .teacher import WDSetupError, load_teacher, read_checkpoint, task_langs
+
+if TYPE_CHECKING:
+    from .kd_data import KDJob
+
+logger = logging.getLogger("wd_fairseq.kd_engines")
+
+ENGINES = ("ctranslate2", "fairseq")
+#: --quantization choices of the CTranslate2 engine, by device.
+QUANTIZATIONS = {"cpu": ("int8", "float32"), "cuda": ("float16", "int8_float16", "int8", "float32")}
+
+
+def kd_task(data: str, teacher_path: str, source_lang: str, target_lang: str):
+    """(task, language tokens) that decode ``source_lang``-``target_lang`` of ``data`` with
+    the teacher, checked against it (every engine): fairseq's translation task, or the
+    teacher's own multilingual task set up for that direction."""
+    state = read_checkpoint(teacher_path, "--teacher-path")
+    task = data_task(state, data, source_lang, target_lang, "--teacher-path", teacher_path)
+    del state
+    return task, lang_tokens(task, source_lang, target_lang)
+
+
+def ctranslate2_available() -> bool:
+    return importlib.util.find_spec("ctranslate2") is not None
+
+
+def engine_device(cpu: bool, engine: str) -> str:
+    """``cpu`` or ``cuda``: the CPU if asked, else a GPU where ``engine`` sees one."""
+    if cpu:
+        return "cpu"
+    if engine == "ctranslate2":
+        import ctranslate2
+
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_quantization(quantization: Optional[str], device: str) -> str:
+    """``quantization``, or the device's default, refused where the device lacks it."""
+    choices = QUANTIZATIONS[device]
+    if quantization is None:
+        return choices[0]
+    if quantization not in choices:
+        raise WDSetupError(
+            f"--quantization {quantization}: not available on the {device} "
+            f"(choose {', '.join(choices)}). Fix: pick one of those"
+            + (", or run on a GPU" if device == "cpu" else "")
+        )
+    return quantization
+
+
+def engine_settings(engine: str, device: str, quantization: Optional[str], fp16: bool) -> Dict:
+    """The manifest entries that make one engine's output differ from another's."""
+    if engine == "ctranslate2":
+        return {"engine": engine, "device": device,
+                "quantization": check_quantization(quantization, device)}
+    return {"engine": engine, "device": device, "fp16": fp16}
+
+
+def check_workers(workers: Optional[int], engine: Optional[str], chosen: bool,
+                  cuda: bool = False) -> int:
+    """The number of decoding processes: ``workers``, by default one per visible GPU for
+    fairseq on ``cuda``, else 1. ``engine``: the one decoding (None: not yet known);
+    ``chosen``: whether the user passed it (else it is the automatic choice)."""
+    if workers is not None and workers < 1:
+        raise WDSetupError(f"--workers {workers}: must be at least 1")
+    if engine == "ctranslate2" and (workers or 1) > 1:
+        raise WDSetupError(
+            f"--workers {workers}: for --engine fairseq; "
+            + ("CTranslate2 decodes on every visible GPU from one process. Fix: drop --workers"
+               if chosen else "the teacher converted, so CTranslate2 decodes (on every visible "
+               "GPU, from one process). Fix: drop --workers, or pass --engine fairseq"))
+    if engine == "fairseq" and cuda:
+        workers = workers or torch.cuda.device_count()
+        if workers > torch.cuda.device_count():
+            raise WDSetupError(f"--workers {workers}: only {torch.cuda.device_count()} GPUs "
+                               "are visible. Fix: pass at most that many")
+    return workers or 1
+
+
+def build_engine(job: "KDJob", candidates: List[str], manifests: Dict, task, tokens: LangTokens,
+                 work_dir: str):
+    """The first engine of ``candidates`` (each with its manifest in ``manifests``) that
+    accepts the teacher. An automatic choice falls back from CTranslate2 to fairseq when
+    the converter refuses the teacher."""
+    from .export_ctranslate2 import cached_export
+
+    for name in candidates:
+        settings = manifests[name]
+        if name == "ctranslate2":
+            quantization = settings["quantization"]
+            try:
+                cached = cached_export(job.teacher_path, os.path.join(work_dir, f"ct2-{quantization}"),
+                                       job.data, quantization, settings["teacher"],
+                                       "--teacher-path", task_langs(task))
+            except WDSetupError as e:
+                if job.engine is not None:
+                    raise
+                logger.info("CTranslate2 cannot take this teacher (%s); decoding with fairseq", e)
+                continue
+            return CTranslate2Engine(
+                os.path.join(work_dir, f"ct2-{quantization}"), quantization, settings["device"],
+                job.threads or cpu_threads(), job.beam, job.lenpen, job.max_len_a, job.max_len_b,
+                task.source_dictionary, tokens,
+                (min(cached["max_positions"][0], task.max_positions()[0]),
+                 cached["max_positions"][1]))
+        return fairseq_engine(job, task, tokens, torch.device(settings["device"]))
+    raise AssertionError("fairseq is always a candidate of an automatic choice")
+
+
+def fairseq_engine(job: "KDJob", task, tokens: LangTokens, device: torch.device) -> FairseqEngine:
+    if device.type == "cpu" and job.threads:
+        torch.set_num_threads(job.threads)
+    teacher, _ = load_teacher(job.teacher_path, task)
+    teacher = teacher.to(device).eval()
+    if job.fp16:
+        teacher = teacher.half()
+    return FairseqEngine(teacher, task, tokens, job.beam, job.lenpen, job.max_len_a,
+                         job.max_len_b, device)
+
+
+def decode_into(decoder, source, batches: List[np.ndarray], store: ShardStore, save_every: int,
+                max_len_a: float, max_len_b: int, filters: Filters = Filters(),
+                label: str = "") -> None:
+    """Decode ``batches`` (arrays of corpus indices) of ``source`` with ``decoder``, saving
+    a shard every ``save_every`` sentences (whole batches only)."""
+    max_target = decoder.max_positions()[1]
+    progress = Progress(sum(len(b) for b in batches), label)
+    rows = []
+    for hypotheses in decoder.translate(source, batches):
+        for index, tokens, score in hypotheses:
+            size = int(source.sizes[index])
+            limit = hypothesis_limit(size, decoder.tokens, max_len_a, max_len_b, max_target)
+            flag = classify(tokens, limit, size - 1, score, filters)
+            rows.append((index, flag, " ".join(tokens)))
+        progress.update(len(hypotheses))
+        if len(rows) >= save_every:
+            store.save(rows)
+            rows = []
+    if rows:
+        store.save(rows)
+
+
+def run_workers(job: "KDJob", directory: str, devices: List[str],
+                batches: List[np.ndarray]) -> None:
+    """One fairseq process per device on every ``len(devices)``-th batch of the plan,
+    saving into the shard store ``directory``."""
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_fairseq_worker,
+                                 args=(job, directory, worker, device, batches[worker::len(devices)]))
+                 for worker, device in enumerate(devices)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [(w, p.exitcode) for w, p in enumerate(processes) if p.exitcode != 0]
+    if failed:
+        raise WDSetupError(
+            f"{directory}: decoding process(es) (worker, exit code) {failed} failed; "
+            "their errors are above. Fix: correct the cause and rerun: finished shards are kept"
+        )
+
+
+def _fairseq_worker(job: "KDJob", directory: str, worker: int, device: str,
+                    batches: List[np.ndarray]) -> None:
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        level=logging.INFO, stream=sys.stdout, force=True)
+    task, tokens = kd_task(job.data, job.teacher_path, job.source_lang, job.target_lang)
+    split = Split(job.data, job.split, job.source_lang, job.target_lang)
+    source, _ = load_side(split, job.source_lang, task.source_dictionary)
+    engine = fairseq_engine(job, task, tokens, torch.device(device))
+    decode_into(engine, source, batches, ShardStore(directory, worker), job.save_every,
+                job.max_len_a, job.max_len_b, job.filters, label=f"worker {worker} ({device}): ")
+
+
+def describe_fields(engine, workers: int = 1) -> Dict:
+    """The summary's record of what decoded: quantization, device(s), CPU threads."""
+    if engine.name == "ctranslate2":
+        return {"quantization": engine.compute_type, "device": engine.device,
+                "devices": engine.devices, "threads": engine.threads}
+    return {"quantization": "float16" if next(engine.teacher.parameters()).dtype == torch.float16
+            else "float32", "device": engine.device.type,
+            "devices": list(range(workers)) if engine.device.type == "cuda" or workers > 1
+            else [0],
+            "threads": torch.get_num_threads() if engine.device.type == "cpu" else None}
+
+
+def describe(engine, workers: int = 1) -> str:
+    fields = describe_fields(engine, workers)
+    threads = f", {fields['threads']} threads" if fields["threads"] else ""
+    return (f"{engine.name} ({fields['quantization']} on {fields['device']} "
+            f"{fields['devices']}{threads})")

@@ -1,0 +1,116 @@
+"""The decoded sentences of a ``wd-kd-data`` run, saved as they come so that an
+interrupted run resumes: shards ``part-WW-NNNNNN.tsv`` of rows ``id<TAB>flag<TAB>text``
+(sorted by id; ``WW`` the writing process) in a work directory, with the run's settings
+in ``manifest.json``. Other settings restart the store empty; the merged rows stream in
+corpus order, at most ``MAX_OPEN_SHARDS`` files open at once.
+"""
+
+import glob
+import hashlib
+import heapq
+import json
+import logging
+import os
+from typing import Dict, Iterator, List, Tuple
+
+import numpy as np
+
+from .files import atomic_writer, write_atomic
+
+logger = logging.getLogger("wd_fairseq.kd_shards")
+
+#: Shards merged at once (open files); more are first merged into bigger shards.
+MAX_OPEN_SHARDS = 128
+
+Row = Tuple[int, str, str]  # (corpus index, flag, hypothesis text)
+
+
+class ShardStore:
+    """The shards and manifest of one work directory; ``worker`` numbers the shards
+    this process writes."""
+
+    def __init__(self, directory: str, worker: int = 0):
+        self.directory, self.worker = directory, worker
+
+    def shards(self) -> List[str]:
+        return sorted(glob.glob(os.path.join(self.directory, "part-*.tsv")))
+
+    def open(self, manifest: Dict) -> None:
+        """Keep the shards of an earlier run with the same manifest, else start afresh."""
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, "manifest.json")
+        old = None
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        for stale in glob.glob(os.path.join(self.directory, ".*.tmp")):  # left by a killed run
+            os.remove(stale)
+        if old != manifest:
+            if self.shards():
+                logger.info("%s: earlier shards were made with other settings; restarting",
+                            self.directory)
+            for shard in self.shards():
+                os.remove(shard)
+            write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    def done(self, sentences: int) -> np.ndarray:
+        """Boolean mask (``sentences``,) of the sentences already saved."""
+        mask = np.zeros(sentences, dtype=bool)
+        for shard in self.shards():
+            with open(shard, encoding="utf-8") as f:
+                for line in f:
+                    mask[int(line[:line.index("\t")])] = True
+        return mask
+
+    def save(self, rows: List[Row]) -> None:
+        self._write(sorted(rows))
+
+    def _write(self, rows) -> None:
+        own = sorted(glob.glob(os.path.join(self.directory, f"part-{self.worker:02d}-*.tsv")))
+        number = int(os.path.basename(own[-1])[8:-4]) + 1 if own else 0
+        path = os.path.join(self.directory, f"part-{self.worker:02d}-{number:06d}.tsv")
+        with atomic_writer(path) as f:
+            for index, flag, text in rows:
+                f.write(f"{index}\t{flag}\t{text}\n")
+
+    def merged(self) -> Iterator[Row]:
+        """Every saved row once, in corpus order, streamed from the shards."""
+        while len(self.shards()) > MAX_OPEN_SHARDS:  # merge the oldest into one shard
+            group = self.shards()[:MAX_OPEN_SHARDS]
+            self._write(_merge(group))
+            for shard in group:  # a crash before this leaves duplicates, which _merge drops
+                os.remove(shard)
+        return _merge(self.shards())
+
+
+def _merge(shards: List[str]) -> Iterator[Row]:
+    files = [open(shard, encoding="utf-8") for shard in shards]
+    try:
+        previous = None
+        rows = (map(_parse_row, f) for f in files)
+        for row in heapq.merge(*rows, key=lambda r: r[0]):
+            if row[0] != previous:
+                previous = row[0]
+                yield row
+    finally:
+        for f in files:
+            f.close()
+
+
+def _parse_row(line: str) -> Row:
+    index, flag, text = line.rstrip("\n").split("\t", 2)
+    return int(index), flag, text
+
+
+def file_stamp(path: str, content_hash: bool = False) -> Dict:
+    """Path, size and mtime of a file, and with ``content_hash`` its SHA-256 (the
+    manifest's record of an input)."""
+    stat = os.stat(path)
+    stamp = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if content_hash:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        stamp["sha256"] = digest.hexdigest()
+    return stamp
