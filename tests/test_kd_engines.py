@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from unittest import mock
 
 import ctranslate2
 import numpy as np
@@ -295,3 +296,34 @@ def test_speed_benchmark_chunks_cover_the_split_and_rows_sum_them(data_bin, tmp_
     assert row["chunk_sentences_per_second"] == [30.0, 20.0]
     failed = dict(sentences=None, engine="e", error="no GPU")
     assert kd_data_speed.sum_chunks([chunks[0], failed]) == failed
+
+
+def teacher_loads(path, calls):
+    """torch.load, counting into ``calls`` the loads of the file ``path``."""
+    real = torch.load
+
+    def load(f, *args, **kwargs):
+        if os.path.realpath(str(getattr(f, "name", f))) == os.path.realpath(str(path)):
+            calls.append(1)
+        return real(f, *args, **kwargs)
+    return mock.patch.object(torch, "load", load)
+
+
+@pytest.mark.parametrize("engine", ["ctranslate2", "fairseq"])
+def test_each_tool_loads_the_teacher_once(data, postnorm_teacher, tmp_path, engine):
+    """wd-kd-data (either engine: the check, the disk estimate, the conversion or the
+    model share one read), wd-export-ct2 and wd-init-student load the teacher file once."""
+    from wd_fairseq import export_ctranslate2, init_student
+
+    runs = {"wd-kd-data": lambda: build_kd_split(KDJob(str(data), str(postnorm_teacher), beam=1,
+                                                       engine=engine, **CPU))}
+    if engine == "fairseq":  # (the other tools once)
+        runs["wd-export-ct2"] = lambda: export_ctranslate2.export(
+            str(postnorm_teacher), str(tmp_path / "ct2"), str(data), "float32")
+        runs["wd-init-student"] = lambda: init_student.init_student(
+            str(postnorm_teacher), str(tmp_path / "s.pt"), {"decoder_layers": 1}, data=str(data))
+    for tool, run in runs.items():
+        calls = []
+        with teacher_loads(postnorm_teacher, calls):
+            run()
+        assert len(calls) == 1, tool

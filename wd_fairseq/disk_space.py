@@ -95,17 +95,3 @@ def tensor_sizes(obj) -> Tuple[int, int]:
             todo += item
     return elements, total
 
-
-def checkpoint_tensor_sizes(path: str) -> Tuple[int, int]:
-    """:func:`tensor_sizes` of the model of a fairseq checkpoint file, read without
-    loading the tensors (mmap); bounded by the file's size where it cannot be read so."""
-    import torch
-
-    from .safe_loading import allow_fairseq_checkpoints
-
-    allow_fairseq_checkpoints()
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        return tensor_sizes(state["model"])
-    except Exception:  # an old (non-zip) format, or no "model"
-        return os.path.getsize(path) // 2, os.path.getsize(path)

@@ -120,10 +120,12 @@ def _replace_dir(new: str, target: str, scratch: str) -> None:
 
 def export(student: str, output: str, data: Optional[str] = None,
            quantization: str = "int8", force: bool = False, flag: str = "STUDENT",
-           direction: Tuple[Optional[str], Optional[str]] = (None, None)) -> Tuple[str, argparse.Namespace]:
+           direction: Tuple[Optional[str], Optional[str]] = (None, None),
+           state: Optional[dict] = None) -> Tuple[str, argparse.Namespace]:
     """Convert ``student`` (stock transformer checkpoint) to a CTranslate2 model
     directory ``output``; return the CTranslate2 version used and the converter's args.
-    ``flag`` names the checkpoint in error messages."""
+    ``flag`` names the checkpoint in error messages; ``state``: the file as
+    ``read_checkpoint`` returned it, if the caller has read it already."""
     version, FairseqConverter = _ctranslate2()
     if quantization not in QUANTIZATIONS:
         raise WDSetupError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
@@ -138,7 +140,8 @@ def export(student: str, output: str, data: Optional[str] = None,
             f"OUTPUT_DIR {output}: directory {parent} does not exist or is not writable. "
             "Fix: create it or choose another output directory"
         )
-    state = read_checkpoint(student, flag)  # also allow-lists Namespace for the converter
+    if state is None:
+        state = read_checkpoint(student, flag)  # also allow-lists Namespace for the converter
     args = converter_args(state, student, data, flag, direction)
     check_heads(args, student, version, flag)
     weights, model_bytes = tensor_sizes(state["model"])
@@ -193,7 +196,8 @@ def usage_line(output: str, args: argparse.Namespace) -> str:
 
 def cached_export(checkpoint: str, cache_dir: str, data: str, quantization: str,
                   identity: dict, flag: str,
-                  direction: Tuple[Optional[str], Optional[str]] = (None, None)) -> dict:
+                  direction: Tuple[Optional[str], Optional[str]] = (None, None),
+                  state: Optional[dict] = None) -> dict:
     """``cache_dir``, the export of ``checkpoint`` (file ``identity``: size, mtime,
     content hash) with ``quantization`` and the dictionaries of ``data``, converted
     now unless it already holds exactly that. Returns its ``wd-cache.json``:
@@ -214,11 +218,11 @@ def cached_export(checkpoint: str, cache_dir: str, data: str, quantization: str,
     parent, tmp = os.path.dirname(os.path.abspath(cache_dir)), cache_dir + ".tmp"
     for stale in [tmp] + glob.glob(os.path.join(parent, ".wd-export-ct2-*")):
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed conversion
-    export(checkpoint, tmp, data, quantization, force=True, flag=flag, direction=direction)
-    args = model_args(read_checkpoint(checkpoint, flag))
+    _, converted = export(checkpoint, tmp, data, quantization, force=True, flag=flag,
+                          direction=direction, state=state)
     cached = {"key": key, "max_positions": [
-        args.get("max_source_positions") or DEFAULT_MAX_SOURCE_POSITIONS,
-        args.get("max_target_positions") or DEFAULT_MAX_TARGET_POSITIONS]}
+        getattr(converted, "max_source_positions", None) or DEFAULT_MAX_SOURCE_POSITIONS,
+        getattr(converted, "max_target_positions", None) or DEFAULT_MAX_TARGET_POSITIONS]}
     with open(os.path.join(tmp, "wd-cache.json"), "w", encoding="utf-8") as f:
         json.dump(cached, f, indent=2, sort_keys=True)
     if os.path.exists(cache_dir):

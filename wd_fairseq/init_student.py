@@ -150,7 +150,7 @@ def init_student(teacher_path: str, student_path: str, flags: Dict, layers: str 
     state = read_checkpoint(teacher_path, "TEACHER")
     cfg = state["cfg"]
     task = run_task(cfg, f"TEACHER {teacher_path}", data)
-    teacher, teacher_args = load_teacher(teacher_path, task)
+    teacher, teacher_args = load_teacher(teacher_path, task, "TEACHER", state=state)
     teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
     args = student_shape(teacher_args, flags)
     student = TransformerModel.build_model(argparse.Namespace(**args), task)

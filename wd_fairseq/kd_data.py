@@ -52,7 +52,7 @@ from fairseq.data import Dictionary
 
 from .arguments import at_least_one, finite_float, nonnegative_float, nonnegative_int, positive_int
 from .cli import run_cli
-from .disk_space import checkpoint_tensor_sizes, disk_full_errors, require_free_space
+from .disk_space import disk_full_errors, require_free_space, tensor_sizes
 from .files import atomic_writer, write_atomic
 from .kd_binarize import Split, guard_reversed, infer_langs, is_placeholder, load_side, write_split
 from .kd_decoding import FLAGS, OK, SOURCE_TOO_LONG, Filters, batch_plan
@@ -97,9 +97,9 @@ class KDJob:
 
 
 def kd_space_needed(inp: Split, source, reference, tgt_dict: Dictionary, store: ShardStore,
-                    manifests: Dict) -> int:
+                    manifests: Dict, teacher_state: dict) -> int:
     """Estimated bytes that a KD run still writes: the CTranslate2 conversion (unless
-    cached; while converting, a copy of the teacher beside it), the decoded shards and
+    cached; while converting, a copy of the teacher (``teacher_state``) beside it), the decoded shards and
     text, and the split (target side about the reference's size, source side copied),
     less the shards already saved. Targets count a fifth more than the references."""
     sentences = len(source)
@@ -119,7 +119,7 @@ def kd_space_needed(inp: Split, source, reference, tgt_dict: Dictionary, store: 
             os.path.join(store.directory, f"ct2-{settings['quantization']}", "model.bin")):
         from .export_ctranslate2 import converted_bytes
 
-        weights, teacher = checkpoint_tensor_sizes(settings["teacher"]["path"])
+        weights, teacher = tensor_sizes(teacher_state["model"])
         needed = converted_bytes(weights, settings["quantization"], inp.data) + max(teacher, kd)
     return int(needed)
 
@@ -163,7 +163,7 @@ def build_kd_split(job: KDJob) -> Dict:
     job = check_options(job)
     data, out_split = job.data, job.out_split
     source_lang, target_lang = job.source_lang, job.target_lang
-    task, tokens = kd_task(data, job.teacher_path, source_lang, target_lang)
+    task, tokens, teacher_state = kd_task(data, job.teacher_path, source_lang, target_lang)
     inp = Split(data, job.split, source_lang, target_lang)
     out = Split(data, out_split, source_lang, target_lang)
     source, impl = load_side(inp, source_lang, task.source_dictionary)
@@ -212,7 +212,8 @@ def build_kd_split(job: KDJob) -> Dict:
     for stale in glob.glob(os.path.join(data, f".kd-tmp.{out_split}.*")):
         os.remove(stale)
 
-    needed = kd_space_needed(inp, source, reference, task.target_dictionary, store, manifests)
+    needed = kd_space_needed(inp, source, reference, task.target_dictionary, store, manifests,
+                             teacher_state)
     converting = "teacher conversion and " if "ctranslate2" in manifests else ""
     what = (f"the KD split '{out_split}' ({converting}decoded shards in {work_dir}/, then "
             f"{out_split}.{source_lang}-{target_lang}.{{{source_lang},{target_lang}}}.*)")
@@ -225,7 +226,8 @@ def build_kd_split(job: KDJob) -> Dict:
         return disk_full_errors(data, needed, what, fix, partial)
 
     os.makedirs(store.directory, exist_ok=True)
-    decoder = build_engine(job, candidates, manifests, task, tokens, store.directory)
+    decoder = build_engine(job, candidates, manifests, task, tokens, store.directory, teacher_state)
+    del teacher_state  # (the engine holds what it needs: a model or its conversion)
     manifest = manifests[decoder.name]
     workers = check_workers(job.workers, decoder.name, chosen=job.engine is not None,
                             cuda=decoder.name == "fairseq" and decoder.device.type == "cuda")

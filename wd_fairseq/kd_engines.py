@@ -36,13 +36,13 @@ QUANTIZATIONS = {"cpu": ("int8", "float32"), "cuda": ("float16", "int8_float16",
 
 
 def kd_task(data: str, teacher_path: str, source_lang: str, target_lang: str):
-    """(task, language tokens) that decode ``source_lang``-``target_lang`` of ``data`` with
-    the teacher, checked against it (every engine): fairseq's translation task, or the
-    teacher's own multilingual task set up for that direction."""
+    """(task, language tokens, teacher state) that decode ``source_lang``-``target_lang`` of
+    ``data`` with the teacher, checked against it (every engine): fairseq's translation
+    task, or the teacher's own multilingual task set up for that direction. The state is
+    the file read once: hand it to :func:`build_engine`, then let it go."""
     state = read_checkpoint(teacher_path, "--teacher-path")
     task = data_task(state, data, source_lang, target_lang, "--teacher-path", teacher_path)
-    del state
-    return task, lang_tokens(task, source_lang, target_lang)
+    return task, lang_tokens(task, source_lang, target_lang), state
 
 
 def ctranslate2_available() -> bool:
@@ -104,10 +104,10 @@ def check_workers(workers: Optional[int], engine: Optional[str], chosen: bool,
 
 
 def build_engine(job: "KDJob", candidates: List[str], manifests: Dict, task, tokens: LangTokens,
-                 work_dir: str):
+                 work_dir: str, state: dict):
     """The first engine of ``candidates`` (each with its manifest in ``manifests``) that
-    accepts the teacher. An automatic choice falls back from CTranslate2 to fairseq when
-    the converter refuses the teacher."""
+    accepts the teacher (``state``: its file as :func:`kd_task` read it). An automatic
+    choice falls back from CTranslate2 to fairseq when the converter refuses the teacher."""
     from .export_ctranslate2 import cached_export
 
     for name in candidates:
@@ -117,7 +117,7 @@ def build_engine(job: "KDJob", candidates: List[str], manifests: Dict, task, tok
             try:
                 cached = cached_export(job.teacher_path, os.path.join(work_dir, f"ct2-{quantization}"),
                                        job.data, quantization, settings["teacher"],
-                                       "--teacher-path", task_langs(task))
+                                       "--teacher-path", task_langs(task), state=state)
             except WDSetupError as e:
                 if job.engine is not None:
                     raise
@@ -129,14 +129,15 @@ def build_engine(job: "KDJob", candidates: List[str], manifests: Dict, task, tok
                 task.source_dictionary, tokens,
                 (min(cached["max_positions"][0], task.max_positions()[0]),
                  cached["max_positions"][1]))
-        return fairseq_engine(job, task, tokens, torch.device(settings["device"]))
+        return fairseq_engine(job, task, tokens, torch.device(settings["device"]), state)
     raise AssertionError("fairseq is always a candidate of an automatic choice")
 
 
-def fairseq_engine(job: "KDJob", task, tokens: LangTokens, device: torch.device) -> FairseqEngine:
+def fairseq_engine(job: "KDJob", task, tokens: LangTokens, device: torch.device,
+                   state: dict) -> FairseqEngine:
     if device.type == "cpu" and job.threads:
         torch.set_num_threads(job.threads)
-    teacher, _ = load_teacher(job.teacher_path, task)
+    teacher, _ = load_teacher(job.teacher_path, task, state=state)
     teacher = teacher.to(device).eval()
     if job.fp16:
         teacher = teacher.half()
@@ -190,10 +191,11 @@ def _fairseq_worker(job: "KDJob", directory: str, worker: int, device: str,
                     batches: List[np.ndarray]) -> None:
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         level=logging.INFO, stream=sys.stdout, force=True)
-    task, tokens = kd_task(job.data, job.teacher_path, job.source_lang, job.target_lang)
+    task, tokens, state = kd_task(job.data, job.teacher_path, job.source_lang, job.target_lang)
     split = Split(job.data, job.split, job.source_lang, job.target_lang)
     source, _ = load_side(split, job.source_lang, task.source_dictionary)
-    engine = fairseq_engine(job, task, tokens, torch.device(device))
+    engine = fairseq_engine(job, task, tokens, torch.device(device), state)
+    del state
     decode_into(engine, source, batches, ShardStore(directory, worker), job.save_every,
                 job.max_len_a, job.max_len_b, job.filters, label=f"worker {worker} ({device}): ")
 

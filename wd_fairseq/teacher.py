@@ -215,10 +215,13 @@ def build_teacher(args: dict, task) -> Tuple[TransformerModel, dict]:
     return teacher, json.loads(json.dumps(vars(namespace), default=str))
 
 
-def load_teacher(path: str, task, flag: str = "--teacher-path") -> Tuple[TransformerModel, dict]:
+def load_teacher(path: str, task, flag: str = "--teacher-path",
+                 state: Optional[dict] = None) -> Tuple[TransformerModel, dict]:
     """Load a stock translation Transformer (``flag`` names it in errors): the model and
-    its (completed) model args."""
-    state = read_checkpoint(path, flag)
+    its (completed) model args. ``state``: the file as :func:`read_checkpoint` returned
+    it, when the caller has read it already (each tool reads a teacher once)."""
+    if state is None:
+        state = read_checkpoint(path, flag)
     args = model_args(state)
     check_translation_transformer(args, path, flag)
     check_dictionaries(state, task, path, flag)

@@ -153,11 +153,11 @@ def build_engine(args):
         raise WDSetupError(f"--model {args.model}: no language pair recorded, and {data} has "
                            "no train.SRC-TGT files. Fix: pass --source-lang and --target-lang")
     task = data_task(state, data, src, tgt, "--model", args.model)
-    del state
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    model, _ = load_teacher(args.model, task, flag="--model")
+    model, _ = load_teacher(args.model, task, flag="--model", state=state)
+    del state
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.half()
