@@ -280,6 +280,12 @@ def bad_flags(tmp):
         ("wd-evaluate", ["score", "--generate-log", "log", "--refs", "ref", "--lang", "en",
                          "--name", "t", "--out", f"{tmp}/o.json"], "--convention", "bleu"),
     ]
+    translate = ["wd-translate", ["--model", MISSING]]
+    cases += [(*translate, "--beam", "0"), (*translate, "--lenpen", "inf"),
+              (*translate, "--max-len-a", "-1"), (*translate, "--max-len-b", "0"),
+              (*translate, "--batch-size", "0"), (*translate, "--max-tokens", "0"),
+              (*translate, "--threads", "0"), (*translate, "--bpe-vocabulary-threshold", "0"),
+              (*translate, "--tokenizer", "spacy"), (*translate, "--device", "tpu")]
     student = ["wd-init-student", [MISSING, f"{tmp}/student.pt"]]
     cases += [(*student, "--" + name.replace("_", "-"), "0") for name in SHAPE_FIELDS]
     cases += [(*student, "--" + name.replace("_", "-"), "1") for name in DROPOUT_FIELDS]
