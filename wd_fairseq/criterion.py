@@ -87,7 +87,11 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     @classmethod
     def add_args(cls, parser):
         """The criterion's flags; ``--teacher-path`` is skipped when the model
-        (``wd_transformer``) already defines it: both then read the same value."""
+        (``wd_transformer``) already defines it: both then read the same value.
+
+        argparse has no public way to ask whether a parser has a flag; its private
+        ``_option_string_actions`` is the least bad one (adding the flag twice raises,
+        and fairseq adds the model's flags before the criterion's)."""
         if "--teacher-path" in parser._option_string_actions:
             gen_parser_from_dataclass(parser, _FlagsWithoutTeacherPath())
         else:

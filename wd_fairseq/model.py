@@ -8,6 +8,11 @@ applied to the frozen teacher tensors of each tensor's layer group. Each model
 forward is one generation pass: every bank runs once. The teacher is held once,
 as a frozen stock Transformer in ``model.teacher`` (never in the optimizer), so a
 phase-1 checkpoint is self-contained.
+
+Over ~350 lines on purpose: choosing every student tensor's generator, building the banks,
+tying tables, converting per-tensor checkpoints and materialising in place are one job,
+turning a stock Transformer into a generated one and back; split, each part would reach
+into the others' state.
 """
 
 import argparse
