@@ -113,7 +113,7 @@ def test_sharing_teacher_with_a_narrower_student_decoder_ties_the_decoders_table
     """One table cannot have two widths: the student keeps the teacher's table (encoder)
     and its first 16 columns (decoder, tied with the output projection), as phase 1's
     --share-decoder-input-output-embed student of the same shape."""
-    flags = init_student(str(shared_teacher), str(tmp_path / "s.pt"),
+    flags, _ = init_student(str(shared_teacher), str(tmp_path / "s.pt"),
                          dict(decoder_embed_dim=16, decoder_attention_heads=2))
     assert "--share-decoder-input-output-embed" in flags and "--share-all-embeddings" not in flags
     student = load_stock(tmp_path / "s.pt", joined_data_bin)

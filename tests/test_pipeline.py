@@ -128,16 +128,21 @@ def test_stock_interactive_decodes_the_student(shared_run, raw_corpus):
 
 
 def test_phase2_from_the_printed_flags_is_stock_fairseq(prenorm_run, tmp_path):
-    """Stock fairseq-train fine-tunes the student (the pre-norm, tied-embedding one);
-    stock fairseq-generate decodes its checkpoint: no --user-dir, no env var."""
+    """The phase-2 command wd-materialize prints is complete: run as printed (DATA and
+    SAVE_DIR filled in, fewer updates), stock fairseq-train fine-tunes the student (the
+    pre-norm, tied-embedding one) with phase 1's training flags; stock fairseq-generate
+    decodes its checkpoint: no --user-dir, no env var."""
     run = prenorm_run
     line = next(l for l in run["materialize_stdout"].splitlines() if l.startswith("phase 2"))
-    flags = shlex.split(line.split("fairseq-train DATA", 1)[1].rsplit("--finetune-from-model", 1)[0])
-    assert "--share-decoder-input-output-embed" in flags and "--decoder-normalize-before" in flags
-    proc = run_cli(
-        "fairseq-train", run["data"], *flags, "--finetune-from-model", run["student"],
-        *TRAIN_FLAGS, "--max-update", 6, "--save-dir", tmp_path / "phase2",
-    )
+    places = {"DATA": str(run["data"]), "SAVE_DIR": str(tmp_path / "phase2")}
+    command = [places.get(a, a) for a in shlex.split(line.split("fairseq-train", 1)[1])]
+    assert "--share-decoder-input-output-embed" in command and "--decoder-normalize-before" in command
+    for flag, value in (("--upsample-primary", "1"), ("--data-buffer-size", "0"), ("--lr", "0.005"),
+                        ("--lr-scheduler", "inverse_sqrt"), ("--warmup-updates", "20"),
+                        ("--criterion", "label_smoothed_cross_entropy"), ("--max-tokens", "2000")):
+        assert command[command.index(flag) + 1] == value, flag  # phase 1's own training flags
+    assert "--update-offset 16 " in run["materialize_stdout"]  # how to continue phase 1's curve
+    proc = run_cli("fairseq-train", *command, "--max-update", 6, "--no-progress-bar")
     assert re.search(r"loaded checkpoint .*student\.pt", proc.stdout + proc.stderr, re.I)
     generate(run["data"], tmp_path / "phase2" / "checkpoint_last.pt")
     state = torch.load(tmp_path / "phase2" / "checkpoint_last.pt", weights_only=True)

@@ -99,12 +99,66 @@ def run_task(cfg, what: str, data: Optional[str] = None):
         ) from e
 
 
-def print_written(student: str, flags: List[str], next_step: str) -> None:
-    """What was written, and the stock fairseq-train command that trains it."""
+def training_flags(run_cfg) -> List[str]:
+    """The optimizer, learning-rate schedule, criterion, batch and precision flags of the
+    run whose config is ``run_cfg`` (a fairseq checkpoint's ``cfg``). Word-level KD
+    becomes its stock criterion, label-smoothed cross-entropy (the authors' phase 2)."""
+    def section(name):
+        value = run_cfg.get(name) if run_cfg is not None else None
+        return value if value is not None else {}
+
+    optimizer, optimization = section("optimizer"), section("optimization")
+    scheduler, criterion = section("lr_scheduler"), section("criterion")
+    dataset, common = section("dataset"), section("common")
+    flags = []
+    if optimizer.get("_name"):
+        flags += ["--optimizer", optimizer["_name"]]
+        if optimizer["_name"] == "adam":
+            betas = optimizer.get("adam_betas")
+            flags += ["--adam-betas", betas if isinstance(betas, str) else f"({betas[0]},{betas[1]})"]
+            flags += ["--adam-eps", str(optimizer.get("adam_eps"))]
+        if optimizer.get("weight_decay"):
+            flags += ["--weight-decay", str(optimizer["weight_decay"])]
+    if optimization.get("lr") is not None:
+        flags += ["--lr", ",".join(str(lr) for lr in optimization["lr"])]
+    if scheduler.get("_name"):
+        flags += ["--lr-scheduler", scheduler["_name"]]
+        for key in ("warmup_updates", "warmup_init_lr", "update_offset"):
+            if scheduler.get(key) is not None and scheduler[key] >= 0:
+                flags += ["--" + key.replace("_", "-"), str(scheduler[key])]
+    if optimization.get("clip_norm"):
+        flags += ["--clip-norm", str(optimization["clip_norm"])]
+    if criterion.get("_name"):
+        name = criterion["_name"]
+        flags += ["--criterion", "label_smoothed_cross_entropy" if name.startswith("kd_") else name]
+        if criterion.get("label_smoothing") is not None:
+            flags += ["--label-smoothing", str(criterion["label_smoothing"])]
+    if dataset.get("max_tokens"):
+        flags += ["--max-tokens", str(dataset["max_tokens"])]
+    elif dataset.get("batch_size"):
+        flags += ["--batch-size", str(dataset["batch_size"])]
+    update_freq = optimization.get("update_freq")
+    if update_freq is not None and list(update_freq) != [1]:
+        flags += ["--update-freq", ",".join(map(str, update_freq))]
+    if optimization.get("max_update"):
+        flags += ["--max-update", str(optimization["max_update"])]
+    flags += [f"--{precision}" for precision in ("fp16", "amp") if common.get(precision)]
+    return flags
+
+
+def print_written(student: str, flags: List[str], next_step: str, training: List[str],
+                  whose: str) -> None:
+    """What was written, and the complete stock fairseq-train command that trains it:
+    the student's flags, then ``training``, the training flags of the run ``whose``."""
     print(f"wrote {student}")
     print(f"{next_step} (stock fairseq): fairseq-train DATA "
           + " ".join(shlex.quote(f) for f in flags)
-          + f" --finetune-from-model {shlex.quote(student)} ...")
+          + f" --finetune-from-model {shlex.quote(student)} --upsample-primary 1"
+          + " --data-buffer-size 0 " + " ".join(shlex.quote(f) for f in training)
+          + " --save-dir SAVE_DIR")
+    print(f"  (DATA: the data-bin, with the KD split train1 if there is one: --upsample-primary 1 "
+          f"keeps fairseq 0.12 from breaking train + train1; the training flags are {whose}: "
+          "set --lr, --warmup-updates and --max-update for this stage)")
 
 
 def stock_checkpoint(stock: TransformerModel, args: Dict, run_cfg) -> dict:

@@ -22,7 +22,7 @@ shares its decoder's input and output tables, as phase 1 does for that shape. Th
 """
 
 import argparse
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from fairseq.models import ARCH_CONFIG_REGISTRY
@@ -30,7 +30,7 @@ from fairseq.models.transformer import TransformerModel
 
 from .arguments import positive_int, probability
 from .checkpoints import (check_output, phase2_flags, print_written, run_task, save_atomic,
-                          stock_checkpoint, task_flags)
+                          stock_checkpoint, task_flags, training_flags)
 from .cli import run_cli
 from .model import DROPOUT_FIELDS, SHAPE_FIELDS, transformer_arg_names
 from .teacher import WDSetupError, load_teacher, read_checkpoint
@@ -144,8 +144,9 @@ def selected_state(teacher: Dict[str, torch.Tensor], student: Dict[str, torch.Te
 
 
 def init_student(teacher_path: str, student_path: str, flags: Dict, layers: str = "spread",
-                 dims: str = "first", data: str = None) -> List[str]:
-    """Write the selected student of ``teacher_path``; return its phase-2 style flags."""
+                 dims: str = "first", data: str = None) -> Tuple[List[str], List[str]]:
+    """Write the selected student of ``teacher_path``; return its phase-2 style flags and
+    the teacher run's training flags."""
     check_output(student_path)
     state = read_checkpoint(teacher_path, "TEACHER")
     cfg = state["cfg"]
@@ -161,7 +162,7 @@ def init_student(teacher_path: str, student_path: str, flags: Dict, layers: str 
             teacher.state_dict(), student.state_dict(), layer_map,
             coordinates(teacher_args, args, dims)), strict=True)
     save_atomic(stock_checkpoint(student, args, cfg), student_path)
-    return task_flags(cfg.task) + phase2_flags(args)
+    return task_flags(cfg.task) + phase2_flags(args), training_flags(cfg)
 
 
 def cli_main(argv=None):
@@ -192,9 +193,9 @@ def cli_main(argv=None):
         preset = argparse.Namespace(**flags)
         ARCH_CONFIG_REGISTRY[args.arch](preset)
         flags = vars(preset)
-    phase2 = run_cli("wd-init-student", lambda: init_student(
+    phase2, training = run_cli("wd-init-student", lambda: init_student(
         args.teacher, args.student, flags, args.layers, args.dims, args.data))
-    print_written(args.student, phase2, "train it")
+    print_written(args.student, phase2, "train it", training, "the teacher's")
 
 
 if __name__ == "__main__":

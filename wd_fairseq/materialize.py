@@ -7,14 +7,14 @@ torch, with ``weights_only`` and without this plugin.
 """
 
 import argparse
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.models.transformer import TransformerModel
 
 from .checkpoints import (check_output, phase2_flags, print_written, run_task, save_atomic,
-                          stock_checkpoint, task_flags)
+                          stock_checkpoint, task_flags, training_flags)
 from .cli import run_cli
 from .teacher import WDSetupError, model_args, read_checkpoint
 
@@ -43,15 +43,18 @@ def student_checkpoint(model, task, phase1_state: dict) -> dict:
     return stock_checkpoint(stock, model.student_args, phase1_state["cfg"])
 
 
-def materialize(phase1: str, student: str, data: Optional[str] = None) -> List[str]:
+def materialize(phase1: str, student: str, data: Optional[str] = None) -> Tuple[List[str], List[str], int]:
     """Write the stock student of ``phase1`` to ``student``; return the phase-2 flags
-    (the task's first, where it is not the translation task)."""
+    (the task's first, where it is not the translation task), the phase-1 run's training
+    flags and its number of updates."""
     check_output(student)
     model, task, state = load_phase1(phase1, data)
     with torch.no_grad():
         checkpoint = student_checkpoint(model, task, state)
     save_atomic(checkpoint, student)
-    return task_flags(state["cfg"].task) + phase2_flags(model.student_args)
+    updates = (state.get("optimizer_history") or [{}])[-1].get("num_updates", 0)
+    return (task_flags(state["cfg"].task) + phase2_flags(model.student_args),
+            training_flags(state["cfg"]), updates)
 
 
 def cli_main(argv=None):
@@ -64,8 +67,13 @@ def cli_main(argv=None):
     parser.add_argument("student", metavar="STUDENT.pt", help="output: stock transformer checkpoint")
     parser.add_argument("--data", help="data-bin with the dictionaries (default: the phase-1 run's)")
     args = parser.parse_args(argv)
-    flags = run_cli("wd-materialize", lambda: materialize(args.phase1, args.student, args.data))
-    print_written(args.student, flags, "phase 2")
+    flags, training, updates = run_cli("wd-materialize",
+                                       lambda: materialize(args.phase1, args.student, args.data))
+    print_written(args.student, flags, "phase 2", training, "phase 1's")
+    print(f"  (the authors restart the schedule with --warmup-updates 1000; to go on along phase 1's "
+          f"inverse_sqrt curve instead: --user-dir WD --lr-scheduler inverse_sqrt_offset "
+          f"--update-offset {updates} with phase 1's --lr and --warmup-updates; WD: the directory "
+          "of the wd_fairseq package)")
 
 
 if __name__ == "__main__":
