@@ -15,8 +15,8 @@ from fairseq.data import Dictionary, data_utils
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from wd_fairseq.kd_binarize import Split
 from wd_fairseq.kd_data import KDJob, build_kd_split
-from wd_fairseq.kd_decoding import (EMPTY, LENGTH_RATIO, LOW_SCORE, OK, OVERLONG, PAD, Filters,
-                                    classify)
+from wd_fairseq.kd_decoding import (EMPTY, FLAGS, LENGTH_RATIO, LOW_SCORE, OK, OVERLONG, PAD, Filters,
+                                    classify, teacher_sanity)
 from wd_fairseq.teacher import WDSetupError
 
 N_TRAIN = 120
@@ -103,6 +103,10 @@ def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
     assert summary["engine"] == "fairseq" and summary["quantization"] == "float32"
     assert summary["device"] == "cpu" and summary["sentences_per_second"] > 0
     assert not list((data / "kd-train1").glob("part-*")) and not list(data.glob(".kd-tmp*"))
+    sanity = summary["teacher_sanity"]  # reported, with its rates out of the counts
+    assert sanity["fallback_rate"] == round(summary["fallback_to_reference"] / N_TRAIN, 4)
+    assert sanity["runaway_rate"] == round((summary["counts"][OVERLONG] + summary["counts"]["empty"]) / N_TRAIN, 4)
+    assert sanity["length_ratio"] > 0 and "teacher sanity: runaway rate" in out
 
     # The same sentences as stock fairseq-generate (beam 6, lenpen 1, BPE kept), by id.
     plain = shutil.copytree(data, tmp_path / "plain", ignore=shutil.ignore_patterns("train1*"))
@@ -197,6 +201,8 @@ def test_overlong_and_empty_hypotheses_fall_back_to_the_reference(data, postnorm
                                    cpu=True, engine=engine, threads=1))
     assert summary["counts"][OVERLONG] == N_TRAIN == summary["fallback_to_reference"]
     assert rows(data, "train1", "tgt") == rows(data, "train", "tgt")
+    # a teacher whose every hypothesis runs away is reported, and warned about
+    assert summary["teacher_sanity"] == {"runaway_rate": 1.0, "fallback_rate": 1.0, "length_ratio": None}
 
     assert classify([], 10) == EMPTY
     assert classify(["t5", "t6"], 3) == OK
@@ -233,6 +239,16 @@ def test_optional_filters_fall_back_and_are_counted(data, postnorm_teacher, tmp_
 def _texts(data, lang):
     dictionary = Dictionary.load(str(data / f"dict.{lang}.txt"))
     return [dictionary.string(row) for row in map(torch.tensor, rows(data, "train", lang))]
+
+
+def test_teacher_sanity_rates_and_warnings():
+    counts = dict.fromkeys(FLAGS, 0)
+    counts.update({OK: 90, OVERLONG: 5, EMPTY: 1, LOW_SCORE: 4})
+    report, warnings = teacher_sanity(counts, hypothesis_tokens=900, reference_tokens=1000)
+    assert report == {"runaway_rate": 0.06, "fallback_rate": 0.1, "length_ratio": 0.9}
+    assert len(warnings) == 1 and "6.0% of the teacher's hypotheses ran into the length limit" in warnings[0]
+    report, warnings = teacher_sanity(dict(counts, **{OVERLONG: 0, EMPTY: 0}), 1400, 1000)
+    assert len(warnings) == 1 and "1.40x as long as the references" in warnings[0]
 
 
 def test_mismatched_line_counts_are_refused(data, postnorm_teacher):

@@ -55,7 +55,7 @@ from .cli import run_cli
 from .disk_space import disk_full_errors, require_free_space, tensor_sizes
 from .files import atomic_writer, write_atomic
 from .kd_binarize import Split, guard_reversed, infer_langs, is_placeholder, load_side, write_split
-from .kd_decoding import FLAGS, OK, SOURCE_TOO_LONG, Filters, batch_plan
+from .kd_decoding import FLAGS, OK, SOURCE_TOO_LONG, Filters, batch_plan, teacher_sanity
 from .kd_engines import (ENGINES, QUANTIZATIONS, build_engine, check_quantization, check_workers,
                          ctranslate2_available, decode_into, describe, describe_fields,
                          engine_device, engine_settings, kd_task, run_workers)
@@ -265,6 +265,7 @@ def build_kd_split(job: KDJob) -> Dict:
 
     tgt_dict = task.target_dictionary
     counts = dict.fromkeys(FLAGS, 0)
+    lengths = {"hypotheses": 0, "references": 0}  # tokens of the kept pairs
     text_path = os.path.join(store.directory, f"{out_split}.{target_lang}")
 
     def target_rows(text_file) -> Iterator[torch.Tensor]:
@@ -273,6 +274,8 @@ def build_kd_split(job: KDJob) -> Dict:
             counts[flag] += 1
             if flag == OK:
                 row = tgt_dict.encode_line(text, add_if_not_exist=False)
+                lengths["hypotheses"] += len(row)
+                lengths["references"] += len(reference[index])
             else:
                 row = reference[index]
                 text = tgt_dict.string(row)
@@ -281,8 +284,9 @@ def build_kd_split(job: KDJob) -> Dict:
 
     with disk_full(), atomic_writer(text_path) as text_file:
         write_split(out, target_rows(text_file), inp.prefix(source_lang), impl, len(tgt_dict))
+    sanity, warnings = teacher_sanity(counts, lengths["hypotheses"], lengths["references"])
     summary = {
-        "sentences": len(source), "counts": counts,
+        "sentences": len(source), "counts": counts, "teacher_sanity": sanity,
         "fallback_to_reference": len(source) - counts[OK],
         "engine": decoder.name, **describe_fields(decoder, workers),
         "decoded_this_run": remaining,
@@ -300,6 +304,11 @@ def build_kd_split(job: KDJob) -> Dict:
                 os.path.join(data, f"{out_split}.{source_lang}-{target_lang}"), source_lang,
                 target_lang, len(source), summary["fallback_to_reference"],
                 ", ".join(f"{k} {v}" for k, v in counts.items() if k != OK))
+    logger.info("teacher sanity: runaway rate %.1f%%, fallback rate %.1f%%, kept hypotheses %sx "
+                "the references' length", 100 * sanity["runaway_rate"], 100 * sanity["fallback_rate"],
+                sanity["length_ratio"])
+    for warning in warnings:
+        logger.warning("teacher sanity: %s", warning)
     return summary
 
 

@@ -72,6 +72,30 @@ OK, EMPTY, OVERLONG, SOURCE_TOO_LONG = "ok", "empty", "overlong", "source-too-lo
 PAD = "pad-token"  # CTranslate2 put <pad> in the hypothesis (fairseq never does)
 LENGTH_RATIO, LOW_SCORE = "length-ratio", "low-score"  # the optional filters
 FLAGS = (OK, EMPTY, OVERLONG, SOURCE_TOO_LONG, PAD, LENGTH_RATIO, LOW_SCORE)
+#: Rules of thumb of a teacher worth distilling: at most this share of its hypotheses run
+#: into the length limit (degenerate repetition) or come out empty, and its kept
+#: hypotheses are about as long as the references.
+SANE_RUNAWAY_RATE, SANE_LENGTH_RATIO = 0.02, (0.8, 1.25)
+
+
+def teacher_sanity(counts: dict, hypothesis_tokens: int, reference_tokens: int):
+    """({runaway_rate, fallback_rate, length_ratio}, warnings) of a KD run: ``counts`` per
+    flag; the tokens of the kept hypotheses and of their references."""
+    total = max(sum(counts.values()), 1)
+    report = {"runaway_rate": round((counts[OVERLONG] + counts[EMPTY]) / total, 4),
+              "fallback_rate": round((total - counts[OK]) / total, 4),
+              "length_ratio": round(hypothesis_tokens / reference_tokens, 3) if reference_tokens else None}
+    warnings = []
+    if report["runaway_rate"] > SANE_RUNAWAY_RATE:
+        warnings.append(f"{report['runaway_rate']:.1%} of the teacher's hypotheses ran into the length "
+                        f"limit or came out empty (over {SANE_RUNAWAY_RATE:.0%}): a teacher that "
+                        "degenerates this often is weak, and its students learn from its other "
+                        "outputs too. Check its BLEU (wd-evaluate) before distilling")
+    low, high = SANE_LENGTH_RATIO
+    if report["length_ratio"] is not None and not low <= report["length_ratio"] <= high:
+        warnings.append(f"the teacher's kept hypotheses are {report['length_ratio']:.2f}x as long as "
+                        f"the references (outside {low}-{high}): check --lenpen and the teacher's BLEU")
+    return report, warnings
 
 
 def length_limit(size: int, max_len_a: float, max_len_b: int, max_target: int) -> int:
