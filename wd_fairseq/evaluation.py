@@ -28,6 +28,7 @@ from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
 from .cli import run_cli
 from .files import write_atomic
 from .romanian import normalize_romanian
+from .teacher import model_args
 
 _HYPOTHESIS = re.compile(r"^H-(\d+)\t[^\t]*\t(.*)$")
 _TIMING = re.compile(
@@ -198,14 +199,16 @@ def architecture_of(checkpoint: str) -> Optional[str]:
     its config and the sizes of its token tables (tensors memory-mapped, not read);
     None where the config lacks a shape option."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # a checkpoint of torch < 1.6 (not zip): no mmap
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as e:
         raise EvaluationError(f"{checkpoint}: cannot be read ({e}). Fix: pass the checkpoint "
                               "the timing runs decoded with") from e
-    model_cfg = (state.get("cfg") or {}).get("model") or state.get("args")
-    get = model_cfg.get if isinstance(model_cfg, dict) else lambda k: getattr(model_cfg, k, None)
-    values = [get(field) for field in ARCHITECTURE_FIELDS]
-    if model_cfg is None or any(v is None for v in values[:8]):
+    args = model_args(state)
+    values = [args.get(field) for field in ARCHITECTURE_FIELDS]
+    if any(v is None for v in values[:8]):
         return None
     tables = [tuple(state["model"][k].shape) for k in ("encoder.embed_tokens.weight",
                                                         "decoder.embed_tokens.weight")
