@@ -4,8 +4,10 @@ Everything goes through the real fairseq entry points (``fairseq-preprocess``,
 ``fairseq-train``) run as subprocesses from this interpreter's environment.
 """
 
+import fcntl
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,47 +119,62 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The directory ``name`` shared by every pytest-xdist worker of this run: the first
+    worker to ask runs ``build(directory)``, the others wait for it (a file lock) and
+    reuse the result. Users copy it before changing anything in it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base directory, above popen-gwN
+    directory, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a build that failed
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def raw_corpus(tmp_path_factory) -> Path:
-    raw = tmp_path_factory.mktemp("raw")
-    write_toy_corpus(raw)
-    return raw
+    return built_once(tmp_path_factory, "raw", write_toy_corpus)
 
 
 @pytest.fixture(scope="session")
 def data_bin(raw_corpus, tmp_path_factory) -> Path:
     """Separate source and target dictionaries."""
-    return preprocess(raw_corpus, tmp_path_factory.mktemp("data-bin"))
+    return built_once(tmp_path_factory, "data-bin", lambda d: preprocess(raw_corpus, d))
 
 
 @pytest.fixture(scope="session")
 def joined_data_bin(raw_corpus, tmp_path_factory) -> Path:
     """One joined dictionary (for --share-all-embeddings)."""
-    return preprocess(raw_corpus, tmp_path_factory.mktemp("data-bin-joined"), "--joined-dictionary")
+    return built_once(tmp_path_factory, "data-bin-joined",
+                      lambda d: preprocess(raw_corpus, d, "--joined-dictionary"))
 
 
 @pytest.fixture(scope="session")
 def postnorm_teacher(data_bin, tmp_path_factory) -> Path:
     """Post-norm, separate embeddings (the authors' teacher, in miniature)."""
-    return train_teacher(data_bin, tmp_path_factory.mktemp("teacher-postnorm"))
+    return built_once(tmp_path_factory, "teacher-postnorm",
+                      lambda d: train_teacher(data_bin, d)) / "checkpoint_last.pt"
 
 
 @pytest.fixture(scope="session")
 def prenorm_teacher(data_bin, tmp_path_factory) -> Path:
     """Pre-norm, tied decoder input/output embeddings."""
-    return train_teacher(
-        data_bin, tmp_path_factory.mktemp("teacher-prenorm"),
-        "--encoder-normalize-before", "--decoder-normalize-before",
-        "--share-decoder-input-output-embed",
-    )
+    return built_once(tmp_path_factory, "teacher-prenorm", lambda d: train_teacher(
+        data_bin, d, "--encoder-normalize-before", "--decoder-normalize-before",
+        "--share-decoder-input-output-embed")) / "checkpoint_last.pt"
 
 
 @pytest.fixture(scope="session")
 def shared_teacher(joined_data_bin, tmp_path_factory) -> Path:
     """All embeddings shared (joined dictionary)."""
-    return train_teacher(
-        joined_data_bin, tmp_path_factory.mktemp("teacher-shared"), "--share-all-embeddings"
-    )
+    return built_once(tmp_path_factory, "teacher-shared", lambda d: train_teacher(
+        joined_data_bin, d, "--share-all-embeddings")) / "checkpoint_last.pt"
 
 
 def translation_task(data: Path):

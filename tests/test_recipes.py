@@ -45,7 +45,7 @@ TINY = dict(
     STUDENT_DEC_HEADS="4", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="20",
     KD_UPDATES="10", PHASE1_UPDATES="10", PHASE2_UPDATES="10", SAVE_INTERVAL_UPDATES="5",
     AVG_LAST="2", KD_ALPHA="0.5", KD_TEMPERATURE="2", KD_MAX_TOKENS="2000",
-    EVAL_BATCH_SIZE="64", SPEED_BATCH_SIZE="32", SPEED_ROUNDS="2", GENERATE_EXTRA="--max-len-a 1.5 --max-len-b 5",
+    EVAL_BATCH_SIZE="64", SPEED_BATCH_SIZE="32", SPEED_ROUNDS="2", GENERATE_EXTRA="--max-len-a 0 --max-len-b 20",
     TRAIN_EXTRA="--validate-interval 100", KD_EXTRA="--filter-length-ratio 50",
 )
 
@@ -255,7 +255,7 @@ def test_translate_raw_text_as_the_pipeline_prepares_it(recipe_run, tmp_path):
     raw = read_lines(str(work / "raw" / "test.en"))
     assert [" ".join(codec.encode(line)) for line in raw] == read_lines(str(work / "bpe" / "test.en"))
     student = work / "wd_phase2" / "checkpoint_avg.pt"
-    search = ["--max-len-a", "1.5", "--max-len-b", "5"]
+    search = ["--max-len-a", "0", "--max-len-b", "20"]
     generated = run_cli("fairseq-generate", work / "data-bin", "--path", student, "--gen-subset", "test",
                         "--beam", "6", "--remove-bpe", "--batch-size", "1", "--required-batch-size-multiple",
                         "1", "--cpu", *search)

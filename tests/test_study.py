@@ -24,7 +24,7 @@ TINY = dict(
     MAX_TOKENS="1000", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="30",
     TEACHER_AVERAGE="updates", AVG_LAST="2", SAVE_INTERVAL_UPDATES="5", PHASE1="10", PHASE1_LONG="15", LONG="25",
     LONG_BUDGETS="20", PARTS="base seed1 variants", KD_MAX_TOKENS="2000", EVAL_BATCH_SIZE="64",
-    GENERATE_EXTRA="--max-len-a 1.5 --max-len-b 5", TRAIN_EXTRA="--validate-interval 100",
+    GENERATE_EXTRA="--max-len-a 0 --max-len-b 20", TRAIN_EXTRA="--validate-interval 100",
 )
 
 
