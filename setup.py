@@ -93,6 +93,7 @@ setup(
             "wd-init-student = wd_fairseq.init_student:cli_main",
             "wd-trim-vocab = wd_fairseq.trim_vocab:cli_main",
             "wd-translate = wd_fairseq.translate:cli_main",
+            "wd-distill = wd_fairseq.distill:cli_main",
         ],
     },
 )

@@ -27,6 +27,7 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 finite_float = _number(float, lambda v: True, "a finite number")
 at_least_one = _number(float, lambda v: v >= 1, "a number >= 1")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
 probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 _PAIRS = re.compile(r"[^\s,-]+-[^\s,-]+(,[^\s,-]+-[^\s,-]+)*")

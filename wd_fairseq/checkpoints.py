@@ -187,6 +187,20 @@ def stock_checkpoint(stock: TransformerModel, args: Dict, run_cfg) -> dict:
     }
 
 
+def deployable_checkpoint(state: dict) -> dict:
+    """A checkpoint fairseq-train wrote (``state``, loaded), made stock for deployment:
+    fp32 weights, plain containers, no optimizer state, no plugin directory, and the
+    plugin's ``inverse_sqrt_offset`` schedule named as the stock ``inverse_sqrt``."""
+    cfg = _plain(state["cfg"])
+    cfg["common"]["user_dir"] = None
+    scheduler = cfg.get("lr_scheduler") or {}
+    if scheduler.get("_name") == "inverse_sqrt_offset":  # decoding never reads the schedule
+        cfg["lr_scheduler"] = {"_name": "inverse_sqrt", **{key: scheduler.get(key) for key in (
+            "warmup_updates", "warmup_init_lr", "lr")}}
+    return {**state, "cfg": cfg, "args": None, "last_optimizer_state": None,
+            "model": {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}}
+
+
 def check_output(path: str) -> None:
     """Refuse, before any work, an output path that cannot be written."""
     if os.path.isdir(path):

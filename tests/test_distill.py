@@ -1,0 +1,141 @@
+"""wd-distill: from a stock teacher (trained here with plain fairseq-train, conftest) and
+its data-bin to a scored, exported student; resume after a kill; the refusals of plan."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import BIN, run_cli
+
+#: Tiny sizes: 8 updates (WD: 4 + 4), a student decoder of 1 x 16, at most 12 tokens decoded.
+TINY = ["--updates", "8", "--phase1-updates", "4", "--decoder-layers", "1", "--decoder-embed-dim", "16",
+        "--decoder-ffn-embed-dim", "32", "--cpu", "--max-tokens", "2000", "--max-len-a", "0",
+        "--max-len-b", "12"]
+
+
+def distill(command, teacher, data, work, *extra, check=True):
+    return run_cli("wd-distill", command, "--teacher-path", teacher, "--data", data, "--work", work,
+                   *TINY, *extra, check=check)
+
+
+@pytest.fixture(scope="module")
+def wd_run(postnorm_teacher, data_bin, tmp_path_factory):
+    work = tmp_path_factory.mktemp("distill") / "wd"
+    plan = distill("plan", postnorm_teacher, data_bin, work)
+    run = distill("run", postnorm_teacher, data_bin, work)
+    return work, plan, run
+
+
+def student_weights(work):
+    return torch.load(work / "export" / "student.pt", weights_only=True)["model"]
+
+
+def test_run_scores_and_exports_a_stock_student(wd_run, data_bin, tmp_path):
+    work, plan, run = wd_run
+    assert "wd-slice (--method auto for 8 updates: WD slice below 3,200)" in plan.stdout
+    assert "[1/7] kd_data: to run" in plan.stdout and "[7/7] card: to run" in plan.stdout
+    card = json.loads((work / "results.json").read_text())
+    assert card["method"] == "wd-slice" and card["languages"] == "src-tgt"
+    for model in ("teacher_scores", "student_scores"):
+        assert 0 <= card[model]["sacrebleu"] <= 100 and card[model]["sacrebleu_signature"].startswith("nrefs:1")
+    assert card["speedup_vs_teacher"] > 0
+    assert len((work / "eval" / "references.txt").read_text().splitlines()) == 60
+    assert "| student |" in run.stdout and "wd-materialize" in (work / "results.md").read_text()
+    # phase 2 continued phase 1's learning-rate curve (one curve over the 8 updates)
+    phase2 = (work / "logs" / "wd_phase2.log").read_text()
+    assert "inverse_sqrt_offset" in phase2 and "'update_offset': 4" in phase2
+    # the export is stock: fairseq-generate decodes it without the plugin
+    state = torch.load(work / "export" / "student.pt", weights_only=True)
+    assert state["cfg"]["common"]["user_dir"] is None and state["last_optimizer_state"] is None
+    assert state["cfg"]["model"]["arch"] == "transformer"
+    generated = run_cli("fairseq-generate", data_bin, "--path", work / "export" / "student.pt", "--gen-subset",
+                        "test", "--beam", "2", "--max-len-b", "5", "--cpu", "--required-batch-size-multiple", "1")
+    assert "Translated 60 sentences" in generated.stdout + generated.stderr
+    assert (work / "export" / "ct2-int8" / "model.bin").is_file()
+    # the user's data-bin is never written: the KD split lives in WORK/data-bin-kd
+    assert not list(data_bin.glob("train1.*")) and list((work / "data-bin-kd").glob("train1.*"))
+
+
+def test_a_second_run_keeps_every_stage(wd_run, postnorm_teacher, data_bin):
+    work, _, _ = wd_run
+    before = (work / "results.json").stat().st_mtime_ns
+    proc = distill("run", postnorm_teacher, data_bin, work)
+    assert proc.stdout.count("done earlier, kept") == 7
+    assert (work / "results.json").stat().st_mtime_ns == before
+
+
+def kill_after_a_save(proc, log):
+    """SIGKILL ``proc``'s process group at a moment its fairseq-train (logging to ``log``)
+    has saved and is not saving: after a "Saved checkpoint" line (fairseq logs it once
+    checkpoint_last.pt is written) and before any later save began."""
+    deadline = time.time() + 300
+    while True:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before phase 2 saved"
+        text = log.read_text() if log.exists() else ""
+        if "Saved checkpoint" in text:
+            os.killpg(proc.pid, signal.SIGSTOP)
+            after = log.read_text().rsplit("Saved checkpoint", 1)[1].split("\n", 1)[-1]
+            if "checkpoint" not in after:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return
+            os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.02)
+
+
+def test_killed_mid_stage_resumes_to_the_same_student(wd_run, postnorm_teacher, data_bin, tmp_path):
+    """Killed in phase 2 just after its save at update 2, rerun: earlier stages are kept,
+    phase 2 resumes from its last save, and the student is the uninterrupted run's."""
+    work = tmp_path / "wd"
+    command = [str(BIN / "wd-distill"), "run", "--teacher-path", str(postnorm_teacher), "--data",
+               str(data_bin), "--work", str(work), *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    kill_after_a_save(proc, work / "logs" / "wd_phase2.log")
+    assert not (work / "done" / "wd_phase2").exists()
+    resumed = distill("run", postnorm_teacher, data_bin, work)
+    assert resumed.stdout.count("done earlier, kept") == 3  # kd_data, wd_phase1, materialize
+    assert "wd_phase2: resuming" in resumed.stdout
+    log = (work / "logs" / "wd_phase2.log").read_text()
+    assert re.search(r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch 1 @ [1-3] updates\)",
+                     log.split("$ fairseq-train")[-1])
+    for name, tensor in student_weights(wd_run[0]).items():
+        assert torch.equal(tensor, student_weights(work)[name]), name
+
+
+def test_selection_kd_and_changed_settings_rerun_what_they_change(wd_run, postnorm_teacher, data_bin):
+    """selection-kd in the same work directory: the KD data is kept (same teacher, data,
+    decoding), training and everything after it run for the new method."""
+    work, _, _ = wd_run
+    proc = distill("run", postnorm_teacher, data_bin, work, "--method", "selection-kd")
+    assert proc.stdout.count("done earlier, kept") == 1  # kd_data
+    card = json.loads((work / "results.json").read_text())
+    assert card["method"] == "selection-kd" and card["chosen_by"] == "--method"
+    log = (work / "logs" / "train.log").read_text()
+    assert "$ wd-init-student" in log and "--finetune-from-model" in log
+
+
+def test_plan_refuses_before_any_work(wd_run, postnorm_teacher, prenorm_teacher, data_bin,
+                                     joined_data_bin, tmp_path):
+    proc = distill("plan", prenorm_teacher, data_bin, wd_run[0], check=False)
+    assert proc.returncode == 1 and f"holds the run of teacher {postnorm_teacher}" in proc.stderr
+    work = tmp_path / "work"
+    proc = distill("plan", postnorm_teacher, joined_data_bin, work, check=False)
+    assert proc.returncode == 1 and "vocabulary has" in proc.stderr and "Fix:" in proc.stderr
+    proc = distill("plan", postnorm_teacher, data_bin, work, "--decoder-embed-dim", "48", check=False)
+    assert proc.returncode == 1 and "--decoder-embed-dim 48" in proc.stderr and "Fix:" in proc.stderr
+    proc = distill("plan", postnorm_teacher, data_bin, work, "--test-split", "blind", check=False)
+    assert proc.returncode == 1 and "no split 'blind'" in proc.stderr
+    assert not work.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    proc = distill("plan", postnorm_teacher, data_bin, other, check=False)
+    assert proc.returncode == 1 and "holds other files" in proc.stderr

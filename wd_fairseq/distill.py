@@ -1,0 +1,299 @@
+"""``wd-distill plan|run``: from a stock fairseq teacher and its data-bin to a scored,
+exported student, in resumable stages (``stages.py``) under one work directory.
+
+1. ``kd_data``: ``wd-kd-data`` into ``WORK/data-bin-kd`` (links to the data-bin's files
+   and the KD split ``train1``);
+2. training, by ``--method``: ``wd`` / ``wd-slice``: phase 1, ``wd-materialize``, phase 2
+   (on the learning-rate curve phase 1 started, or the authors' restart);
+   ``selection-kd``: ``wd-init-student``, then KD training; ``kd``: KD from scratch;
+   ``auto``: by the budget, the README's measured recommendation;
+3. ``evaluate``: ``fairseq-generate`` of teacher and student on the test split, scored by
+   ``wd-evaluate`` (sacreBLEU with signature, chrF, sentences/s);
+4. ``export``: a stock checkpoint without optimizer state, and CTranslate2 int8;
+5. ``card``: ``WORK/results.md`` and ``results.json``.
+
+``plan`` and ``run`` first check, before any work (``distill_checks.py``): the teacher, the
+data-bin's dictionaries, the student shape, the test split, the disk, and that the work
+directory is not another teacher's or data-bin's run.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+from typing import Dict, List, Optional
+
+from .arguments import nonnegative_float, nonnegative_int, positive_float, positive_int
+from .cli import run_cli
+from .files import write_atomic
+from .stages import Command, Stage, describe, fingerprints, run_stages, status
+
+logger = logging.getLogger("wd_fairseq.distill")
+
+METHODS = ("auto", "wd", "wd-slice", "selection-kd", "kd")
+#: ``--method auto``: WD slice below this many updates, Selection + KD from it on (README,
+#: "Which method should I use?": WD slice led at 1,600 updates, Selection + KD at 6,400).
+AUTO_WD_BELOW = 3200
+PRESETS = ("wd_transformer", "wd_transformer_stu1", "wd_transformer_stu2")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillJob:
+    """The settings of a ``wd-distill`` run (its flags: same names and defaults)."""
+
+    teacher_path: str
+    data: str
+    work: str
+    updates: int
+    method: str = "auto"
+    arch: str = "wd_transformer"
+    shape: tuple = ()  # ((field, value), ...) of the shape flags given
+    phase1_updates: Optional[int] = None  # None: half of --updates
+    phase2_schedule: str = "continue"
+    lr: float = 7e-4
+    warmup_updates: Optional[int] = None  # None: --updates / 16, at most 4,000
+    max_tokens: int = 4096
+    update_freq: int = 1
+    seed: int = 1
+    beam: int = 6
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    test_split: str = "test"
+    test_refs: Optional[str] = None
+    kd_engine: Optional[str] = None
+    cpu: bool = False
+    fp16: bool = False
+
+    @property
+    def chosen_method(self) -> str:
+        if self.method != "auto":
+            return self.method
+        return "wd-slice" if self.updates < AUTO_WD_BELOW else "selection-kd"
+
+    @property
+    def warmup(self) -> int:
+        if self.warmup_updates is not None:
+            return self.warmup_updates
+        return max(1, min(4000, self.updates // 16))
+
+    @property
+    def phase1(self) -> int:
+        return self.phase1_updates if self.phase1_updates is not None else max(1, self.updates // 2)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(os.path.abspath(self.work), *parts)
+
+
+def user_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def device_flags(job: DistillJob) -> List[str]:
+    return ["--cpu"] if job.cpu else (["--fp16"] if job.fp16 else [])
+
+
+def training_flags(job: DistillJob, updates: int, save_dir: str) -> List[str]:
+    """What every training stage shares: the authors' optimizer and criterion, the
+    budget's learning-rate curve, KD data read as fairseq 0.12 needs it, saves for resume."""
+    every = max(1, updates // 10)
+    return ["--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(job.lr),
+            "--lr-scheduler", "inverse_sqrt", "--warmup-init-lr", "1e-07",
+            "--warmup-updates", str(job.warmup), "--criterion", "label_smoothed_cross_entropy",
+            "--label-smoothing", "0.1", "--max-tokens", str(job.max_tokens),
+            "--update-freq", str(job.update_freq), "--seed", str(job.seed),
+            "--max-update", str(updates), "--upsample-primary", "1", "--data-buffer-size", "0",
+            "--save-interval-updates", str(every), "--keep-interval-updates", "1",
+            "--no-epoch-checkpoints", "--no-progress-bar", "--log-format", "simple",
+            "--log-interval", str(min(100, every)), "--save-dir", save_dir, *device_flags(job)]
+
+
+def student_flags(student: Dict) -> List[str]:
+    """The shape flags of phase 1 and ``wd-init-student`` for student args ``student``."""
+    from .model import SHAPE_FIELDS
+
+    flags = [part for name in SHAPE_FIELDS for part in ("--" + name.replace("_", "-"), str(student[name]))]
+    if student.get("share_decoder_input_output_embed") and not student.get("share_all_embeddings"):
+        flags.append("--share-decoder-input-output-embed")
+    return flags
+
+
+def generate(job: DistillJob, checkpoint: str, out: str) -> Command:
+    return Command(["fairseq-generate", job.data, "--path", checkpoint, "--gen-subset", job.test_split,
+                    "--beam", str(job.beam), "--max-len-a", str(job.max_len_a),
+                    "--max-len-b", str(job.max_len_b), "--remove-bpe", "--batch-size", "64",
+                    "--required-batch-size-multiple", "1", *device_flags(job)], output=out)
+
+
+def build_stages(job: DistillJob, checked) -> List[Stage]:
+    """The stages of ``job``; ``checked``: what ``distill_checks.check_job`` found."""
+    from .checkpoints import phase2_flags
+    from .distill_card import export_stock, link_data, write_card, write_references
+
+    teacher, kd_bin, method = os.path.abspath(job.teacher_path), job.path("data-bin-kd"), job.chosen_method
+    stock = phase2_flags(checked.student)
+    stages = [Stage("kd_data", outputs=[kd_bin], inputs={"teacher": checked.teacher_stamp,
+                                                          "data": checked.data_stamp}, actions=[
+        functools.partial(link_data, os.path.abspath(job.data), kd_bin),
+        Command(["wd-kd-data", kd_bin, "--teacher-path", teacher, "--beam", str(job.beam),
+                 "--max-len-a", str(job.max_len_a), "--max-len-b", str(job.max_len_b),
+                 *(["--engine", job.kd_engine] if job.kd_engine else []),
+                 *(["--cpu"] if job.cpu else [])])])]
+    if method in ("wd", "wd-slice"):
+        phase1_dir, phase2_dir = job.path("wd_phase1"), job.path("wd_phase2")
+        init, rest = os.path.join(phase2_dir, "init.pt"), job.updates - job.phase1
+        phase2 = training_flags(job, rest, phase2_dir)
+        if job.phase2_schedule == "continue":  # phase 2's update s trains at the rate of update phase1 + s
+            phase2[phase2.index("inverse_sqrt")] = "inverse_sqrt_offset"
+            phase2 += ["--update-offset", str(job.phase1), "--user-dir", user_dir()]
+        else:  # the authors' restart: a new warmup (theirs: 1,000 updates)
+            phase2[phase2.index("--warmup-updates") + 1] = str(max(1, min(1000, rest // 4)))
+        stages += [
+            Stage("wd_phase1", depends=["kd_data"], outputs=[phase1_dir], actions=[Command([
+                "fairseq-train", kd_bin, "--user-dir", user_dir(), "--arch", "wd_transformer",
+                "--teacher-path", teacher, *student_flags(checked.student),
+                *(["--wd-init", "slice"] if method == "wd-slice" else []),
+                *training_flags(job, job.phase1, phase1_dir)])]),
+            Stage("materialize", depends=["wd_phase1"], outputs=[init], actions=[
+                functools.partial(os.makedirs, phase2_dir, exist_ok=True),
+                Command(["wd-materialize", os.path.join(phase1_dir, "checkpoint_last.pt"), init])]),
+            Stage("wd_phase2", depends=["materialize"], outputs=[
+                os.path.join(phase2_dir, f) for f in ("checkpoint_last.pt", "checkpoint_best.pt")],
+                actions=[Command(["fairseq-train", kd_bin, *stock, "--finetune-from-model", init, *phase2])]),
+        ]
+        final = os.path.join(phase2_dir, "checkpoint_last.pt")
+    else:
+        save_dir = job.path("student")
+        train = ["fairseq-train", kd_bin, *stock, *training_flags(job, job.updates, save_dir)]
+        actions = [Command(train)]
+        if method == "selection-kd":
+            init = job.path("selection.pt")
+            actions = [Command(["wd-init-student", teacher, init, *student_flags(checked.student)]),
+                       Command(train + ["--finetune-from-model", init])]
+        stages.append(Stage("train", depends=["kd_data"], outputs=[save_dir], actions=actions))
+        final = os.path.join(save_dir, "checkpoint_last.pt")
+    trained, eval_dir, export_dir = stages[-1].name, job.path("eval"), job.path("export")
+    refs = job.test_refs or os.path.join(eval_dir, "references.txt")
+    scores = []
+    for name in ("teacher", "student"):
+        scores.append(Command(["wd-evaluate", "score", "--generate-log", os.path.join(eval_dir, f"{name}.gen"),
+                               "--refs", refs, "--lang", checked.target_lang, "--name", name,
+                               "--test-set", job.test_split, "--hypotheses-out",
+                               os.path.join(eval_dir, f"{name}.hyp"), "--out",
+                               os.path.join(eval_dir, f"{name}.json")]))
+    stages += [
+        Stage("evaluate", depends=[trained], outputs=[eval_dir], actions=[
+            functools.partial(os.makedirs, eval_dir, exist_ok=True),
+            generate(job, teacher, os.path.join(eval_dir, "teacher.gen")),
+            generate(job, final, os.path.join(eval_dir, "student.gen")),
+            *([] if job.test_refs else [functools.partial(
+                write_references, os.path.join(eval_dir, "teacher.gen"), refs, checked.target_lang)]),
+            *scores]),
+        Stage("export", depends=[trained], outputs=[export_dir], actions=[
+            functools.partial(export_stock, final, os.path.join(export_dir, "student.pt")),
+            Command(["wd-export-ct2", os.path.join(export_dir, "student.pt"),
+                     os.path.join(export_dir, "ct2-int8"), "--quantization", "int8",
+                     "--data", os.path.abspath(job.data)])]),
+    ]
+    stages.append(Stage("card", depends=["evaluate", "export"],
+                        outputs=[job.path("results.md"), job.path("results.json")],
+                        actions=[functools.partial(write_card, job.path())]))
+    return stages
+
+
+def write_plan(job: DistillJob, checked, stages: List[Stage]) -> None:
+    """``WORK/plan.json``: what the card reports of the run (method, settings, commands)."""
+    record = {"method": job.chosen_method, "chosen_by": "auto" if job.method == "auto" else "--method",
+              "languages": f"{checked.source_lang}-{checked.target_lang}", "updates": job.updates,
+              "settings": {k: v for k, v in dataclasses.asdict(job).items()},
+              "parameters": {"teacher": checked.teacher_params, "student": checked.student_params},
+              "commands": [describe(a) for stage in stages for a in stage.actions]}
+    write_atomic(job.path("plan.json"), json.dumps(record, indent=2, default=str) + "\n")
+
+
+def plan_text(job: DistillJob, checked, stages: List[Stage]) -> str:
+    from .distill_checks import resources
+
+    why = (f"--method auto for {job.updates:,} updates: "
+           + (f"WD slice below {AUTO_WD_BELOW:,}" if job.chosen_method == "wd-slice"
+              else f"Selection + KD from {AUTO_WD_BELOW:,} on")) if job.method == "auto" else "--method"
+    lines = [f"wd-distill: {job.chosen_method} ({why}); {checked.source_lang}->{checked.target_lang}; "
+             f"work directory {job.path()}", *resources(job, checked)]
+    prints = fingerprints(stages)
+    for number, stage in enumerate(stages, 1):
+        lines.append(f"[{number}/{len(stages)}] {stage.name}: {status(stage, job.path(), prints[stage.name])}")
+        lines += [f"    {describe(a)}" for a in stage.actions]
+    return "\n".join(lines)
+
+
+def job_of(args: argparse.Namespace) -> DistillJob:
+    from .model import SHAPE_FIELDS
+
+    shape = tuple((name, getattr(args, name)) for name in SHAPE_FIELDS if getattr(args, name) is not None)
+    fields = {f.name for f in dataclasses.fields(DistillJob)} - {"shape"}
+    return DistillJob(shape=shape, **{name: getattr(args, name) for name in fields})
+
+
+def parser() -> argparse.ArgumentParser:
+    from .model import SHAPE_FIELDS
+
+    p = argparse.ArgumentParser(prog="wd-distill", description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=("plan", "run"), help="plan: check and print the stages; run: run them")
+    p.add_argument("--teacher-path", required=True, metavar="TEACHER.pt", help="stock fairseq translation Transformer")
+    p.add_argument("--data", required=True, metavar="DATA-BIN",
+                   help="fairseq-preprocess output with the teacher's dictionaries: train, valid, test")
+    p.add_argument("--work", required=True, help="the run's directory (created; a rerun resumes it)")
+    p.add_argument("--updates", type=positive_int, required=True, help="training updates of the student in all")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help=f"default auto: wd-slice below {AUTO_WD_BELOW} updates, else selection-kd")
+    p.add_argument("--arch", choices=PRESETS, default="wd_transformer",
+                   help="student preset (the authors' stu1/stu2); shape flags override it")
+    for name in SHAPE_FIELDS:
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int, help="student shape (default: the teacher's)")
+    p.add_argument("--phase1-updates", type=positive_int, help="wd, wd-slice: phase 1's share (default: half)")
+    p.add_argument("--phase2-schedule", choices=("continue", "restart"), default="continue",
+                   help="phase 2's learning rate: continue phase 1's curve (default; one curve over "
+                   "--updates, as the other methods) or restart it (the authors')")
+    p.add_argument("--lr", type=positive_float, default=7e-4, help="peak learning rate (default: 7e-4, the authors')")
+    p.add_argument("--warmup-updates", type=positive_int, help="default: --updates / 16, at most 4,000")
+    p.add_argument("--max-tokens", type=positive_int, default=4096, help="tokens per GPU batch (default: 4096)")
+    p.add_argument("--update-freq", type=positive_int, default=1)
+    p.add_argument("--seed", type=nonnegative_int, default=1)
+    p.add_argument("--beam", type=positive_int, default=6, help="KD data and evaluation (default: 6)")
+    p.add_argument("--max-len-a", type=nonnegative_float, default=1.2)
+    p.add_argument("--max-len-b", type=nonnegative_int, default=10)
+    p.add_argument("--test-split", default="test", help="the data-bin split scored (default: test)")
+    p.add_argument("--test-refs", help="raw references of the test split (default: its targets in the "
+                   "data-bin, BPE removed and Moses-detokenized: compares teacher and student only)")
+    p.add_argument("--kd-engine", choices=("ctranslate2", "fairseq"), help="wd-kd-data --engine")
+    p.add_argument("--cpu", action="store_true", help="train and decode on the CPU")
+    p.add_argument("--fp16", action="store_true", help="train and decode in fp16 (GPU)")
+    return p
+
+
+def cli_main(argv: Optional[List[str]] = None):
+    from .distill_checks import check_job
+
+    logging.basicConfig(format="%(asctime)s | %(message)s", datefmt="%H:%M:%S", level=logging.INFO,
+                        stream=sys.stdout, force=True)
+    logging.getLogger("fairseq").setLevel(logging.WARNING)  # its task set-up lines: not ours
+    args = parser().parse_args(argv)
+
+    def main():
+        job = job_of(args)
+        checked = check_job(job)
+        stages = build_stages(job, checked)
+        print(plan_text(job, checked, stages), flush=True)
+        if args.command == "run":
+            checked.claim(job)
+            write_plan(job, checked, stages)
+            run_stages(stages, job.path())
+            print(open(job.path("results.md"), encoding="utf-8").read())
+
+    run_cli("wd-distill", main)
+
+
+if __name__ == "__main__":
+    cli_main()

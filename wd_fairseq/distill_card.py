@@ -1,0 +1,79 @@
+"""The Python steps of ``wd-distill``'s stages: the KD data-bin's links, the test
+references, the stock export, and the results card (``WORK/results.md``/``.json``)."""
+
+import json
+import os
+from .files import write_atomic
+
+
+def link_data(data: str, kd_bin: str) -> None:
+    """``kd_bin``: a link to every file of the data-bin ``data`` (``wd-kd-data`` adds
+    ``train1`` beside them; the data-bin itself is never written)."""
+    os.makedirs(kd_bin, exist_ok=True)
+    for name in sorted(os.listdir(data)):
+        source, link = os.path.join(data, name), os.path.join(kd_bin, name)
+        if os.path.isfile(source) and not os.path.lexists(link):
+            os.symlink(source, link)
+
+
+def write_references(generate_log: str, out: str, lang: str) -> None:
+    """The test split's targets as ``fairseq-generate --remove-bpe`` printed them (``T-``
+    lines), Moses-detokenized, in corpus order: references for comparing models."""
+    from sacremoses import MosesDetokenizer
+
+    targets = {}
+    with open(generate_log, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            if line.startswith("T-"):
+                index, text = line.rstrip("\n").split("\t", 1)
+                targets[int(index[2:])] = text
+    detokenizer = MosesDetokenizer(lang)
+    write_atomic(out, "".join(detokenizer.detokenize(targets[i].split()) + "\n"
+                              for i in range(len(targets))))
+
+
+def export_stock(checkpoint: str, out: str) -> None:
+    """``out``: the trained student ``checkpoint`` as a stock fairseq checkpoint
+    (``checkpoints.deployable_checkpoint``), written atomically."""
+    import torch
+
+    from .checkpoints import deployable_checkpoint, save_atomic
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    save_atomic(deployable_checkpoint(state), out)
+
+
+def write_card(work: str) -> None:
+    """``results.json`` and ``results.md``: teacher against student (quality, speed,
+    size) and every command of the run (``plan.json``)."""
+    with open(os.path.join(work, "plan.json"), encoding="utf-8") as f:
+        plan = json.load(f)
+    eval_dir, export_dir = os.path.join(work, "eval"), os.path.join(work, "export")
+    rows = {}
+    for name in ("teacher", "student"):
+        with open(os.path.join(eval_dir, f"{name}.json"), encoding="utf-8") as f:
+            rows[name] = json.load(f)
+    ct2 = os.path.join(export_dir, "ct2-int8")
+    sizes = {"student.pt": os.path.getsize(os.path.join(export_dir, "student.pt")),
+             "ct2-int8": sum(os.path.getsize(os.path.join(ct2, f)) for f in os.listdir(ct2))}
+    teacher, student = rows["teacher"], rows["student"]
+    card = {**plan, "teacher_scores": teacher, "student_scores": student,
+            "speedup_vs_teacher": round(student["sentences_per_second"] / teacher["sentences_per_second"], 2),
+            "export": {"stock_checkpoint": os.path.join(export_dir, "student.pt"), "ctranslate2_int8": ct2,
+                       "bytes": sizes}}
+    write_atomic(os.path.join(work, "results.json"), json.dumps(card, indent=2) + "\n")
+    lines = [f"# wd-distill: {card['method']} ({card['chosen_by']}), {card['languages']}, "
+             f"{card['updates']:,} updates", "",
+             "| model | sacreBLEU | chrF | sentences/s | speed vs teacher |", "|---|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        speed = row["sentences_per_second"] / teacher["sentences_per_second"]
+        lines.append(f"| {name} | {row['sacrebleu']:.2f} | {row['chrf']:.2f} | "
+                     f"{row['sentences_per_second']:.1f} | {speed:.2f}x |")
+    lines += ["", f"- sacreBLEU signature: `{teacher['sacrebleu_signature']}`",
+              f"- test set: {teacher['test_set']} (fairseq-generate, beam and batch of the run's evaluate stage; "
+              "speed from that one decoding run)",
+              f"- deploy: stock fairseq `{card['export']['stock_checkpoint']}` ({sizes['student.pt'] / 1e6:.1f} MB), "
+              f"CTranslate2 int8 `{ct2}` ({sizes['ct2-int8'] / 1e6:.1f} MB)", "", "## Commands", ""]
+    lines += [f"    {command}" for command in plan["commands"]]
+    write_atomic(os.path.join(work, "results.md"), "\n".join(lines) + "\n")

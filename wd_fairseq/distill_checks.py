@@ -1,0 +1,162 @@
+"""What ``wd-distill`` checks before any work, and what its plan reports: the teacher
+and the data-bin (one rule with every tool: ``teacher.load_teacher``), the student
+shape (``init_student.student_shape``), the splits, the disk, the work directory's
+owner; the GPUs fairseq will see, the effective batch, disk per stage."""
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+from typing import Dict, List
+
+from .disk_space import human, require_free_space
+from .files import write_atomic
+from .kd_shards import file_stamp
+from .teacher import WDSetupError
+
+#: Bytes per parameter of a training checkpoint (fp32 weights and Adam's two moments).
+TRAINING_BYTES = 12
+
+
+@dataclasses.dataclass
+class Checked:
+    """The student's stock args, the languages, file stamps of teacher and data, the
+    parameter counts and the disk estimate per stage (bytes)."""
+
+    student: Dict
+    source_lang: str
+    target_lang: str
+    teacher_stamp: Dict
+    data_stamp: Dict
+    teacher_params: int
+    student_params: int
+    disk: Dict[str, int]
+
+    def owner(self) -> Dict:
+        return {"teacher": self.teacher_stamp["path"], "data": self.data_stamp["path"]}
+
+    def claim(self, job) -> None:
+        """Record this run as the work directory's (``WORK/distill.json``)."""
+        os.makedirs(job.path(), exist_ok=True)
+        write_atomic(job.path("distill.json"), json.dumps(self.owner(), indent=2) + "\n")
+
+
+def check_job(job) -> Checked:
+    """Refuse, before any work, what would fail later; else what the plan needs."""
+    import torch
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+    from fairseq.models.transformer import TransformerModel
+
+    from .checkpoints import run_task
+    from .init_student import student_shape
+    from .model import SHAPE_FIELDS, transformer_arg_names
+    from .teacher import load_teacher, read_checkpoint, task_langs
+
+    if not os.path.isdir(job.data):
+        raise WDSetupError(f"--data {job.data}: no such directory. Fix: pass the teacher's "
+                           "fairseq-preprocess output (dict.*.txt, train, valid, test)")
+    _check_owner(job)
+    state = read_checkpoint(job.teacher_path, "--teacher-path")
+    task = run_task(state["cfg"], f"--teacher-path {job.teacher_path}", os.path.abspath(job.data))
+    _, teacher_args = load_teacher(job.teacher_path, task, state=state)
+    teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
+    src, tgt = task_langs(task)
+    if src is None or tgt is None:
+        raise WDSetupError(f"--teacher-path {job.teacher_path}: trained with a multilingual task; "
+                           "wd-distill takes bilingual teachers for now. Fix: run the tools one by "
+                           "one (docs/multilingual.md)")
+    for split in ("train", "valid", job.test_split):
+        if not glob.glob(os.path.join(job.data, f"{split}.{src}-{tgt}.{src}.idx")):
+            raise WDSetupError(f"--data {job.data}: no split '{split}' for {src}-{tgt} "
+                               f"({split}.{src}-{tgt}.{src}.idx). Fix: binarise it with "
+                               "fairseq-preprocess (--trainpref, --validpref, --testpref) and the "
+                               "teacher's dictionaries (--srcdict, --tgtdict)")
+    flags = dict(job.shape)
+    if job.arch != "wd_transformer":  # the preset fills in what the flags leave unset
+        preset = argparse.Namespace(**{name: flags.get(name) for name in SHAPE_FIELDS})
+        ARCH_CONFIG_REGISTRY[job.arch](preset)
+        flags = {name: getattr(preset, name) for name in SHAPE_FIELDS}
+    student = student_shape(teacher_args, flags)
+    if all(student[name] == teacher_args[name] for name in SHAPE_FIELDS):
+        raise WDSetupError("the student has the teacher's shape: nothing to distil. Fix: pass a "
+                           "preset (--arch wd_transformer_stu1) or smaller shape flags "
+                           "(e.g. --decoder-layers 1 --decoder-embed-dim 256)")
+    if job.chosen_method in ("wd", "wd-slice") and job.phase1 >= job.updates:
+        raise WDSetupError(f"--phase1-updates {job.phase1}: leaves no update of --updates "
+                           f"{job.updates} for phase 2. Fix: pass fewer phase-1 updates")
+    if job.test_refs and not os.path.isfile(job.test_refs):
+        raise WDSetupError(f"--test-refs {job.test_refs}: no such file. Fix: pass the raw "
+                           "references of the test split, one line per sentence")
+    built = TransformerModel.build_model(argparse.Namespace(**student), task)
+    student_params = sum(p.numel() for p in built.parameters())
+    teacher_params = sum(t.numel() for t in state["model"].values() if torch.is_tensor(t))
+    checked = Checked(student, src, tgt, file_stamp(job.teacher_path), _data_stamp(job.data, src, tgt),
+                      teacher_params, student_params, {})
+    checked.disk = _disk(job, checked)
+    parent = job.path() if os.path.isdir(job.path()) else os.path.dirname(job.path())
+    require_free_space(parent, sum(checked.disk.values()), f"--work {job.work} (the run's files, "
+                       "estimate)", "free space there or pass --work on a bigger disk")
+    return checked
+
+
+def _check_owner(job) -> None:
+    path = job.path("distill.json")
+    if not os.path.exists(path):
+        if os.path.isdir(job.path()) and os.listdir(job.path()):
+            raise WDSetupError(f"--work {job.work}: exists and holds other files, not a "
+                               "wd-distill run. Fix: pass a new or empty directory")
+        return
+    with open(path, encoding="utf-8") as f:
+        owner = json.load(f)
+    mine = {"teacher": os.path.abspath(job.teacher_path), "data": os.path.abspath(job.data)}
+    if owner != mine:
+        raise WDSetupError(f"--work {job.work}: holds the run of teacher {owner['teacher']} on "
+                           f"{owner['data']} ({path}). Fix: pass another --work, or remove "
+                           "that directory to start over")
+
+
+def _data_stamp(data: str, src: str, tgt: str) -> Dict:
+    """Path, and size and mtime of the files training reads (dictionaries, train split)."""
+    files = sorted(glob.glob(os.path.join(data, "dict.*.txt"))
+                   + glob.glob(os.path.join(data, f"train.{src}-{tgt}.*")))
+    return {"path": os.path.abspath(data),
+            "files": {os.path.basename(f): [s["size"], s["mtime_ns"]] for f in files
+                      for s in [file_stamp(f)]}}
+
+
+def _disk(job, checked: Checked) -> Dict[str, int]:
+    """Bytes each stage leaves on disk (estimates: 3 training checkpoints a stage)."""
+    train_bytes = sum(os.path.getsize(os.path.join(job.data, f))
+                      for f in checked.data_stamp["files"] if f.startswith("train."))
+    student = 3 * TRAINING_BYTES * checked.student_params
+    disk = {"kd_data": train_bytes + checked.teacher_params}  # + the int8 teacher conversion
+    if job.chosen_method in ("wd", "wd-slice"):
+        # phase 1: the frozen teacher inside the model, generators about twice the student
+        disk["wd_phase1"] = 3 * (4 * checked.teacher_params + 2 * TRAINING_BYTES * checked.student_params)
+        disk["materialize"] = 4 * checked.student_params
+        disk["wd_phase2"] = student
+    else:
+        disk["train"] = student + (4 * checked.student_params if job.chosen_method == "selection-kd" else 0)
+    disk["export"] = 5 * checked.student_params  # fp32 checkpoint + int8 model
+    return disk
+
+
+def resources(job, checked: Checked) -> List[str]:
+    """The plan's lines on devices, batch, model sizes and disk."""
+    import torch
+
+    gpus = 0 if job.cpu else torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    processes = max(1, gpus)
+    device = "CPU" if gpus == 0 else f"{gpus} GPU(s) (CUDA_VISIBLE_DEVICES={visible or '(unset)'})"
+    lines = [f"devices: {device}; fairseq-train runs {processes} process(es)"
+             + (", fp16" if job.fp16 else ""),
+             f"batch: {processes} x {job.max_tokens} tokens x update-freq {job.update_freq} = "
+             f"{processes * job.max_tokens * job.update_freq:,} tokens per update (authors: 32,768); "
+             f"lr {job.lr}, warmup {job.warmup} updates, {job.updates:,} updates",
+             f"models: teacher {checked.teacher_params / 1e6:.1f}M parameters, student "
+             f"{checked.student_params / 1e6:.1f}M ({', '.join(f'{k}={v}' for k, v in job.shape) or job.arch})",
+             f"disk (estimate): {human(sum(checked.disk.values()))}: "
+             + ", ".join(f"{stage} {human(size)}" for stage, size in checked.disk.items())]
+    return lines

@@ -1,0 +1,138 @@
+"""Resumable stages of a run directory (``wd-distill``): each stage is a list of actions
+(console-script commands and Python steps) with a fingerprint of what it depends on, a
+log, and a done mark.
+
+``WORK/done/NAME`` holds the fingerprint the stage finished with. A stage whose mark
+matches is skipped; one with no mark reruns its actions, whose tools resume what a
+killed run left (``fairseq-train`` from ``checkpoint_last.pt``, ``wd-kd-data`` from its
+shards); one whose mark holds another fingerprint (other settings, teacher or data, or
+an upstream stage that reran) has its outputs removed first. A stage's fingerprint
+includes those of the stages it reads, so a change reruns everything downstream.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from typing import Dict, List, Optional, Union
+
+from .files import write_atomic
+from .teacher import WDSetupError
+
+logger = logging.getLogger("wd_fairseq.stages")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A command line; its stdout and stderr go to the stage log, or to ``output``
+    (written whole: a temporary file renamed at the end)."""
+
+    argv: List[str]
+    output: Optional[str] = None
+
+    def line(self) -> str:
+        text = " ".join(shlex.quote(str(part)) for part in self.argv)
+        return text + (f" > {shlex.quote(self.output)} 2>&1" if self.output else "")
+
+
+Action = Union[Command, functools.partial]  # a Python step: a partial of a function
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage: ``actions`` in order; ``outputs``: the paths it writes (removed when
+    its fingerprint changes); ``depends``: the stages it reads; ``inputs``: anything
+    else its result depends on (file stamps)."""
+
+    name: str
+    actions: List[Action]
+    outputs: List[str] = dataclasses.field(default_factory=list)
+    depends: List[str] = dataclasses.field(default_factory=list)
+    inputs: Dict = dataclasses.field(default_factory=dict)
+
+
+def describe(action: Action) -> str:
+    """A command line, or ``(in wd-distill) step(arguments)`` for a Python step."""
+    if isinstance(action, Command):
+        return action.line()
+    arguments = ", ".join(repr(a) for a in action.args)
+    return f"(in wd-distill) {action.func.__name__}({arguments})"
+
+
+def fingerprints(stages: List[Stage]) -> Dict[str, str]:
+    """Each stage's fingerprint: a hash of its actions, inputs and upstream fingerprints."""
+    found: Dict[str, str] = {}
+    for stage in stages:
+        record = {"actions": [describe(a) for a in stage.actions], "inputs": stage.inputs,
+                  "depends": [found[name] for name in stage.depends]}
+        found[stage.name] = hashlib.sha256(
+            json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return found
+
+
+def status(stage: Stage, work: str, fingerprint: str) -> str:
+    """``done``, ``to run`` (no mark) or ``to rerun`` (marked with another fingerprint)."""
+    mark = os.path.join(work, "done", stage.name)
+    if not os.path.exists(mark):
+        return "to run"
+    with open(mark, encoding="utf-8") as f:
+        return "done" if f.read().strip() == fingerprint else "to rerun"
+
+
+def run_stages(stages: List[Stage], work: str) -> None:
+    """Run every stage not done yet, in order; a failing command stops the run naming its
+    log (the same command then resumes from that stage)."""
+    for sub in ("done", "logs"):
+        os.makedirs(os.path.join(work, sub), exist_ok=True)
+    prints = fingerprints(stages)
+    for number, stage in enumerate(stages, 1):
+        state, header = status(stage, work, prints[stage.name]), f"[{number}/{len(stages)}] {stage.name}"
+        if state == "done":
+            logger.info("%s: done earlier, kept", header)
+            continue
+        if state == "to rerun":
+            logger.info("%s: its settings, inputs or upstream stages changed; starting it afresh", header)
+            for path in stage.outputs:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+            os.remove(os.path.join(work, "done", stage.name))
+        resuming = any(os.path.exists(p) for p in stage.outputs)
+        logger.info("%s: %s", header, "resuming what an earlier run left" if resuming else "starting")
+        start, log = time.time(), os.path.join(work, "logs", f"{stage.name}.log")
+        for action in stage.actions:
+            with open(log, "a", encoding="utf-8") as out:
+                out.write(f"$ {describe(action)}\n")
+            if isinstance(action, Command):
+                _run(action, log, stage.name)
+            else:
+                action()
+        write_atomic(os.path.join(work, "done", stage.name), prints[stage.name] + "\n")
+        logger.info("%s: done in %s", header, _clock(time.time() - start))
+
+
+def _run(command: Command, log: str, stage: str) -> None:
+    target = command.output + ".tmp" if command.output else log
+    with open(target, "w" if command.output else "a", encoding="utf-8") as out:
+        code = subprocess.run([str(c) for c in command.argv], stdout=out,
+                              stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        where = target if command.output else log
+        raise WDSetupError(
+            f"stage {stage}: `{command.line()[:300]}` failed (exit {code}); its output is in "
+            f"{where}. Fix what it says, then run the same wd-distill command again: finished "
+            "stages are kept and this one resumes")
+    if command.output:
+        os.replace(target, command.output)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
