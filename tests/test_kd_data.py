@@ -319,7 +319,9 @@ def test_three_shard_jobs_merge_to_the_bytes_of_one_machine(data, postnorm_teach
     assert not (data / "kd-train1" / "shard-2-of-3").exists()
 
     run_cli("wd-kd-data", *flags, "--shard-id", "2", env=ONE_THREAD)
-    out = run_cli("wd-kd-data", "merge", *flags, env=ONE_THREAD).stdout
+    # (the engine and device are the shards': the merge may run on another kind of machine)
+    out = run_cli("wd-kd-data", "merge", data, "--teacher-path", postnorm_teacher, "--batch-size",
+                  "8", "--num-shards", "3", env=ONE_THREAD).stdout
     assert f"({N_TRAIN} sentences;" in out
     merged = kd_files(data)
     summary = json.loads((data / "kd-train1" / "summary.json").read_text())
@@ -360,6 +362,10 @@ def test_a_killed_shard_job_resumes_and_unfinished_shards_are_named(data, postno
     record = decode_shard(KDJob(str(data), str(postnorm_teacher), shard_id=1, **settings))
     assert state["sentences"] == record["sentences"] - saved  # only the rest was decoded
     decode_shard(KDJob(str(data), str(postnorm_teacher), shard_id=2, **settings))
+    with pytest.raises(WDSetupError, match=r"shard-0-of-3/manifest\.json: shard 0 of 3 was decoded "
+                       r"with lenpen 1\.0; this merge has lenpen 0\.5 \(--lenpen\)\. Fix: pass the "
+                       r"merge the shard jobs' flags"):
+        merge_shards(KDJob(str(data), str(postnorm_teacher), lenpen=0.5, **settings))
     state = count_batches(None)
     assert decode_shard(KDJob(str(data), str(postnorm_teacher), shard_id=2, **settings)) \
         == json.loads((data / "kd-train1" / "shard-2-of-3" / "complete.json").read_text())

@@ -73,6 +73,15 @@ class Split:
         """Whether fairseq's translation task would load this split."""
         return os.path.exists(self.prefix(self.src) + ".idx")
 
+    def pattern(self) -> str:
+        """Its file names, for messages: ``train1.src-tgt.{src,tgt}.*``."""
+        return f"{self.name}.{self.src}-{self.tgt}.{{{self.src},{self.tgt}}}.*"
+
+    def remove_partial(self) -> None:
+        """The temporary files of a killed :func:`write_split` of this split's name."""
+        for stale in glob.glob(os.path.join(self.data, f".kd-tmp.{self.name}.*")):
+            os.remove(stale)
+
 
 def load_side(split: Split, lang: str, dictionary: Dictionary):
     """(dataset, format) of side ``lang`` of ``split``: fairseq's indexed dataset (item

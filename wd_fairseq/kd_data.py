@@ -7,17 +7,15 @@ fairseq's translation task then trains on ``train`` + ``train1`` concatenated, e
 source twice. ``valid`` is not touched.
 
 Two engines decode with the same search (``kd_decoding`` says where they differ):
-CTranslate2 (the default where it is installed and converts the teacher; the
-conversion is cached in ``DATA/kd-train1/ct2-QUANT/``) and fairseq's
-``SequenceGenerator`` (``kd_engines`` chooses and runs them).
+CTranslate2 (the default where it is installed and converts the teacher; the conversion
+is cached in ``DATA/kd-train1/ct2-QUANT/``) and fairseq's ``SequenceGenerator``.
 
 This module holds the job: its options (:class:`KDJob`, the CLI's flags), their checks,
-its inputs read once (:class:`KDInputs`) and the one-machine run from the data-bin to the
-written split. The shard store is ``kd_shards``, the plan and its decoding ``kd_engines``,
-the binarised split ``kd_binarize``; ``--num-shards N --shard-id I`` jobs on several
-machines and ``wd-kd-data merge`` are ``kd_split_jobs`` (the same split, byte for byte).
-``--limit K`` decodes only the first K sentences: ``train1`` then holds both sides of
-those K, and fairseq trains on ``train`` + ``train1`` as usual.
+its inputs read once (:class:`KDInputs`) and the one-machine run. The shard store is
+``kd_shards``, the plan and the engines running it ``kd_engines``, the binarised split
+``kd_binarize``; jobs on several machines (``--num-shards N --shard-id I``) and their
+merge, the same split byte for byte, are ``kd_split_jobs``. ``--limit K`` decodes only
+the first K sentences: ``train1`` then holds both sides of those K.
 
 Real decoding is messy, so:
 
@@ -42,7 +40,6 @@ Real decoding is messy, so:
 
 import argparse
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -57,7 +54,7 @@ from .kd_binarize import (Split, guard_reversed, infer_langs, is_placeholder, lo
 from .kd_decoding import SOURCE_TOO_LONG, Filters
 from .kd_engines import (ENGINES, QUANTIZATIONS, check_quantization, check_workers,
                          ctranslate2_available, decode_job, engine_device, engine_settings,
-                         kd_task, run_record)
+                         kd_task, run_record, without_engine)
 from .kd_shards import ShardStore, file_stamp
 from .multilingual import NO_LANG_TOKENS, LangTokens
 from .teacher import WDSetupError
@@ -106,7 +103,8 @@ class KDInputs:
     tokens, the teacher file as read once (``teacher_state``; None once an engine holds
     what it needs), the input and output splits, the input's two sides and format, the
     number of its sentences the job covers (``sentences``: ``--limit``, or all), the
-    engines it may use with one manifest each, and the work directory ``DATA/kd-SPLIT``."""
+    settings that do not depend on the engine (``common``), the engines it may use with one
+    manifest each, and the work directory ``DATA/kd-SPLIT``."""
 
     job: KDJob
     task: object
@@ -118,6 +116,7 @@ class KDInputs:
     reference: object
     impl: str
     sentences: int
+    common: Dict
     manifests: Dict[str, Dict]
     work_dir: str
 
@@ -128,10 +127,11 @@ class KDInputs:
         return len(self.task.source_dictionary), len(self.task.target_dictionary)
 
 
-def check_options(job: KDJob) -> KDJob:
+def check_options(job: KDJob, decodes: bool = True) -> KDJob:
     """``job`` refused where its options contradict each other or name nothing, before
-    the teacher is loaded; returned with its engine (``--quantization``: CTranslate2)
-    and languages (inferred from the data-bin) filled in where they were left open."""
+    the teacher is loaded (without ``decodes``, the merge: not what only decoding needs);
+    returned with its engine (``--quantization``: CTranslate2) and languages (inferred
+    from the data-bin) filled in where they were left open."""
     if not os.path.isdir(job.data):
         raise WDSetupError(f"DATA {job.data}: no such directory. Fix: pass a fairseq data-bin")
     if job.out_split == job.split:
@@ -140,14 +140,14 @@ def check_options(job: KDJob) -> KDJob:
         job = dataclasses.replace(job, engine="ctranslate2")  # only it has a --quantization
     if job.engine is not None and job.engine not in ENGINES:
         raise WDSetupError(f"--engine {job.engine}: choose one of {', '.join(ENGINES)}")
-    if job.engine == "ctranslate2" and not ctranslate2_available():
+    if decodes and job.engine == "ctranslate2" and not ctranslate2_available():
         raise WDSetupError("--engine ctranslate2: the ctranslate2 package is not installed. "
                            "Fix: pip install ctranslate2, or pass --engine fairseq")
-    check_workers(job.workers, job.engine, chosen=True)
+    check_workers(job.workers, job.engine if decodes else None, chosen=True)
     if job.engine == "fairseq" and job.quantization is not None:
         raise WDSetupError(f"--quantization {job.quantization}: only for --engine ctranslate2. "
                            "Fix: drop it, or pass --engine ctranslate2 (fairseq: --fp16)")
-    if job.quantization is not None:
+    if decodes and job.quantization is not None:
         check_quantization(job.quantization, engine_device(job.cpu, "ctranslate2"))
     if not os.path.isfile(job.teacher_path):
         raise WDSetupError(
@@ -160,10 +160,11 @@ def check_options(job: KDJob) -> KDJob:
     return job
 
 
-def prepare(job: KDJob) -> KDInputs:
+def prepare(job: KDJob, decodes: bool = True) -> KDInputs:
     """The checked job's inputs, read once: the teacher (checked against the data), the
-    split's sides (refused where their line counts differ) and the manifests."""
-    job = check_options(job)
+    split's sides (refused where their line counts differ) and the manifests (without
+    ``decodes``: none, only their part that does not depend on the engine or device)."""
+    job = check_options(job, decodes)
     source_lang, target_lang = job.source_lang, job.target_lang
     task, tokens, teacher_state = kd_task(job.data, job.teacher_path, source_lang, target_lang)
     inp = Split(job.data, job.split, source_lang, target_lang)
@@ -193,13 +194,13 @@ def prepare(job: KDJob) -> KDInputs:
         common["lang_tokens"] = tokens._asdict()
     manifests = {e: {**common, **engine_settings(e, engine_device(job.cpu, e), job.quantization,
                                                  job.fp16)}
-                 for e in candidates}
+                 for e in candidates} if decodes else {}
     # a multilingual data-bin holds several directions: one work directory each
     work_dir = f"kd-{job.out_split}" + (f".{source_lang}-{target_lang}"
                                         if tokens != NO_LANG_TOKENS else "")
     return KDInputs(job, task, tokens, teacher_state, inp,
                     Split(job.data, job.out_split, source_lang, target_lang), source, reference,
-                    impl, sentences, manifests, os.path.join(job.data, work_dir))
+                    impl, sentences, common, manifests, os.path.join(job.data, work_dir))
 
 
 def written_summary(inputs: KDInputs) -> Optional[Dict]:
@@ -211,7 +212,9 @@ def written_summary(inputs: KDInputs) -> Optional[Dict]:
     if not job.overwrite and os.path.exists(inputs.summary_path()):
         with open(inputs.summary_path(), encoding="utf-8") as f:
             summary = json.load(f)
-        if summary.get("manifest") in inputs.manifests.values():
+        manifest = summary.get("manifest") or {}
+        if manifest in inputs.manifests.values() or \
+                not inputs.manifests and without_engine(manifest) == inputs.common:
             logger.info("%s: up to date", out.prefix(job.source_lang))
             guard_reversed(out, inputs.impl, max(inputs.vocab_sizes()))
             return summary
@@ -238,8 +241,8 @@ def kd_space_needed(inputs: KDInputs, store: Optional[ShardStore], share: float,
     bytes_per_token = sum(symbols) / max(sum(tgt_dict.count[tgt_dict.nspecial:]), 1)
     text = 1.2 * (int(inputs.reference.sizes[:sentences].sum()) - sentences) * bytes_per_token
     shards = text + sentences * (len(str(sentences)) + len(SOURCE_TOO_LONG) + 3)
-    size = os.path.getsize
-    target = fraction * (1.2 * size(inp.prefix(inp.tgt) + ".bin") + size(inp.prefix(inp.tgt) + ".idx")) \
+    size, tgt = os.path.getsize, inp.prefix(inp.tgt)
+    target = fraction * (1.2 * size(tgt + ".bin") + size(tgt + ".idx")) \
         + 4 * sentences  # (the index's side file of sizes)
     copied = fraction * sum(size(inp.prefix(inp.src) + e) for e in (".bin", ".idx"))
     kd = share * shards + (text + target + copied if writes else 0)
@@ -269,18 +272,6 @@ def require_space(inputs: KDInputs, store: Optional[ShardStore], share: float, w
     return lambda: disk_full_errors(data, needed, what, fix, partial)
 
 
-def split_files(inputs: KDInputs) -> str:
-    """The output split's file names, for messages: ``train1.src-tgt.{src,tgt}.*``."""
-    src, tgt = inputs.job.source_lang, inputs.job.target_lang
-    return f"{inputs.job.out_split}.{src}-{tgt}.{{{src},{tgt}}}.*"
-
-
-def remove_stale_tmp(inputs: KDInputs) -> None:
-    """The temporary files of a killed write of the output split."""
-    for stale in glob.glob(os.path.join(inputs.job.data, f".kd-tmp.{inputs.job.out_split}.*")):
-        os.remove(stale)
-
-
 def build_kd_split(job: KDJob) -> Dict:
     """Decode ``job.split`` of ``job.data`` (its first ``job.limit`` sentences) with the
     teacher and write it as ``job.out_split``, on this machine. Returns the summary (also
@@ -290,11 +281,11 @@ def build_kd_split(job: KDJob) -> Dict:
     summary = written_summary(inputs)
     if summary is not None:
         return summary
-    remove_stale_tmp(inputs)
+    inputs.out.remove_partial()
     store = ShardStore(inputs.work_dir)
     converting = "teacher conversion and " if "ctranslate2" in inputs.manifests else ""
     what = (f"the KD split '{inputs.job.out_split}' ({converting}decoded shards in "
-            f"{os.path.basename(inputs.work_dir)}/, then {split_files(inputs)})")
+            f"{os.path.basename(inputs.work_dir)}/, then {inputs.out.pattern()})")
     disk_full = require_space(inputs, store, 1.0, True, what)
     decoder, workers, decoded, seconds, manifest = decode_job(inputs, store, disk_full)
     return write_kd_split(inputs, store.merged(), [store], manifest,

@@ -76,6 +76,15 @@ def check_quantization(quantization: Optional[str], device: str) -> str:
     return quantization
 
 
+#: The manifest entries of :func:`engine_settings`.
+ENGINE_SETTINGS = ("engine", "device", "quantization", "fp16")
+
+
+def without_engine(manifest: Dict) -> Dict:
+    """``manifest`` without the entries of :func:`engine_settings`."""
+    return {k: v for k, v in manifest.items() if k not in ENGINE_SETTINGS}
+
+
 def engine_settings(engine: str, device: str, quantization: Optional[str], fp16: bool) -> Dict:
     """The manifest entries that make one engine's output differ from another's."""
     if engine == "ctranslate2":

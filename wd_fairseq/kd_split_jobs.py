@@ -16,7 +16,9 @@ one-machine run writes.
 * **Consistency.** A shard job refuses, before converting or decoding, settings that differ
   from another shard's manifest (naming the file, the setting and its flag) and another
   ``--num-shards``; the merge checks every manifest again, which also catches jobs started
-  at the same moment with different settings.
+  at the same moment with different settings. The merge decodes nothing and may run on
+  another kind of machine: the engine, device and quantization are the shards' (equal in
+  all), compared with its own only where its flags name them.
 * **Merge.** Every shard complete and consistent, else a refusal naming the shards and the
   command that finishes them; then ``write_kd_split`` as one machine, and the shard
   directories go. The summary equals a one-machine run's except for the fields that record
@@ -38,8 +40,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from .kd_binarize import write_kd_split
-from .kd_data import KDJob, prepare, remove_stale_tmp, require_space, split_files, written_summary
-from .kd_engines import decode_job, run_record
+from .kd_data import KDInputs, KDJob, prepare, require_space, written_summary
+from .kd_engines import ENGINE_SETTINGS, decode_job, run_record
 from .kd_shards import ShardStore, merged_rows
 from .teacher import WDSetupError
 
@@ -108,12 +110,14 @@ def _shown(key: str, value) -> str:
     return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
 
 
-def mismatch(path: str, theirs: Dict, ours: Dict, who: str, fix: str) -> WDSetupError:
-    """The refusal of manifest ``theirs`` (file ``path``, of ``who``) against ``ours``."""
+def mismatch(path: str, theirs: Dict, ours: Dict, who: str, fix: str,
+             whom: str = "this job") -> WDSetupError:
+    """The refusal of manifest ``theirs`` (file ``path``, of ``who``) against ``ours`` (of
+    ``whom``), naming the first setting that differs and its flag."""
     keys = list(FLAG_OF) + sorted((set(theirs) | set(ours)) - set(FLAG_OF))
     key = next(k for k in keys if theirs.get(k) != ours.get(k))
     return WDSetupError(f"{path}: {who} was decoded with {key} {_shown(key, theirs.get(key))}; "
-                        f"this job has {key} {_shown(key, ours.get(key))} "
+                        f"{whom} has {key} {_shown(key, ours.get(key))} "
                         f"({FLAG_OF.get(key, key)}). Fix: {fix}")
 
 
@@ -178,24 +182,32 @@ def decode_shard(job: KDJob) -> Dict:
     return record
 
 
-def complete_shards(inputs, expected: Dict[str, Dict], shard_command: Callable[[str], str]):
-    """(stores, records) of every shard, refused where one is missing, unfinished or made
-    with settings other than ``expected`` (this merge's manifest per candidate engine)."""
-    work_dir, shards = inputs.work_dir, inputs.job.num_shards
-    stores, records, unfinished = [], [], []
+def complete_shards(inputs: KDInputs, shard_command: Callable[[str], str]):
+    """(stores, records) of every shard, refused where one is missing or unfinished, where
+    one was made with other settings than the merge's (the engine, device and quantization
+    only where the merge names them: it may run elsewhere), or than the first shard's."""
+    job, work_dir, shards = inputs.job, inputs.work_dir, inputs.job.num_shards
+    named = {"engine": job.engine, "quantization": job.quantization, "fp16": job.fp16 or None,
+             "device": "cpu" if job.cpu else None}
+    ours = {**inputs.common, "num_shards": shards,
+            **{k: v for k, v in named.items() if v is not None}}
+    fix = (f"pass the merge the shard jobs' flags, or delete {work_dir}/shard-*-of-{shards} "
+           "and rerun every shard job with these")
+    stores, records, unfinished, first = [], [], [], None
     for shard in range(shards):
         store = ShardStore(shard_directory(work_dir, shard, shards))
         manifest, path = store.manifest(), os.path.join(store.directory, "manifest.json")
         if manifest is None:
             unfinished.append((shard, "not started"))
             continue
-        ours = expected.get(manifest.get("engine")) or next(iter(expected.values()))
-        first = records[0]["manifest"] if records else ours
-        fix = (f"pass the merge the shard jobs' flags, or delete {work_dir}/shard-*-of-{shards} "
-               "and rerun every shard job with these")
-        if manifest != ours or manifest != first:
-            raise mismatch(path, manifest, ours if manifest != ours else first,
-                           f"shard {shard} of {shards}", fix)
+        seen = {k: v for k, v in manifest.items() if k not in ENGINE_SETTINGS or k in ours}
+        if seen != ours:
+            raise mismatch(path, seen, ours, f"shard {shard} of {shards}", fix, "this merge")
+        first = first or (shard, manifest)
+        if manifest != first[1]:
+            raise mismatch(path, manifest, first[1], f"shard {shard} of {shards}",
+                           "rerun one of them with the other's flags (delete its directory "
+                           "first)", f"shard {first[0]}")
         record = store.finished()
         if record is None or record["manifest"] != manifest:
             saved = int(store.done(len(inputs.source)).sum())
@@ -236,15 +248,14 @@ def merged_run(records: List[Dict]) -> Dict:
 def merge_shards(job: KDJob) -> Dict:
     """``train1`` from the complete shards of ``job.num_shards`` jobs, as one machine writes
     it; returns the summary. The shard directories go once it is written."""
-    inputs = prepare(job)
+    inputs = prepare(job, decodes=False)
     summary = written_summary(inputs)
     if summary is not None:
         return summary
-    expected = {e: {**m, "num_shards": job.num_shards} for e, m in inputs.manifests.items()}
-    stores, records = complete_shards(inputs, expected, lambda shard: command(job, shard))
-    remove_stale_tmp(inputs)
+    stores, records = complete_shards(inputs, lambda shard: command(job, shard))
+    inputs.out.remove_partial()
     what = (f"the KD split '{job.out_split}' (merged from {job.num_shards} shards in "
-            f"{os.path.basename(inputs.work_dir)}/, then {split_files(inputs)})")
+            f"{os.path.basename(inputs.work_dir)}/, then {inputs.out.pattern()})")
     disk_full = require_space(inputs, None, 0.0, True, what)
     manifest = {k: v for k, v in records[0]["manifest"].items() if k != "num_shards"}
     summary = write_kd_split(inputs, merged_rows(stores), stores, manifest, merged_run(records),
