@@ -102,7 +102,8 @@ class ShardStore:
 
 def merged_rows(stores: List[ShardStore]) -> Iterator[Row]:
     """Every row saved in ``stores`` once, in corpus order (stores of one split that
-    hold different sentences: the shard jobs of ``kd_split_jobs``)."""
+    hold different sentences: the shard jobs of ``kd_split_jobs``). Each store is first
+    merged down to its share of ``MAX_OPEN_SHARDS`` files (at least one each)."""
     for store in stores:
         store.compact(max(1, MAX_OPEN_SHARDS // len(stores)))
     return _merge([shard for store in stores for shard in store.shards()])

@@ -249,8 +249,11 @@ def merge_shards(job: KDJob) -> Dict:
     """``train1`` from the complete shards of ``job.num_shards`` jobs, as one machine writes
     it; returns the summary. The shard directories go once it is written."""
     inputs = prepare(job, decodes=False)
+    directories = [shard_directory(inputs.work_dir, i, job.num_shards) for i in range(job.num_shards)]
     summary = written_summary(inputs)
-    if summary is not None:
+    if summary is not None:  # (a merge killed before it removed the shard directories)
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
         return summary
     stores, records = complete_shards(inputs, lambda shard: command(job, shard))
     inputs.out.remove_partial()
@@ -260,6 +263,6 @@ def merge_shards(job: KDJob) -> Dict:
     manifest = {k: v for k, v in records[0]["manifest"].items() if k != "num_shards"}
     summary = write_kd_split(inputs, merged_rows(stores), stores, manifest, merged_run(records),
                              disk_full)
-    for store in stores:
-        shutil.rmtree(store.directory)
+    for directory in directories:
+        shutil.rmtree(directory)
     return summary
