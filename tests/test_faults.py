@@ -274,7 +274,8 @@ def bad_flags(tmp):
         (*kd, "--workers", "0"), (*kd, "--lenpen", "-1"), (*kd, "--lenpen", "nan"),
         (*kd, "--max-len-a", "-1"), (*kd, "--max-len-b", "-1"), (*kd, "--max-len-b", "1.5"),
         (*kd, "--filter-length-ratio", "0.5"), (*kd, "--filter-min-score", "inf"),
-        (*kd, "--quantization", "int4"), (*kd, "--engine", "marian"),
+        (*kd, "--quantization", "int4"), (*kd, "--engine", "marian"), (*kd, "--limit", "0"),
+        (*kd, "--num-shards", "0"), (*kd, "--shard-id", "-1"),
         ("wd-export-ct2", [MISSING, f"{tmp}/ct2"], "--quantization", "int4"),
         ("wd-trim-vocab", [MISSING, tmp, f"{tmp}/out"], "--pairs", "es"),
         ("wd-evaluate", ["score", "--generate-log", "log", "--refs", "ref", "--lang", "en",
@@ -329,6 +330,28 @@ def test_kd_data_quantization_of_the_other_device_refused_before_the_teacher(
                                                  "--quantization", "float16"], monkeypatch, capsys)
     assert code == "wd-kd-data: error: --quantization float16: not available on the cpu " \
         "(choose int8, float32). Fix: pick one of those, or run on a GPU", stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num-shards", "3", "--shard-id", "3"],
+     "argument --shard-id: must be less than --num-shards (3), got '3'"),
+    (["--shard-id", "1"], "argument --shard-id: needs --num-shards N"),
+    (["--num-shards", "3"], "argument --num-shards: a shard job needs --shard-id I (0 to N-1); "
+     "to merge the shards run wd-kd-data merge DATA ... --num-shards N"),
+    (["merge"], "merge needs --num-shards N, the number of shard jobs (and their other flags)"),
+    (["merge", "--num-shards", "3", "--shard-id", "0"],
+     "argument --shard-id: merge takes every shard. Fix: drop --shard-id"),
+], ids=["id-not-below-n", "id-alone", "n-alone", "merge-without-n", "merge-with-id"])
+def test_kd_data_shard_flags_are_refused_by_the_parser(argv, message, tmp_path, monkeypatch,
+                                                       capsys):
+    merge = argv[:1] == ["merge"]
+    code, stderr = run_in_process("wd-kd-data", argv[:merge] + [tmp_path, "--teacher-path",
+                                                                MISSING] + argv[merge:],
+                                  monkeypatch, capsys)
+    assert code == 2, stderr
+    prog = "wd-kd-data merge" if merge else "wd-kd-data"
+    assert stderr.strip().splitlines()[-1] == f"{prog}: error: {message}"
+    assert not any(tmp_path.iterdir())
 
 
 def test_every_numeric_and_choice_flag_is_in_the_table(monkeypatch):

@@ -1,22 +1,29 @@
 """wd-kd-data: the teacher's beam-search translations of the training source become split
-train1 of the same data-bin, in corpus order, safely resumable, never half-visible."""
+train1 of the same data-bin, in corpus order, safely resumable, never half-visible; decoded
+by several shard jobs and merged, the same bytes; a subset of the split; an ETA by tokens."""
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
+import subprocess
+import types
 
 import pytest
 import torch
 
-from conftest import preprocess, run_cli
+from conftest import BIN, TEACHER_SHAPE, TRAIN_FLAGS, preprocess, run_cli
 
 import wd_fairseq  # noqa: F401
 from fairseq.data import Dictionary, data_utils
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from wd_fairseq import kd_decoding
 from wd_fairseq.kd_binarize import Split
 from wd_fairseq.kd_data import KDJob, build_kd_split
 from wd_fairseq.kd_decoding import (EMPTY, FLAGS, LENGTH_RATIO, LOW_SCORE, OK, OVERLONG, PAD, Filters,
                                     classify, teacher_sanity)
+from wd_fairseq.kd_split_jobs import decode_shard, merge_shards
 from wd_fairseq.teacher import WDSetupError
 
 N_TRAIN = 120
@@ -87,8 +94,9 @@ def count_batches(monkeypatch):
 def test_cli_writes_train1_in_corpus_order(data, postnorm_teacher, tmp_path):
     out = run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu",
                   "--engine", "fairseq", env=ONE_THREAD).stdout
-    assert "wrote" in out and f"decoded {N_TRAIN}/{N_TRAIN} sentences (" in out  # progress
-    assert "sentences/s, ETA 0:00:00)" in out
+    assert "wrote" in out and f"decoded {N_TRAIN}/{N_TRAIN} sentences, 100% of the source " \
+        "tokens (" in out  # progress
+    assert "tokens/s, ETA 0:00:00)" in out
     for ext in ("bin", "idx"):  # source side: the original sources, byte for byte
         assert (data / f"train1.src-tgt.src.{ext}").read_bytes() == \
             (data / f"train.src-tgt.src.{ext}").read_bytes()
@@ -267,3 +275,152 @@ def test_missing_split_and_teacher(data, postnorm_teacher, tmp_path):
         build_kd_split(KDJob(str(tmp_path), str(postnorm_teacher)))
     with pytest.raises(WDSetupError, match="--teacher-path .*no such file"):
         build_kd_split(KDJob(str(data), str(tmp_path / "missing.pt"), cpu=True))
+
+
+# -- beyond one machine: shard jobs and their merge; a subset; the ETA ----------------------
+
+#: Summary fields that record the decoding run (kd_split_jobs), not the data.
+RUN_FIELDS = {"decoded_this_run", "decode_seconds", "sentences_per_second", "threads", "devices",
+              "shards"}
+SHARDED = ["--cpu", "--engine", "fairseq", "--batch-size", "8"]
+
+
+def kd_files(data):
+    return {p.name: p.read_bytes() for p in sorted(data.glob("train1.*"))} | \
+        {"train1.tgt": (data / "kd-train1" / "train1.tgt").read_bytes()}
+
+
+def test_three_shard_jobs_merge_to_the_bytes_of_one_machine(data, postnorm_teacher):
+    flags = [data, "--teacher-path", postnorm_teacher, *SHARDED, "--num-shards", "3"]
+    jobs = [subprocess.Popen([str(BIN / "wd-kd-data"), *map(str, flags), "--shard-id", str(i)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, **ONE_THREAD}) for i in (0, 1)]
+    logs = [job.communicate()[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], logs
+    assert "shard 1 of 3 complete" in logs[1] and "wd-kd-data merge" in logs[1]
+    assert sorted(p.name for p in (data / "kd-train1").iterdir()) == ["shard-0-of-3", "shard-1-of-3"]
+
+    # merge before shard 2 ran: refused, naming it and the command that finishes it
+    proc = run_cli("wd-kd-data", "merge", *flags, check=False, env=ONE_THREAD)
+    assert proc.returncode == 1 and not Split(str(data), "train1", "src", "tgt").visible()
+    assert f"wd-kd-data merge: error: {data}/kd-train1: 1 of 3 shards not complete (shard 2: not " \
+        f"started). Fix: run wd-kd-data {data} --teacher-path {postnorm_teacher} --batch-size 8 " \
+        "--cpu --engine fairseq --num-shards 3 --shard-id 2 (a killed job resumes" in proc.stderr
+
+    # a shard job with other settings than the recorded ones: refused before decoding
+    with pytest.raises(WDSetupError, match=rf"{data}/kd-train1/shard-0-of-3/manifest\.json: shard 0 "
+                       r"of 3 was decoded with beam 6; this job has beam 4 \(--beam\)\. Fix: give "
+                       r"every shard job and the merge the same flags, or delete .*shard-\*-of-3"):
+        decode_shard(KDJob(str(data), str(postnorm_teacher), cpu=True, engine="fairseq",
+                           batch_size=8, beam=4, num_shards=3, shard_id=2))
+    with pytest.raises(WDSetupError, match=r"already decoded in 3 shards .* Fix: pass --num-shards 3"):
+        decode_shard(KDJob(str(data), str(postnorm_teacher), cpu=True, engine="fairseq",
+                           batch_size=8, num_shards=4, shard_id=3))
+    assert not (data / "kd-train1" / "shard-2-of-3").exists()
+
+    run_cli("wd-kd-data", *flags, "--shard-id", "2", env=ONE_THREAD)
+    # (the engine and device are the shards': the merge may run on another kind of machine)
+    out = run_cli("wd-kd-data", "merge", data, "--teacher-path", postnorm_teacher, "--batch-size",
+                  "8", "--num-shards", "3", env=ONE_THREAD).stdout
+    assert f"({N_TRAIN} sentences;" in out
+    merged = kd_files(data)
+    summary = json.loads((data / "kd-train1" / "summary.json").read_text())
+    assert [s["sentences"] for s in summary["shards"]] and \
+        sum(s["sentences"] for s in summary["shards"]) == N_TRAIN
+    assert sorted(p.name for p in (data / "kd-train1").iterdir()) == ["summary.json", "train1.tgt"]
+
+    # one machine, same settings: the merged split is up to date; decoded again, the same bytes
+    job = KDJob(str(data), str(postnorm_teacher), cpu=True, engine="fairseq", batch_size=8)
+    assert build_kd_split(job) == summary
+    one = build_kd_split(dataclasses.replace(job, overwrite=True))
+    assert kd_files(data) == merged
+    assert {k: v for k, v in one.items() if k not in RUN_FIELDS} == \
+        {k: v for k, v in summary.items() if k not in RUN_FIELDS}
+
+
+def test_a_killed_shard_job_resumes_and_unfinished_shards_are_named(data, postnorm_teacher,
+                                                                    tmp_path, count_batches):
+    settings = dict(cpu=True, engine="fairseq", batch_size=8, save_every=8, num_shards=3)
+    clean = shutil.copytree(data, tmp_path / "clean")
+    count_batches(None)
+    build_kd_split(KDJob(str(clean), str(postnorm_teacher), cpu=True, engine="fairseq",
+                         batch_size=8))
+
+    decode_shard(KDJob(str(data), str(postnorm_teacher), shard_id=0, **settings))
+    state = count_batches(3)
+    with pytest.raises(Interrupt):
+        decode_shard(KDJob(str(data), str(postnorm_teacher), shard_id=1, **settings))
+    shard = data / "kd-train1" / "shard-1-of-3"
+    saved = sum(len(p.read_text().splitlines()) for p in shard.glob("part-*.tsv"))
+    assert 0 < saved <= state["sentences"] and not (shard / "complete.json").exists()
+    with pytest.raises(WDSetupError, match=r"2 of 3 shards not complete \(shard 1: "
+                       rf"{saved} sentences saved, not finished; shard 2: not started\)\. Fix: run "
+                       r"for I in 1 2; do wd-kd-data .* --num-shards 3 --shard-id \$I; done"):
+        merge_shards(KDJob(str(data), str(postnorm_teacher), **settings))
+
+    state = count_batches(None)
+    record = decode_shard(KDJob(str(data), str(postnorm_teacher), shard_id=1, **settings))
+    assert state["sentences"] == record["sentences"] - saved  # only the rest was decoded
+    decode_shard(KDJob(str(data), str(postnorm_teacher), shard_id=2, **settings))
+    with pytest.raises(WDSetupError, match=r"shard-0-of-3/manifest\.json: shard 0 of 3 was decoded "
+                       r"with lenpen 1\.0; this merge has lenpen 0\.5 \(--lenpen\)\. Fix: pass the "
+                       r"merge the shard jobs' flags"):
+        merge_shards(KDJob(str(data), str(postnorm_teacher), lenpen=0.5, **settings))
+    state = count_batches(None)
+    assert decode_shard(KDJob(str(data), str(postnorm_teacher), shard_id=2, **settings)) \
+        == json.loads((data / "kd-train1" / "shard-2-of-3" / "complete.json").read_text())
+    assert state["calls"] == 0  # a finished shard is not decoded again
+    merge_shards(KDJob(str(data), str(postnorm_teacher), **settings))
+    assert kd_files(data) == kd_files(clean)
+
+
+def test_limit_writes_both_sides_of_the_first_k_sentences(data, postnorm_teacher, tmp_path,
+                                                          count_batches):
+    k = 50
+    run_cli("wd-kd-data", data, "--teacher-path", postnorm_teacher, "--cpu", "--engine",
+            "fairseq", "--limit", k, env=ONE_THREAD)
+    assert rows(data, "train1", "src") == rows(data, "train", "src")[:k]
+    assert len(rows(data, "train1", "tgt")) == k
+    assert len((data / "kd-train1" / "train1.tgt").read_text().splitlines()) == k
+    summary = json.loads((data / "kd-train1" / "summary.json").read_text())
+    assert summary["sentences"] == k and summary["manifest"]["limit"] == k
+    train = load_train(data)
+    assert len(train) == N_TRAIN + k
+    assert train[N_TRAIN + 7]["source"].tolist() == train[7]["source"].tolist()
+    assert train[N_TRAIN + 7]["target"].tolist() == rows(data, "train1", "tgt")[7]
+    out = run_cli("fairseq-train", data, "--arch", "transformer", *TEACHER_SHAPE, *TRAIN_FLAGS,
+                  "--max-update", "1", "--upsample-primary", "1", "--disable-validation",
+                  "--no-save", "--save-dir", tmp_path / "student", "--cpu").stdout
+    assert f"train1 src-tgt {k} examples" in out and "done training" in out
+
+    # an interrupted run resumed with another limit restarts cleanly
+    fresh = shutil.copytree(data, tmp_path / "fresh", ignore=shutil.ignore_patterns("train1*", "kd-*"))
+    count_batches(2)
+    with pytest.raises(Interrupt):
+        build_kd_split(KDJob(str(fresh), str(postnorm_teacher), cpu=True, engine="fairseq",
+                             batch_size=8, save_every=8, limit=k))
+    state = count_batches(None)
+    summary = build_kd_split(KDJob(str(fresh), str(postnorm_teacher), cpu=True, engine="fairseq",
+                                   batch_size=8, save_every=8, limit=30))
+    assert state["sentences"] == 30 == summary["sentences"] and summary["manifest"]["limit"] == 30
+    # a limit of the whole split or more is no limit: the split of a run without one
+    summary = build_kd_split(KDJob(str(fresh), str(postnorm_teacher), cpu=True, engine="fairseq",
+                                   limit=10 * N_TRAIN, overwrite=True))
+    assert "limit" not in summary["manifest"] and summary["sentences"] == N_TRAIN
+    assert (fresh / "train1.src-tgt.src.bin").read_bytes() == \
+        (fresh / "train.src-tgt.src.bin").read_bytes()
+
+
+def test_eta_counts_source_tokens_not_sentences(monkeypatch, caplog):
+    """Half the sentences but a fifth of the source tokens done in 10 s: 40 s left, not 10."""
+    clock = iter([0.0, 10.0])
+    monkeypatch.setattr(kd_decoding, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    caplog.set_level(logging.INFO, logger="wd_fairseq.kd_decoding")
+    progress = kd_decoding.Progress(100, 1000)
+    monkeypatch.setattr(kd_decoding, "PROGRESS_SECONDS", 5)
+    progress.update(50, 200)
+    assert caplog.messages == ["decoded 50/100 sentences, 20% of the source tokens "
+                               "(5.0 sentences/s, 20 tokens/s, ETA 0:00:40)"]
+    assert kd_decoding.eta_seconds(200, 1000, 10.0) == 40.0
+    assert kd_decoding.eta_seconds(1000, 1000, 10.0) == 0.0
+    assert kd_decoding.eta_seconds(0, 1000, 10.0) == float("inf")

@@ -1,25 +1,33 @@
 """Binarised splits of a data-bin: their direction and file names, reading a side, and
-writing the KD split.
+writing the KD split (:func:`write_kd_split`: its files, decoded text and summary).
 
 The target side streams from the merged shards into fairseq's mmap format
 (:class:`MMapWriter`: memory does not grow with the corpus; fairseq's legacy formats go
-through its builder), the source side is copied. Every file goes to a temporary file
+through its builder): each kept hypothesis, or the reference where it fell back. The source
+side is copied, or re-binarised from its first K sentences for a ``--limit K``. Every file goes to a temporary file
 ``DATA/.kd-tmp.NAME`` first and is renamed into place with the source index last: fairseq
 sees the split only once all of it is complete. An empty split of the reversed direction
 keeps fairseq from reading the KD split backwards (:func:`guard_reversed`).
 """
 
 import glob
+import json
 import logging
 import os
 import struct
-from typing import Dict, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from fairseq.data import Dictionary, data_utils, indexed_dataset
 
+from .files import atomic_writer, write_atomic
+from .kd_decoding import FLAGS, OK, teacher_sanity
+from .kd_shards import Row, ShardStore
 from .teacher import WDSetupError
+
+if TYPE_CHECKING:
+    from .kd_data import KDInputs
 
 logger = logging.getLogger("wd_fairseq.kd_binarize")
 
@@ -64,6 +72,15 @@ class Split:
     def visible(self) -> bool:
         """Whether fairseq's translation task would load this split."""
         return os.path.exists(self.prefix(self.src) + ".idx")
+
+    def pattern(self) -> str:
+        """Its file names, for messages: ``train1.src-tgt.{src,tgt}.*``."""
+        return f"{self.name}.{self.src}-{self.tgt}.{{{self.src},{self.tgt}}}.*"
+
+    def remove_partial(self) -> None:
+        """The temporary files of a killed :func:`write_split` of this split's name."""
+        for stale in glob.glob(os.path.join(self.data, f".kd-tmp.{self.name}.*")):
+            os.remove(stale)
 
 
 def load_side(split: Split, lang: str, dictionary: Dictionary):
@@ -120,26 +137,92 @@ class MMapWriter:
 
 
 def write_split(out: Split, rows: Iterator[torch.Tensor], source_prefix: str, impl: str,
-                vocab_size: int) -> None:
-    """Write ``out`` (target ``rows``, streamed; source copied from ``source_prefix``)
-    so that fairseq never sees it half-written: temporary files first, then renames
-    with the source index last."""
+                vocab_sizes: Tuple[int, int], source_sentences: Optional[int] = None) -> None:
+    """Write ``out`` (target ``rows``, streamed; source copied from ``source_prefix``, or
+    with ``source_sentences`` K re-binarised from its first K sentences) so that fairseq
+    never sees it half-written: temporary files first, then renames with the source index
+    last. ``vocab_sizes``: (source, target) dictionary sizes, which set the token dtype."""
     if out.visible():
         os.remove(out.prefix(out.src) + ".idx")
     tmp = _tmp_files(out)
     tgt_bin, tgt_idx, src_bin, src_idx = out.files()
-    if impl == "mmap":
-        builder = MMapWriter(tmp[tgt_bin], vocab_size)
+    _write_rows(rows, tmp[tgt_bin], tmp[tgt_idx], impl, vocab_sizes[1])
+    if source_sentences is not None:
+        source = data_utils.load_indexed_dataset(source_prefix, None, impl)
+        _write_rows((source[i] for i in range(source_sentences)), tmp[src_bin], tmp[src_idx],
+                    impl, vocab_sizes[0])
     else:
-        builder = indexed_dataset.make_builder(tmp[tgt_bin], impl=impl, vocab_size=vocab_size)
+        for ext, path in ((".bin", src_bin), (".idx", src_idx)):
+            with open(source_prefix + ext, "rb") as f_in, open(tmp[path], "wb") as f_out:
+                while chunk := f_in.read(1 << 24):
+                    f_out.write(chunk)
+    _put_in_place(out, tmp)
+
+
+def write_kd_split(inputs: "KDInputs", rows: Iterator[Row], stores: List[ShardStore],
+                   manifest: Dict, run: Dict, disk_full: Callable) -> Dict:
+    """Write the output split from ``rows`` (every sentence's (index, flag, text), in corpus
+    order, from ``stores``, whose shards then go), the decoded text and ``summary.json``
+    (``run``: what decoded, how fast; ``manifest``: the settings). Returns the summary."""
+    job, out, reference = inputs.job, inputs.out, inputs.reference
+    tgt_dict = inputs.task.target_dictionary
+    counts = dict.fromkeys(FLAGS, 0)
+    lengths = {"hypotheses": 0, "references": 0}  # tokens of the kept pairs
+
+    def target_rows(text_file) -> Iterator[torch.Tensor]:
+        for expected, (index, flag, text) in enumerate(rows):
+            assert index == expected, (index, expected)
+            counts[flag] += 1
+            if flag == OK:
+                row = tgt_dict.encode_line(text, add_if_not_exist=False)
+                lengths["hypotheses"] += len(row)
+                lengths["references"] += len(reference[index])
+            else:
+                row = reference[index]
+                text = tgt_dict.string(row)
+            text_file.write(text + "\n")
+            yield row
+
+    text_path = os.path.join(inputs.work_dir, f"{job.out_split}.{job.target_lang}")
+    subset = inputs.sentences if inputs.sentences < len(inputs.source) else None
+    with disk_full(), atomic_writer(text_path) as text_file:
+        write_split(out, target_rows(text_file), inputs.inp.prefix(job.source_lang), inputs.impl,
+                    inputs.vocab_sizes(), subset)
+    sentences = sum(counts.values())
+    assert sentences == inputs.sentences, (sentences, inputs.sentences)
+    sanity, warnings = teacher_sanity(counts, lengths["hypotheses"], lengths["references"])
+    summary = {"sentences": sentences, "counts": counts, "teacher_sanity": sanity,
+               "fallback_to_reference": sentences - counts[OK], **run, "manifest": manifest}
+    with disk_full():
+        write_atomic(inputs.summary_path(), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for store in stores:  # (after the summary: a rerun finds the split up to date)
+        for shard in store.shards():
+            os.remove(shard)
+    with disk_full():
+        guard_reversed(out, inputs.impl, max(inputs.vocab_sizes()))
+    logger.info("wrote %s.{%s,%s} (%d sentences; fell back to the reference for %d: %s)",
+                os.path.join(job.data, f"{job.out_split}.{job.source_lang}-{job.target_lang}"),
+                job.source_lang, job.target_lang, sentences, summary["fallback_to_reference"],
+                ", ".join(f"{k} {v}" for k, v in counts.items() if k != OK))
+    logger.info("teacher sanity: runaway rate %.1f%%, fallback rate %.1f%%, kept hypotheses %sx "
+                "the references' length", 100 * sanity["runaway_rate"], 100 * sanity["fallback_rate"],
+                sanity["length_ratio"])
+    for warning in warnings:
+        logger.warning("teacher sanity: %s", warning)
+    return summary
+
+
+def _write_rows(rows: Iterator[torch.Tensor], bin_path: str, idx_path: str, impl: str,
+                vocab_size: int):
+    """One side of a split in format ``impl`` (mmap: streamed by :class:`MMapWriter`)."""
+    if impl == "mmap":
+        builder = MMapWriter(bin_path, vocab_size)
+    else:
+        builder = indexed_dataset.make_builder(bin_path, impl=impl, vocab_size=vocab_size)
     for row in rows:
         builder.add_item(row)
-    builder.finalize(tmp[tgt_idx])
-    for ext, path in ((".bin", src_bin), (".idx", src_idx)):
-        with open(source_prefix + ext, "rb") as f_in, open(tmp[path], "wb") as f_out:
-            while chunk := f_in.read(1 << 24):
-                f_out.write(chunk)
-    _put_in_place(out, tmp)
+    builder.finalize(idx_path)
+    return builder
 
 
 def _tmp_files(out: Split) -> Dict[str, str]:
@@ -174,9 +257,7 @@ def guard_reversed(out: Split, impl: str, vocab_size: int) -> None:
     tmp = _tmp_files(reverse)
     for lang in (reverse.tgt, reverse.src):
         bin_path, idx_path = tmp[reverse.prefix(lang) + ".bin"], tmp[reverse.prefix(lang) + ".idx"]
-        builder = MMapWriter(bin_path, vocab_size) if impl == "mmap" else \
-            indexed_dataset.make_builder(bin_path, impl=impl, vocab_size=vocab_size)
-        builder.finalize(idx_path)
+        builder = _write_rows([], bin_path, idx_path, impl, vocab_size)
         if impl == "mmap":  # (numpy cannot map an empty file: one id that no sentence uses)
             with open(bin_path, "ab") as f:
                 f.write(np.zeros(1, dtype=builder.dtype).tobytes())

@@ -7,13 +7,15 @@ fairseq's translation task then trains on ``train`` + ``train1`` concatenated, e
 source twice. ``valid`` is not touched.
 
 Two engines decode with the same search (``kd_decoding`` says where they differ):
-CTranslate2 (the default where it is installed and converts the teacher; the
-conversion is cached in ``DATA/kd-train1/ct2-QUANT/``) and fairseq's
-``SequenceGenerator`` (``kd_engines`` chooses and runs them).
+CTranslate2 (the default where it is installed and converts the teacher; the conversion
+is cached in ``DATA/kd-train1/ct2-QUANT/``) and fairseq's ``SequenceGenerator``.
 
 This module holds the job: its options (:class:`KDJob`, the CLI's flags), their checks,
-and the steps from the data-bin to the written split. The shard store is ``kd_shards``,
-the binarised split ``kd_binarize``.
+its inputs read once (:class:`KDInputs`) and the one-machine run. The shard store is
+``kd_shards``, the plan and the engines running it ``kd_engines``, the binarised split
+``kd_binarize``; jobs on several machines (``--num-shards N --shard-id I``) and their
+merge, the same split byte for byte, are ``kd_split_jobs``. ``--limit K`` decodes only
+the first K sentences: ``train1`` then holds both sides of those K.
 
 Real decoding is messy, so:
 
@@ -38,29 +40,23 @@ Real decoding is messy, so:
 
 import argparse
 import dataclasses
-import glob
 import json
 import logging
 import os
 import sys
-import time
-from typing import Dict, Iterator, Optional
-
-import numpy as np
-import torch
-from fairseq.data import Dictionary
+from typing import Callable, Dict, Optional, Tuple
 
 from .arguments import at_least_one, finite_float, nonnegative_float, nonnegative_int, positive_int
 from .cli import run_cli
 from .disk_space import disk_full_errors, require_free_space, tensor_sizes
-from .files import atomic_writer, write_atomic
-from .kd_binarize import Split, guard_reversed, infer_langs, is_placeholder, load_side, write_split
-from .kd_decoding import FLAGS, OK, SOURCE_TOO_LONG, Filters, batch_plan, teacher_sanity
-from .kd_engines import (ENGINES, QUANTIZATIONS, build_engine, check_quantization, check_workers,
-                         ctranslate2_available, decode_into, describe, describe_fields,
-                         engine_device, engine_settings, kd_task, run_workers)
+from .kd_binarize import (Split, guard_reversed, infer_langs, is_placeholder, load_side,
+                          write_kd_split)
+from .kd_decoding import SOURCE_TOO_LONG, Filters
+from .kd_engines import (ENGINES, QUANTIZATIONS, check_quantization, check_workers,
+                         ctranslate2_available, decode_job, engine_device, engine_settings,
+                         kd_task, run_record, without_engine)
 from .kd_shards import ShardStore, file_stamp
-from .multilingual import NO_LANG_TOKENS
+from .multilingual import NO_LANG_TOKENS, LangTokens
 from .teacher import WDSetupError
 
 logger = logging.getLogger("wd_fairseq.kd_data")
@@ -94,40 +90,48 @@ class KDJob:
     #: uses every visible GPU from one process.
     workers: Optional[int] = None
     filters: Filters = Filters()
+    #: Only the first ``limit`` sentences of the split (None: all of them).
+    limit: Optional[int] = None
+    #: One job of ``num_shards`` decoding shard ``shard_id`` (kd_split_jobs); None: all.
+    num_shards: Optional[int] = None
+    shard_id: Optional[int] = None
 
 
-def kd_space_needed(inp: Split, source, reference, tgt_dict: Dictionary, store: ShardStore,
-                    manifests: Dict, teacher_state: dict) -> int:
-    """Estimated bytes that a KD run still writes: the CTranslate2 conversion (unless
-    cached; while converting, a copy of the teacher (``teacher_state``) beside it), the decoded shards and
-    text, and the split (target side about the reference's size, source side copied),
-    less the shards already saved. Targets count a fifth more than the references."""
-    sentences = len(source)
-    symbols = [(len(s.encode()) + 1) * c for s, c in zip(tgt_dict.symbols[tgt_dict.nspecial:],
-                                                         tgt_dict.count[tgt_dict.nspecial:])]
-    bytes_per_token = sum(symbols) / max(sum(tgt_dict.count[tgt_dict.nspecial:]), 1)
-    text = 1.2 * (int(reference.sizes.sum()) - sentences) * bytes_per_token
-    shards = text + sentences * (len(str(sentences)) + len(SOURCE_TOO_LONG) + 3)
-    size = os.path.getsize
-    target = 1.2 * size(inp.prefix(inp.tgt) + ".bin") + size(inp.prefix(inp.tgt) + ".idx") \
-        + 4 * sentences  # (the index's side file of sizes)
-    kd = shards + text + target + sum(size(inp.prefix(inp.src) + e) for e in (".bin", ".idx"))
-    kd -= sum(size(shard) for shard in store.shards())
-    needed = kd
-    settings = manifests.get("ctranslate2")
-    if settings is not None and not os.path.exists(
-            os.path.join(store.directory, f"ct2-{settings['quantization']}", "model.bin")):
-        from .export_ctranslate2 import converted_bytes
+@dataclasses.dataclass
+class KDInputs:
+    """What each step of a job reads: the checked job, the teacher's task and language
+    tokens, the teacher file as read once (``teacher_state``; None once an engine holds
+    what it needs), the input and output splits, the input's two sides and format, the
+    number of its sentences the job covers (``sentences``: ``--limit``, or all), the
+    settings that do not depend on the engine (``common``), the engines it may use with one
+    manifest each, and the work directory ``DATA/kd-SPLIT``."""
 
-        weights, teacher = tensor_sizes(teacher_state["model"])
-        needed = converted_bytes(weights, settings["quantization"], inp.data) + max(teacher, kd)
-    return int(needed)
+    job: KDJob
+    task: object
+    tokens: LangTokens
+    teacher_state: Optional[dict]
+    inp: Split
+    out: Split
+    source: object
+    reference: object
+    impl: str
+    sentences: int
+    common: Dict
+    manifests: Dict[str, Dict]
+    work_dir: str
+
+    def summary_path(self) -> str:
+        return os.path.join(self.work_dir, "summary.json")
+
+    def vocab_sizes(self) -> Tuple[int, int]:
+        return len(self.task.source_dictionary), len(self.task.target_dictionary)
 
 
-def check_options(job: KDJob) -> KDJob:
+def check_options(job: KDJob, decodes: bool = True) -> KDJob:
     """``job`` refused where its options contradict each other or name nothing, before
-    the teacher is loaded; returned with its engine (``--quantization``: CTranslate2)
-    and languages (inferred from the data-bin) filled in where they were left open."""
+    the teacher is loaded (without ``decodes``, the merge: not what only decoding needs);
+    returned with its engine (``--quantization``: CTranslate2) and languages (inferred
+    from the data-bin) filled in where they were left open."""
     if not os.path.isdir(job.data):
         raise WDSetupError(f"DATA {job.data}: no such directory. Fix: pass a fairseq data-bin")
     if job.out_split == job.split:
@@ -136,14 +140,14 @@ def check_options(job: KDJob) -> KDJob:
         job = dataclasses.replace(job, engine="ctranslate2")  # only it has a --quantization
     if job.engine is not None and job.engine not in ENGINES:
         raise WDSetupError(f"--engine {job.engine}: choose one of {', '.join(ENGINES)}")
-    if job.engine == "ctranslate2" and not ctranslate2_available():
+    if decodes and job.engine == "ctranslate2" and not ctranslate2_available():
         raise WDSetupError("--engine ctranslate2: the ctranslate2 package is not installed. "
                            "Fix: pip install ctranslate2, or pass --engine fairseq")
-    check_workers(job.workers, job.engine, chosen=True)
+    check_workers(job.workers, job.engine if decodes else None, chosen=True)
     if job.engine == "fairseq" and job.quantization is not None:
         raise WDSetupError(f"--quantization {job.quantization}: only for --engine ctranslate2. "
                            "Fix: drop it, or pass --engine ctranslate2 (fairseq: --fp16)")
-    if job.quantization is not None:
+    if decodes and job.quantization is not None:
         check_quantization(job.quantization, engine_device(job.cpu, "ctranslate2"))
     if not os.path.isfile(job.teacher_path):
         raise WDSetupError(
@@ -156,16 +160,14 @@ def check_options(job: KDJob) -> KDJob:
     return job
 
 
-def build_kd_split(job: KDJob) -> Dict:
-    """Decode ``job.split`` of ``job.data`` with the teacher and write it as
-    ``job.out_split``. Returns the summary (also written to
-    ``DATA/kd-{out_split}/summary.json``)."""
-    job = check_options(job)
-    data, out_split = job.data, job.out_split
+def prepare(job: KDJob, decodes: bool = True) -> KDInputs:
+    """The checked job's inputs, read once: the teacher (checked against the data), the
+    split's sides (refused where their line counts differ) and the manifests (without
+    ``decodes``: none, only their part that does not depend on the engine or device)."""
+    job = check_options(job, decodes)
     source_lang, target_lang = job.source_lang, job.target_lang
-    task, tokens, teacher_state = kd_task(data, job.teacher_path, source_lang, target_lang)
-    inp = Split(data, job.split, source_lang, target_lang)
-    out = Split(data, out_split, source_lang, target_lang)
+    task, tokens, teacher_state = kd_task(job.data, job.teacher_path, source_lang, target_lang)
+    inp = Split(job.data, job.split, source_lang, target_lang)
     source, impl = load_side(inp, source_lang, task.source_dictionary)
     reference, _ = load_side(inp, target_lang, task.target_dictionary)
     if len(source) != len(reference):
@@ -174,150 +176,134 @@ def build_kd_split(job: KDJob) -> Dict:
             f"{inp.prefix(target_lang)} has {len(reference)}. Fix: re-binarise the "
             "split from parallel text files with equal line counts"
         )
+    sentences = min(job.limit or len(source), len(source))
     candidates = [job.engine] if job.engine else [e for e in ENGINES
                                                   if e == "fairseq" or ctranslate2_available()]
     common = {
         "teacher": file_stamp(job.teacher_path, content_hash=True),
         "source": file_stamp(inp.prefix(source_lang) + ".bin"),
         "target": file_stamp(inp.prefix(target_lang) + ".bin"),
-        "sentences": len(source), "out_split": out_split,
+        "sentences": len(source), "out_split": job.out_split,
         "beam": job.beam, "lenpen": job.lenpen, "max_len_a": job.max_len_a,
         "max_len_b": job.max_len_b, "max_tokens": job.max_tokens, "batch_size": job.batch_size,
         "filters": job.filters._asdict(),
     }
+    if sentences < len(source):  # (a limit of the whole split or more is no limit)
+        common["limit"] = sentences
     if tokens != NO_LANG_TOKENS:
         common["lang_tokens"] = tokens._asdict()
     manifests = {e: {**common, **engine_settings(e, engine_device(job.cpu, e), job.quantization,
                                                  job.fp16)}
-                 for e in candidates}
+                 for e in candidates} if decodes else {}
     # a multilingual data-bin holds several directions: one work directory each
-    work_dir = f"kd-{out_split}" + (f".{source_lang}-{target_lang}" if tokens != NO_LANG_TOKENS else "")
-    store = ShardStore(os.path.join(data, work_dir))
-    summary_path = os.path.join(store.directory, "summary.json")
-    vocab_size = max(len(task.source_dictionary), len(task.target_dictionary))
-    if out.visible() and not is_placeholder(out):
-        if not job.overwrite and os.path.exists(summary_path):
-            with open(summary_path, encoding="utf-8") as f:
-                summary = json.load(f)
-            if summary.get("manifest") in manifests.values():
-                logger.info("%s: up to date", out.prefix(source_lang))
-                guard_reversed(out, impl, vocab_size)
-                return summary
-        if not job.overwrite:
-            raise WDSetupError(
-                f"{out.prefix(source_lang)}.idx exists (from another teacher, data or "
-                f"settings). Fix: pass --overwrite to replace split '{out_split}', or "
-                "choose another --out-split"
-            )
-    for stale in glob.glob(os.path.join(data, f".kd-tmp.{out_split}.*")):
-        os.remove(stale)
+    work_dir = f"kd-{job.out_split}" + (f".{source_lang}-{target_lang}"
+                                        if tokens != NO_LANG_TOKENS else "")
+    return KDInputs(job, task, tokens, teacher_state, inp,
+                    Split(job.data, job.out_split, source_lang, target_lang), source, reference,
+                    impl, sentences, common, manifests, os.path.join(job.data, work_dir))
 
-    needed = kd_space_needed(inp, source, reference, task.target_dictionary, store, manifests,
-                             teacher_state)
-    converting = "teacher conversion and " if "ctranslate2" in manifests else ""
-    what = (f"the KD split '{out_split}' ({converting}decoded shards in {work_dir}/, then "
-            f"{out_split}.{source_lang}-{target_lang}.{{{source_lang},{target_lang}}}.*)")
-    fix = (f"free space on the file system of {data} (or move the data-bin to a bigger one) and "
-           f"rerun: the decoded shards in {store.directory} are kept and the run resumes")
-    require_free_space(data, needed, what, fix)
 
-    def disk_full():  # (files.atomic_writer removes its own temporary files)
-        partial = [os.path.join(data, f".kd-tmp.{out_split}.*")]
-        return disk_full_errors(data, needed, what, fix, partial)
-
-    os.makedirs(store.directory, exist_ok=True)
-    decoder = build_engine(job, candidates, manifests, task, tokens, store.directory, teacher_state)
-    del teacher_state  # (the engine holds what it needs: a model or its conversion)
-    manifest = manifests[decoder.name]
-    workers = check_workers(job.workers, decoder.name, chosen=job.engine is not None,
-                            cuda=decoder.name == "fairseq" and decoder.device.type == "cuda")
-    store.open(manifest)
-    done = store.done(len(source))
-    max_source = decoder.max_positions()[0]
-    too_long = np.flatnonzero(source.sizes > max_source)
-    plan = batch_plan(source.sizes, np.flatnonzero(source.sizes <= max_source), job.max_tokens,
-                      job.batch_size)
-    todo = [batch for batch in plan if not done[batch].all()]
-    remaining = sum(len(b) for b in todo)
-    if not done[too_long].all():
-        store.save([(int(i), SOURCE_TOO_LONG, "") for i in too_long if not done[i]])
-    if remaining:
-        logger.info("decoding %d of %d sentences of %s with %s, beam %d, lenpen %s",
-                    remaining, len(source), inp.prefix(source_lang), describe(decoder, workers),
-                    job.beam, job.lenpen)
-    started = time.time()
-    if decoder.name == "fairseq" and workers > 1:
-        devices = [f"cuda:{r}" for r in range(workers)] if decoder.device.type == "cuda" \
-            else ["cpu"] * workers
-        decoder.teacher.cpu()  # the workers load their own copies
-        run_workers(job, store.directory, devices, todo)
-    else:
-        with disk_full():
-            decode_into(decoder, source, todo, store, job.save_every, job.max_len_a,
-                        job.max_len_b, job.filters)
-    decode_seconds = time.time() - started
-    done = store.done(len(source))
-    if not done.all():
+def written_summary(inputs: KDInputs) -> Optional[Dict]:
+    """The summary of the output split where it is already written with these settings
+    (None: it is not there, or ``--overwrite``); refused where it is from other ones."""
+    job, out = inputs.job, inputs.out
+    if not out.visible() or is_placeholder(out):
+        return None
+    if not job.overwrite and os.path.exists(inputs.summary_path()):
+        with open(inputs.summary_path(), encoding="utf-8") as f:
+            summary = json.load(f)
+        manifest = summary.get("manifest") or {}
+        if manifest in inputs.manifests.values() or \
+                not inputs.manifests and without_engine(manifest) == inputs.common:
+            logger.info("%s: up to date", out.prefix(job.source_lang))
+            guard_reversed(out, inputs.impl, max(inputs.vocab_sizes()))
+            return summary
+    if not job.overwrite:
         raise WDSetupError(
-            f"{store.directory}: shards hold {int(done.sum())} sentences, expected "
-            f"{len(source)}. Fix: delete {store.directory} and rerun"
+            f"{out.prefix(job.source_lang)}.idx exists (from another teacher, data or "
+            f"settings). Fix: pass --overwrite to replace split '{job.out_split}', or "
+            "choose another --out-split"
         )
+    return None
 
-    tgt_dict = task.target_dictionary
-    counts = dict.fromkeys(FLAGS, 0)
-    lengths = {"hypotheses": 0, "references": 0}  # tokens of the kept pairs
-    text_path = os.path.join(store.directory, f"{out_split}.{target_lang}")
 
-    def target_rows(text_file) -> Iterator[torch.Tensor]:
-        for expected, (index, flag, text) in enumerate(store.merged()):
-            assert index == expected, (index, expected)
-            counts[flag] += 1
-            if flag == OK:
-                row = tgt_dict.encode_line(text, add_if_not_exist=False)
-                lengths["hypotheses"] += len(row)
-                lengths["references"] += len(reference[index])
-            else:
-                row = reference[index]
-                text = tgt_dict.string(row)
-            text_file.write(text + "\n")
-            yield row
+def kd_space_needed(inputs: KDInputs, store: Optional[ShardStore], share: float,
+                    writes: bool) -> int:
+    """Estimated bytes that a step still writes: ``share`` of the job's decoded shards,
+    less those ``store`` already holds, and the CTranslate2 conversion into ``store``
+    unless cached (while converting, a copy of the teacher beside it); with ``writes``, the
+    decoded text and the split (target side about the reference's size, source side
+    copied). Targets count a fifth more than the references."""
+    inp, sentences, tgt_dict = inputs.inp, inputs.sentences, inputs.task.target_dictionary
+    fraction = sentences / len(inputs.source)
+    symbols = [(len(s.encode()) + 1) * c for s, c in zip(tgt_dict.symbols[tgt_dict.nspecial:],
+                                                         tgt_dict.count[tgt_dict.nspecial:])]
+    bytes_per_token = sum(symbols) / max(sum(tgt_dict.count[tgt_dict.nspecial:]), 1)
+    text = 1.2 * (int(inputs.reference.sizes[:sentences].sum()) - sentences) * bytes_per_token
+    shards = text + sentences * (len(str(sentences)) + len(SOURCE_TOO_LONG) + 3)
+    size, tgt = os.path.getsize, inp.prefix(inp.tgt)
+    target = fraction * (1.2 * size(tgt + ".bin") + size(tgt + ".idx")) \
+        + 4 * sentences  # (the index's side file of sizes)
+    copied = fraction * sum(size(inp.prefix(inp.src) + e) for e in (".bin", ".idx"))
+    kd = share * shards + (text + target + copied if writes else 0)
+    kd -= sum(size(shard) for shard in store.shards()) if store else 0
+    needed = kd
+    settings = inputs.manifests.get("ctranslate2")
+    if store and settings is not None and not os.path.exists(
+            os.path.join(store.directory, f"ct2-{settings['quantization']}", "model.bin")):
+        from .export_ctranslate2 import converted_bytes
 
-    with disk_full(), atomic_writer(text_path) as text_file:
-        write_split(out, target_rows(text_file), inp.prefix(source_lang), impl, len(tgt_dict))
-    sanity, warnings = teacher_sanity(counts, lengths["hypotheses"], lengths["references"])
-    summary = {
-        "sentences": len(source), "counts": counts, "teacher_sanity": sanity,
-        "fallback_to_reference": len(source) - counts[OK],
-        "engine": decoder.name, **describe_fields(decoder, workers),
-        "decoded_this_run": remaining,
-        "decode_seconds": round(decode_seconds, 1),
-        "sentences_per_second": round(remaining / decode_seconds, 2) if remaining else None,
-        "manifest": manifest,
-    }
-    with disk_full():
-        write_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    for shard in store.shards():  # (after the summary: a rerun finds the split up to date)
-        os.remove(shard)
-    with disk_full():
-        guard_reversed(out, impl, vocab_size)
-    logger.info("wrote %s.{%s,%s} (%d sentences; fell back to the reference for %d: %s)",
-                os.path.join(data, f"{out_split}.{source_lang}-{target_lang}"), source_lang,
-                target_lang, len(source), summary["fallback_to_reference"],
-                ", ".join(f"{k} {v}" for k, v in counts.items() if k != OK))
-    logger.info("teacher sanity: runaway rate %.1f%%, fallback rate %.1f%%, kept hypotheses %sx "
-                "the references' length", 100 * sanity["runaway_rate"], 100 * sanity["fallback_rate"],
-                sanity["length_ratio"])
-    for warning in warnings:
-        logger.warning("teacher sanity: %s", warning)
-    return summary
+        weights, teacher = tensor_sizes(inputs.teacher_state["model"])
+        needed = converted_bytes(weights, settings["quantization"], inp.data) + max(teacher, kd)
+    return int(needed)
+
+
+def require_space(inputs: KDInputs, store: Optional[ShardStore], share: float, writes: bool,
+                  what: str) -> Callable:
+    """Refuse ``what`` where its file system lacks :func:`kd_space_needed`'s bytes; returns
+    the context that turns a disk filling up while writing it into the same message."""
+    data = inputs.job.data
+    needed = kd_space_needed(inputs, store, share, writes)
+    fix = (f"free space on the file system of {data} (or move the data-bin to a bigger one) and "
+           f"rerun: the decoded shards in {store.directory if store else inputs.work_dir} are "
+           "kept and the run resumes")
+    require_free_space(data, needed, what, fix)
+    partial = [os.path.join(data, f".kd-tmp.{inputs.job.out_split}.*")]
+    return lambda: disk_full_errors(data, needed, what, fix, partial)
+
+
+def build_kd_split(job: KDJob) -> Dict:
+    """Decode ``job.split`` of ``job.data`` (its first ``job.limit`` sentences) with the
+    teacher and write it as ``job.out_split``, on this machine. Returns the summary (also
+    written to ``DATA/kd-{out_split}/summary.json``). Shard jobs and their merge:
+    ``kd_split_jobs``."""
+    inputs = prepare(job)
+    summary = written_summary(inputs)
+    if summary is not None:
+        return summary
+    inputs.out.remove_partial()
+    store = ShardStore(inputs.work_dir)
+    converting = "teacher conversion and " if "ctranslate2" in inputs.manifests else ""
+    what = (f"the KD split '{inputs.job.out_split}' ({converting}decoded shards in "
+            f"{os.path.basename(inputs.work_dir)}/, then {inputs.out.pattern()})")
+    disk_full = require_space(inputs, store, 1.0, True, what)
+    decoder, workers, decoded, seconds, manifest = decode_job(inputs, store, disk_full)
+    return write_kd_split(inputs, store.merged(), [store], manifest,
+                          run_record(decoder, workers, decoded, seconds), disk_full)
 
 
 def cli_main(argv=None):
+    from . import kd_split_jobs  # (it builds on this module's steps)
+
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+    merge = argv[:1] == ["merge"]  # (a data-bin named merge: pass ./merge)
     parser = argparse.ArgumentParser(
-        prog="wd-kd-data",
+        prog="wd-kd-data merge" if merge else "wd-kd-data",
         description="Sequence-level KD data: decode a data-bin's training source with the "
         "teacher (CTranslate2 or fairseq's beam search) and write it into the same data-bin "
-        "as split train1, which fairseq-train concatenates with train.",
+        "as split train1, which fairseq-train concatenates with train. On several machines: "
+        "one job per shard (--num-shards N --shard-id I), then 'wd-kd-data merge DATA ... "
+        "--num-shards N' with the same flags writes train1 as one machine would.",
     )
     parser.add_argument("data", metavar="DATA", help="fairseq data-bin (fairseq-preprocess output)")
     parser.add_argument("--teacher-path", required=True, metavar="TEACHER.pt",
@@ -358,12 +344,23 @@ def cli_main(argv=None):
     parser.add_argument("--fp16", action="store_true", help="fairseq engine: decode in fp16 (GPU)")
     parser.add_argument("--cpu", action="store_true", help="decode on the CPU even with a GPU")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing out split")
-    args = parser.parse_args(argv)
+    parser.add_argument("--limit", type=positive_int, metavar="K",
+                        help="decode only the first K sentences of the split (train1 then holds "
+                        "those K pairs; default: all)")
+    parser.add_argument("--num-shards", type=positive_int, metavar="N",
+                        help="one of N jobs (with --shard-id), or the merge of their shards")
+    parser.add_argument("--shard-id", type=nonnegative_int, metavar="I",
+                        help="decode shard I (0 to N-1) of --num-shards N into "
+                        "DATA/kd-train1/shard-I-of-N/ (every N-th batch of the plan)")
+    args = parser.parse_args(argv[merge:])
+    kd_split_jobs.check_shard_flags(parser, args, merge)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         level=logging.INFO, stream=sys.stdout, force=True)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(KDJob) if f.name != "filters"}
     job = KDJob(**flags, filters=Filters(args.filter_length_ratio, args.filter_min_score))
-    run_cli("wd-kd-data", lambda: build_kd_split(job))
+    run = kd_split_jobs.merge_shards if merge else \
+        kd_split_jobs.decode_shard if job.num_shards is not None else build_kd_split
+    run_cli(parser.prog, lambda: run(job))
 
 
 if __name__ == "__main__":

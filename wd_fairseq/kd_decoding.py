@@ -159,23 +159,37 @@ def batch_plan(sizes: np.ndarray, decodable: np.ndarray, max_tokens: Optional[in
     return batches
 
 
-class Progress:
-    """Logs sentences done, sentences/s and an ETA at most every PROGRESS_SECONDS."""
+def eta_seconds(tokens_done: int, tokens_total: int, elapsed: float) -> float:
+    """Seconds left at the observed rate of source tokens (EOS included): the plan
+    decodes the shortest sources first, so a rate of sentences would promise too much."""
+    if tokens_done >= tokens_total:
+        return 0.0
+    return (tokens_total - tokens_done) * elapsed / tokens_done if tokens_done else float("inf")
 
-    def __init__(self, total: int, label: str = ""):
-        self.total, self.done, self.label = total, 0, label
+
+class Progress:
+    """Logs sentences done, sentences/s and an ETA by source tokens at most every
+    PROGRESS_SECONDS (and once at the end). ``tokens``: the source tokens of all
+    ``total`` sentences."""
+
+    def __init__(self, total: int, tokens: int, label: str = ""):
+        self.total, self.tokens, self.label = total, tokens, label
+        self.done = self.tokens_done = 0
         self.start = self.reported = time.time()
 
-    def update(self, count: int) -> None:
+    def update(self, count: int, tokens: int) -> None:
         self.done += count
+        self.tokens_done += tokens
         now = time.time()
         if now - self.reported < PROGRESS_SECONDS and self.done < self.total:
             return
         self.reported = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate else float("inf")
-        logger.info("%sdecoded %d/%d sentences (%.1f sentences/s, ETA %s)", self.label, self.done,
-                    self.total, rate, _clock(eta))
+        elapsed = max(now - self.start, 1e-9)
+        logger.info("%sdecoded %d/%d sentences, %d%% of the source tokens (%.1f sentences/s, "
+                    "%.0f tokens/s, ETA %s)", self.label, self.done, self.total,
+                    100 * self.tokens_done // max(self.tokens, 1), self.done / elapsed,
+                    self.tokens_done / elapsed,
+                    _clock(eta_seconds(self.tokens_done, self.tokens, elapsed)))
 
 
 def _clock(seconds: float) -> str:

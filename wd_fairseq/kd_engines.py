@@ -4,8 +4,9 @@ The device (``--cpu``, else a GPU where the engine sees one), the CTranslate2
 quantization of that device, the engine itself (an automatic choice falls back from
 CTranslate2 to fairseq when the converter refuses the teacher; the conversion is cached
 in the work directory), the number of decoding processes (fairseq: one per GPU;
-CTranslate2 decodes on every visible GPU from one process), and :func:`decode_into`, which
-runs an engine over batches of the plan into the shard store.
+CTranslate2 decodes on every visible GPU from one process), :func:`decode_into`, which
+runs an engine over batches of the plan into the shard store, and :func:`decode_job`, which
+makes the plan of a job (or of one shard job's share) and runs it, resuming.
 """
 
 import importlib.util
@@ -13,20 +14,21 @@ import logging
 import multiprocessing
 import os
 import sys
-from typing import TYPE_CHECKING, Dict, List, Optional
+import time
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .kd_binarize import Split, load_side
-from .kd_decoding import (CTranslate2Engine, FairseqEngine, Filters, Progress, classify,
-                          cpu_threads, hypothesis_limit)
+from .kd_decoding import (SOURCE_TOO_LONG, CTranslate2Engine, FairseqEngine, Filters, Progress,
+                          batch_plan, classify, cpu_threads, hypothesis_limit)
 from .kd_shards import ShardStore
 from .multilingual import LangTokens, data_task, lang_tokens
 from .teacher import WDSetupError, load_teacher, read_checkpoint, task_langs
 
 if TYPE_CHECKING:
-    from .kd_data import KDJob
+    from .kd_data import KDInputs, KDJob
 
 logger = logging.getLogger("wd_fairseq.kd_engines")
 
@@ -72,6 +74,15 @@ def check_quantization(quantization: Optional[str], device: str) -> str:
             + (", or run on a GPU" if device == "cpu" else "")
         )
     return quantization
+
+
+#: The manifest entries of :func:`engine_settings`.
+ENGINE_SETTINGS = ("engine", "device", "quantization", "fp16")
+
+
+def without_engine(manifest: Dict) -> Dict:
+    """``manifest`` without the entries of :func:`engine_settings`."""
+    return {k: v for k, v in manifest.items() if k not in ENGINE_SETTINGS}
 
 
 def engine_settings(engine: str, device: str, quantization: Optional[str], fp16: bool) -> Dict:
@@ -151,7 +162,8 @@ def decode_into(decoder, source, batches: List[np.ndarray], store: ShardStore, s
     """Decode ``batches`` (arrays of corpus indices) of ``source`` with ``decoder``, saving
     a shard every ``save_every`` sentences (whole batches only)."""
     max_target = decoder.max_positions()[1]
-    progress = Progress(sum(len(b) for b in batches), label)
+    progress = Progress(sum(len(b) for b in batches),
+                        sum(int(source.sizes[b].sum()) for b in batches), label)
     rows = []
     for hypotheses in decoder.translate(source, batches):
         for index, tokens, score in hypotheses:
@@ -159,12 +171,65 @@ def decode_into(decoder, source, batches: List[np.ndarray], store: ShardStore, s
             limit = hypothesis_limit(size, decoder.tokens, max_len_a, max_len_b, max_target)
             flag = classify(tokens, limit, size - 1, score, filters)
             rows.append((index, flag, " ".join(tokens)))
-        progress.update(len(hypotheses))
+        progress.update(len(hypotheses), sum(int(source.sizes[i]) for i, _, _ in hypotheses))
         if len(rows) >= save_every:
             store.save(rows)
             rows = []
     if rows:
         store.save(rows)
+
+
+def decode_job(inputs: "KDInputs", store: ShardStore, disk_full: Callable,
+               extra: Optional[Dict] = None, select: Optional[Callable] = None):
+    """Decode the job's sentences into ``store`` (resuming what it holds with the same
+    manifest, ``extra`` added to it), or only those ``select(plan, too_long)`` keeps (each
+    a list of arrays of corpus indices). Returns (engine, workers, sentences decoded now,
+    seconds, manifest)."""
+    job, source = inputs.job, inputs.source
+    os.makedirs(store.directory, exist_ok=True)
+    decoder = build_engine(job, list(inputs.manifests), inputs.manifests, inputs.task,
+                           inputs.tokens, store.directory, inputs.teacher_state)
+    inputs.teacher_state = None  # (the engine holds what it needs: a model or its conversion)
+    manifest = {**inputs.manifests[decoder.name], **(extra or {})}
+    workers = check_workers(job.workers, decoder.name, chosen=job.engine is not None,
+                            cuda=decoder.name == "fairseq" and decoder.device.type == "cuda")
+    store.open(manifest)
+    done = store.done(len(source))
+    sizes = source.sizes[:inputs.sentences]
+    max_source = decoder.max_positions()[0]
+    plan = batch_plan(source.sizes, np.flatnonzero(sizes <= max_source), job.max_tokens,
+                      job.batch_size)
+    too_long = [np.flatnonzero(sizes > max_source)]
+    if select is not None:
+        plan, too_long = select(plan, too_long)
+    owned = np.concatenate([np.zeros(0, dtype=np.int64), *plan, *too_long])
+    todo = [batch for batch in plan if not done[batch].all()]
+    remaining = sum(len(b) for b in todo)
+    recorded = [(int(i), SOURCE_TOO_LONG, "") for batch in too_long for i in batch if not done[i]]
+    if recorded:
+        store.save(recorded)
+    if remaining:
+        logger.info("decoding %d of %d sentences of %s with %s, beam %d, lenpen %s", remaining,
+                    len(owned), inputs.inp.prefix(job.source_lang),
+                    describe(decoder, workers), job.beam, job.lenpen)
+    started = time.time()
+    if decoder.name == "fairseq" and workers > 1:
+        devices = [f"cuda:{r}" for r in range(workers)] if decoder.device.type == "cuda" \
+            else ["cpu"] * workers
+        decoder.teacher.cpu()  # the workers load their own copies
+        run_workers(job, store.directory, devices, todo)
+    else:
+        with disk_full():
+            decode_into(decoder, source, todo, store, job.save_every, job.max_len_a,
+                        job.max_len_b, job.filters)
+    seconds = time.time() - started
+    done = store.done(len(source))
+    if not done[owned].all():
+        raise WDSetupError(
+            f"{store.directory}: shards hold {int(done[owned].sum())} of the {len(owned)} "
+            f"sentences they should. Fix: delete {store.directory} and rerun"
+        )
+    return decoder, workers, remaining, seconds, manifest
 
 
 def run_workers(job: "KDJob", directory: str, devices: List[str],
@@ -210,6 +275,13 @@ def describe_fields(engine, workers: int = 1) -> Dict:
             "devices": list(range(workers)) if engine.device.type == "cuda" or workers > 1
             else [0],
             "threads": torch.get_num_threads() if engine.device.type == "cpu" else None}
+
+
+def run_record(decoder, workers: int, decoded: int, seconds: float) -> Dict:
+    """The summary's record of a decoding run: engine, device(s), threads, speed."""
+    return {"engine": decoder.name, **describe_fields(decoder, workers),
+            "decoded_this_run": decoded, "decode_seconds": round(seconds, 1),
+            "sentences_per_second": round(decoded / seconds, 2) if decoded else None}
 
 
 def describe(engine, workers: int = 1) -> str:

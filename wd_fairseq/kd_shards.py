@@ -1,8 +1,9 @@
 """The decoded sentences of a ``wd-kd-data`` run, saved as they come so that an
 interrupted run resumes: shards ``part-WW-NNNNNN.tsv`` of rows ``id<TAB>flag<TAB>text``
 (sorted by id; ``WW`` the writing process) in a work directory, with the run's settings
-in ``manifest.json``. Other settings restart the store empty; the merged rows stream in
-corpus order, at most ``MAX_OPEN_SHARDS`` files open at once.
+in ``manifest.json`` and, once a shard job has decoded all of its sentences, its record
+in ``complete.json``. Other settings restart the store empty; the merged rows of one or
+several stores stream in corpus order, at most ``MAX_OPEN_SHARDS`` files open at once.
 """
 
 import glob
@@ -11,7 +12,7 @@ import heapq
 import json
 import logging
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -21,6 +22,8 @@ logger = logging.getLogger("wd_fairseq.kd_shards")
 
 #: Shards merged at once (open files); more are first merged into bigger shards.
 MAX_OPEN_SHARDS = 128
+#: The record of a store whose job has saved all of its sentences.
+COMPLETE = "complete.json"
 
 Row = Tuple[int, str, str]  # (corpus index, flag, hypothesis text)
 
@@ -35,22 +38,24 @@ class ShardStore:
     def shards(self) -> List[str]:
         return sorted(glob.glob(os.path.join(self.directory, "part-*.tsv")))
 
+    def manifest(self) -> Optional[Dict]:
+        """The recorded settings (None: no run started here)."""
+        return _read_json(os.path.join(self.directory, "manifest.json"))
+
     def open(self, manifest: Dict) -> None:
         """Keep the shards of an earlier run with the same manifest, else start afresh."""
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, "manifest.json")
-        old = None
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
+        old = self.manifest()
         for stale in glob.glob(os.path.join(self.directory, ".*.tmp")):  # left by a killed run
             os.remove(stale)
         if old != manifest:
             if self.shards():
                 logger.info("%s: earlier shards were made with other settings; restarting",
                             self.directory)
-            for shard in self.shards():
-                os.remove(shard)
+            for stale in self.shards() + [os.path.join(self.directory, COMPLETE)]:
+                if os.path.exists(stale):
+                    os.remove(stale)
             write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     def done(self, sentences: int) -> np.ndarray:
@@ -61,6 +66,15 @@ class ShardStore:
                 for line in f:
                     mask[int(line[:line.index("\t")])] = True
         return mask
+
+    def finish(self, record: Dict) -> None:
+        """Record that every sentence of this store's job is saved (``record``: its summary)."""
+        write_atomic(os.path.join(self.directory, COMPLETE),
+                     json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def finished(self) -> Optional[Dict]:
+        """The record of :meth:`finish` (None: not finished)."""
+        return _read_json(os.path.join(self.directory, COMPLETE))
 
     def save(self, rows: List[Row]) -> None:
         self._write(sorted(rows))
@@ -75,12 +89,24 @@ class ShardStore:
 
     def merged(self) -> Iterator[Row]:
         """Every saved row once, in corpus order, streamed from the shards."""
-        while len(self.shards()) > MAX_OPEN_SHARDS:  # merge the oldest into one shard
+        return merged_rows([self])
+
+    def compact(self, most: int) -> None:
+        """Merge the oldest shards until at most ``most`` are left."""
+        while len(self.shards()) > most:
             group = self.shards()[:MAX_OPEN_SHARDS]
             self._write(_merge(group))
             for shard in group:  # a crash before this leaves duplicates, which _merge drops
                 os.remove(shard)
-        return _merge(self.shards())
+
+
+def merged_rows(stores: List[ShardStore]) -> Iterator[Row]:
+    """Every row saved in ``stores`` once, in corpus order (stores of one split that
+    hold different sentences: the shard jobs of ``kd_split_jobs``). Each store is first
+    merged down to its share of ``MAX_OPEN_SHARDS`` files (at least one each)."""
+    for store in stores:
+        store.compact(max(1, MAX_OPEN_SHARDS // len(stores)))
+    return _merge([shard for store in stores for shard in store.shards()])
 
 
 def _merge(shards: List[str]) -> Iterator[Row]:
@@ -95,6 +121,13 @@ def _merge(shards: List[str]) -> Iterator[Row]:
     finally:
         for f in files:
             f.close()
+
+
+def _read_json(path: str) -> Optional[Dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _parse_row(line: str) -> Row:
