@@ -36,7 +36,8 @@ TRAIN_FLAGS = [
 
 #: The slowest files (about 2-4 minutes each on 2 cores) first: pytest-xdist hands out whole
 #: files in collection order (tests/run.sh: --no-loadscope-reorder), so the workers finish together.
-SLOW_FILES_FIRST = ("test_study.py", "test_gpu_check.py", "test_recipes.py", "test_multilingual.py")
+SLOW_FILES_FIRST = ("test_study.py", "test_gpu_check.py", "test_recipes.py", "test_distill.py",
+                    "test_multilingual.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(items):

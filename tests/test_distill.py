@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import BIN, run_cli
+from wd_fairseq.distill import cli_main
 
 #: Tiny sizes: 8 updates (WD: 4 + 4), a student decoder of 1 x 16, at most 12 tokens decoded.
 TINY = ["--updates", "8", "--phase1-updates", "4", "--decoder-layers", "1", "--decoder-embed-dim", "16",
@@ -124,18 +125,24 @@ def test_selection_kd_and_changed_settings_rerun_what_they_change(wd_run, postno
 
 def test_plan_refuses_before_any_work(wd_run, postnorm_teacher, prenorm_teacher, data_bin,
                                      joined_data_bin, tmp_path):
-    proc = distill("plan", prenorm_teacher, data_bin, wd_run[0], check=False)
-    assert proc.returncode == 1 and f"holds the run of teacher {postnorm_teacher}" in proc.stderr
+    """Through the console script once (a dictionary of other symbols), in-process for
+    the rest (the console script's exit: ``wd-distill: error: MESSAGE``): nothing is written."""
     work = tmp_path / "work"
     proc = distill("plan", postnorm_teacher, joined_data_bin, work, check=False)
     assert proc.returncode == 1 and "vocabulary has" in proc.stderr and "Fix:" in proc.stderr
-    proc = distill("plan", postnorm_teacher, data_bin, work, "--decoder-embed-dim", "48", check=False)
-    assert proc.returncode == 1 and "--decoder-embed-dim 48" in proc.stderr and "Fix:" in proc.stderr
-    proc = distill("plan", postnorm_teacher, data_bin, work, "--test-split", "blind", check=False)
-    assert proc.returncode == 1 and "no split 'blind'" in proc.stderr
-    assert not work.exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine\n")
-    proc = distill("plan", postnorm_teacher, data_bin, other, check=False)
-    assert proc.returncode == 1 and "holds other files" in proc.stderr
+    for teacher, directory, extra, message in [
+            (postnorm_teacher, work, ["--decoder-embed-dim", "48"], "--decoder-embed-dim 48: a selected student"),
+            (postnorm_teacher, work, ["--test-split", "blind"], "no split 'blind'"),
+            (postnorm_teacher, work, ["--decoder-layers", "3", "--decoder-embed-dim", "32",
+                                      "--decoder-ffn-embed-dim", "64"], "the teacher's shape: nothing to distil"),
+            (postnorm_teacher, work, ["--method", "wd", "--phase1-updates", "8"], "leaves no update"),
+            (postnorm_teacher, other, [], "holds other files"),
+            (prenorm_teacher, wd_run[0], [], f"holds the run of teacher {postnorm_teacher}")]:
+        with pytest.raises(SystemExit) as stop:
+            cli_main(["plan", "--teacher-path", str(teacher), "--data", str(data_bin), "--work",
+                      str(directory), *TINY, *extra])
+        assert message in str(stop.value.code), (message, stop.value.code)  # (sys.exit(MESSAGE))
+    assert not work.exists() and os.listdir(other) == ["notes.txt"]

@@ -143,7 +143,7 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
                  *(["--cpu"] if job.cpu else [])])])]
     if method in ("wd", "wd-slice"):
         phase1_dir, phase2_dir = job.path("wd_phase1"), job.path("wd_phase2")
-        init, rest = os.path.join(phase2_dir, "init.pt"), job.updates - job.phase1
+        init, rest = job.path("materialized.pt"), job.updates - job.phase1
         phase2 = training_flags(job, rest, phase2_dir)
         if job.phase2_schedule == "continue":  # phase 2's update s trains at the rate of update phase1 + s
             phase2[phase2.index("inverse_sqrt")] = "inverse_sqrt_offset"
@@ -156,12 +156,10 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
                 "--teacher-path", teacher, *student_flags(checked.student),
                 *(["--wd-init", "slice"] if method == "wd-slice" else []),
                 *training_flags(job, job.phase1, phase1_dir)])]),
-            Stage("materialize", depends=["wd_phase1"], outputs=[init], actions=[
-                functools.partial(os.makedirs, phase2_dir, exist_ok=True),
-                Command(["wd-materialize", os.path.join(phase1_dir, "checkpoint_last.pt"), init])]),
-            Stage("wd_phase2", depends=["materialize"], outputs=[
-                os.path.join(phase2_dir, f) for f in ("checkpoint_last.pt", "checkpoint_best.pt")],
-                actions=[Command(["fairseq-train", kd_bin, *stock, "--finetune-from-model", init, *phase2])]),
+            Stage("materialize", depends=["wd_phase1"], outputs=[init], actions=[Command(
+                ["wd-materialize", os.path.join(phase1_dir, "checkpoint_last.pt"), init])]),
+            Stage("wd_phase2", depends=["materialize"], outputs=[phase2_dir], actions=[Command(
+                ["fairseq-train", kd_bin, *stock, "--finetune-from-model", init, *phase2])]),
         ]
         final = os.path.join(phase2_dir, "checkpoint_last.pt")
     else:
@@ -276,21 +274,32 @@ def parser() -> argparse.ArgumentParser:
 def cli_main(argv: Optional[List[str]] = None):
     from .distill_checks import check_job
 
-    logging.basicConfig(format="%(asctime)s | %(message)s", datefmt="%H:%M:%S", level=logging.INFO,
-                        stream=sys.stdout, force=True)
-    logging.getLogger("fairseq").setLevel(logging.WARNING)  # its task set-up lines: not ours
+    progress = logging.getLogger("wd_fairseq.stages")
+    if not progress.handlers:  # the stages' progress on stdout, with the time of day
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
     args = parser().parse_args(argv)
 
     def main():
         job = job_of(args)
-        checked = check_job(job)
+        fairseq_log = logging.getLogger("fairseq")
+        level = fairseq_log.level
+        fairseq_log.setLevel(logging.WARNING)  # its task set-up lines while checking: not ours
+        try:
+            checked = check_job(job)
+        finally:
+            fairseq_log.setLevel(level)
         stages = build_stages(job, checked)
         print(plan_text(job, checked, stages), flush=True)
         if args.command == "run":
             checked.claim(job)
             write_plan(job, checked, stages)
             run_stages(stages, job.path())
-            print(open(job.path("results.md"), encoding="utf-8").read())
+            with open(job.path("results.md"), encoding="utf-8") as card:
+                print(card.read())
 
     run_cli("wd-distill", main)
 
