@@ -146,3 +146,32 @@ def test_plan_refuses_before_any_work(wd_run, postnorm_teacher, prenorm_teacher,
                       str(directory), *TINY, *extra])
         assert message in str(stop.value.code), (message, stop.value.code)  # (sys.exit(MESSAGE))
     assert not work.exists() and os.listdir(other) == ["notes.txt"]
+
+
+def test_raw_text_is_binarised_as_the_teachers_data(postnorm_teacher, raw_corpus, data_bin, tmp_path):
+    """--raw-dir with BPE codes (learnt here with enough merges that every toy word is one
+    token): the prepare stage writes the very data-bin the teacher was trained on; the
+    run goes on from there (--until kd_data stops after the KD data)."""
+    codes = tmp_path / "codes"
+    both = (raw_corpus / "train.src").read_text() + (raw_corpus / "train.tgt").read_text()
+    learnt = subprocess.run([str(BIN / "subword-nmt"), "learn-bpe", "-s", "300"], input=both,
+                            capture_output=True, text=True, check=True)
+    codes.write_text(learnt.stdout)
+    work = tmp_path / "raw"
+    proc = run_cli("wd-distill", "run", "--teacher-path", postnorm_teacher, "--raw-dir", raw_corpus,
+                   "--bpe-codes", codes, "--tokenizer", "none", "--work", work, *TINY, "--until", "kd_data")
+    assert "[1/8] prepare" in proc.stdout and "stopped after kd_data (--until)" in proc.stdout
+    for name in ("train.src-tgt.src.bin", "train.src-tgt.tgt.bin", "test.src-tgt.tgt.bin", "dict.tgt.txt"):
+        assert (work / "data-bin" / name).read_bytes() == (data_bin / name).read_bytes(), name
+    assert list((work / "data-bin-kd").glob("train1.src-tgt.*")) and not (work / "done" / "wd_phase1").exists()
+    plan = run_cli("wd-distill", "plan", "--teacher-path", postnorm_teacher, "--raw-dir", raw_corpus,
+                   "--bpe-codes", codes, "--tokenizer", "none", "--work", work, *TINY)
+    assert "[1/8] prepare: done" in plan.stdout and f"--refs {raw_corpus}/test.tgt" in plan.stdout
+
+
+def test_probe_estimates_every_stage_that_decodes_or_trains(postnorm_teacher, data_bin, tmp_path):
+    proc = distill("plan", postnorm_teacher, data_bin, tmp_path / "work", "--probe")
+    for stage in ("kd_data", "wd_phase1", "wd_phase2", "evaluate"):
+        assert re.search(rf"\] {stage}: to run \(estimate: \d+m\d\ds\)", proc.stdout), stage
+    assert "estimates from a probe: 64 sentences decoded, 6 updates" in proc.stdout
+    assert os.listdir(tmp_path) == []  # the probe's scratch directory is gone, nothing else written

@@ -292,6 +292,15 @@ def bad_flags(tmp):
     cases += [(*student, "--" + name.replace("_", "-"), "1") for name in DROPOUT_FIELDS]
     cases += [(*student, "--layers", "middle"), (*student, "--dims", "last"),
               (*student, "--arch", "big")]
+    distill = ["wd-distill", ["run", "--teacher-path", MISSING, "--data", tmp, "--work", f"{tmp}/w",
+                              "--updates", "8"]]
+    cases += [(*distill, "--" + name.replace("_", "-"), "0") for name in SHAPE_FIELDS]
+    cases += [(*distill, "--updates", "0"), (*distill, "--method", "best"), (*distill, "--arch", "big"),
+              (*distill, "--phase1-updates", "0"), (*distill, "--phase2-schedule", "cosine"),
+              (*distill, "--lr", "0"), (*distill, "--warmup-updates", "0"), (*distill, "--max-tokens", "0"),
+              (*distill, "--update-freq", "0"), (*distill, "--seed", "-1"), (*distill, "--beam", "0"),
+              (*distill, "--max-len-a", "-1"), (*distill, "--max-len-b", "-1"),
+              (*distill, "--kd-engine", "marian"), (*distill, "--tokenizer", "spacy")]
     return cases
 
 

@@ -30,6 +30,7 @@ from .arguments import nonnegative_float, nonnegative_int, positive_float, posit
 from .cli import run_cli
 from .files import write_atomic
 from .stages import Command, Stage, describe, fingerprints, run_stages, status
+from .teacher import WDSetupError
 
 logger = logging.getLogger("wd_fairseq.distill")
 
@@ -45,9 +46,14 @@ class DistillJob:
     """The settings of a ``wd-distill`` run (its flags: same names and defaults)."""
 
     teacher_path: str
-    data: str
+    data: Optional[str]  # a data-bin, or None with raw_dir
     work: str
     updates: int
+    raw_dir: Optional[str] = None  # raw text RAW/{train,valid,test}.{SRC,TGT}, the teacher's languages
+    bpe_codes: Optional[str] = None
+    sentencepiece: Optional[str] = None
+    tokenizer: str = "moses"
+    dicts: Optional[str] = None  # raw text: the teacher's dictionaries (default: its data-bin's)
     method: str = "auto"
     arch: str = "wd_transformer"
     shape: tuple = ()  # ((field, value), ...) of the shape flags given
@@ -86,6 +92,11 @@ class DistillJob:
     def path(self, *parts: str) -> str:
         return os.path.join(os.path.abspath(self.work), *parts)
 
+    @property
+    def data_bin(self) -> str:
+        """The data-bin training and evaluation read: ``--data``, or the one ``prepare`` makes."""
+        return os.path.abspath(self.data) if self.data else self.path("data-bin")
+
 
 def user_dir() -> str:
     return os.path.dirname(os.path.abspath(__file__))
@@ -121,7 +132,7 @@ def student_flags(student: Dict) -> List[str]:
 
 
 def generate(job: DistillJob, checkpoint: str, out: str) -> Command:
-    return Command(["fairseq-generate", job.data, "--path", checkpoint, "--gen-subset", job.test_split,
+    return Command(["fairseq-generate", job.data_bin, "--path", checkpoint, "--gen-subset", job.test_split,
                     "--beam", str(job.beam), "--max-len-a", str(job.max_len_a),
                     "--max-len-b", str(job.max_len_b), "--remove-bpe", "--batch-size", "64",
                     "--required-batch-size-multiple", "1", *device_flags(job)], output=out)
@@ -130,13 +141,15 @@ def generate(job: DistillJob, checkpoint: str, out: str) -> Command:
 def build_stages(job: DistillJob, checked) -> List[Stage]:
     """The stages of ``job``; ``checked``: what ``distill_checks.check_job`` found."""
     from .checkpoints import phase2_flags
-    from .distill_card import export_stock, link_data, write_card, write_references
+    from .distill_card import export_stock, write_card, write_references
+    from .distill_data import link_data, prepare_stage
 
     teacher, kd_bin, method = os.path.abspath(job.teacher_path), job.path("data-bin-kd"), job.chosen_method
     stock = phase2_flags(checked.student)
-    stages = [Stage("kd_data", outputs=[kd_bin], inputs={"teacher": checked.teacher_stamp,
-                                                          "data": checked.data_stamp}, actions=[
-        functools.partial(link_data, os.path.abspath(job.data), kd_bin),
+    stages = [prepare_stage(job, checked)] if job.raw_dir else []  # (distill_data)
+    stages += [Stage("kd_data", outputs=[kd_bin], depends=[s.name for s in stages], inputs={
+        "teacher": checked.teacher_stamp, "data": checked.data_stamp}, actions=[
+        functools.partial(link_data, job.data_bin, kd_bin),
         Command(["wd-kd-data", kd_bin, "--teacher-path", teacher, "--beam", str(job.beam),
                  "--max-len-a", str(job.max_len_a), "--max-len-b", str(job.max_len_b),
                  *(["--engine", job.kd_engine] if job.kd_engine else []),
@@ -173,7 +186,8 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
         stages.append(Stage("train", depends=["kd_data"], outputs=[save_dir], actions=actions))
         final = os.path.join(save_dir, "checkpoint_last.pt")
     trained, eval_dir, export_dir = stages[-1].name, job.path("eval"), job.path("export")
-    refs = job.test_refs or os.path.join(eval_dir, "references.txt")
+    refs = job.test_refs or (os.path.join(os.path.abspath(job.raw_dir), f"{job.test_split}.{checked.target_lang}")
+                             if job.raw_dir else os.path.join(eval_dir, "references.txt"))
     scores = []
     for name in ("teacher", "student"):
         scores.append(Command(["wd-evaluate", "score", "--generate-log", os.path.join(eval_dir, f"{name}.gen"),
@@ -186,14 +200,14 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
             functools.partial(os.makedirs, eval_dir, exist_ok=True),
             generate(job, teacher, os.path.join(eval_dir, "teacher.gen")),
             generate(job, final, os.path.join(eval_dir, "student.gen")),
-            *([] if job.test_refs else [functools.partial(
+            *([] if job.test_refs or job.raw_dir else [functools.partial(
                 write_references, os.path.join(eval_dir, "teacher.gen"), refs, checked.target_lang)]),
             *scores]),
         Stage("export", depends=[trained], outputs=[export_dir], actions=[
             functools.partial(export_stock, final, os.path.join(export_dir, "student.pt")),
             Command(["wd-export-ct2", os.path.join(export_dir, "student.pt"),
                      os.path.join(export_dir, "ct2-int8"), "--quantization", "int8",
-                     "--data", os.path.abspath(job.data)])]),
+                     "--data", job.data_bin])]),
     ]
     stages.append(Stage("card", depends=["evaluate", "export"],
                         outputs=[job.path("results.md"), job.path("results.json")],
@@ -211,7 +225,7 @@ def write_plan(job: DistillJob, checked, stages: List[Stage]) -> None:
     write_atomic(job.path("plan.json"), json.dumps(record, indent=2, default=str) + "\n")
 
 
-def plan_text(job: DistillJob, checked, stages: List[Stage]) -> str:
+def plan_text(job: DistillJob, checked, stages: List[Stage], estimates: Optional[Dict[str, str]] = None) -> str:
     from .distill_checks import resources
 
     why = (f"--method auto for {job.updates:,} updates: "
@@ -221,7 +235,8 @@ def plan_text(job: DistillJob, checked, stages: List[Stage]) -> str:
              f"work directory {job.path()}", *resources(job, checked)]
     prints = fingerprints(stages)
     for number, stage in enumerate(stages, 1):
-        lines.append(f"[{number}/{len(stages)}] {stage.name}: {status(stage, job.path(), prints[stage.name])}")
+        estimate = f" (estimate: {estimates[stage.name]})" if estimates and stage.name in estimates else ""
+        lines.append(f"[{number}/{len(stages)}] {stage.name}: {status(stage, job.path(), prints[stage.name])}{estimate}")
         lines += [f"    {describe(a)}" for a in stage.actions]
     return "\n".join(lines)
 
@@ -230,7 +245,7 @@ def job_of(args: argparse.Namespace) -> DistillJob:
     from .model import SHAPE_FIELDS
 
     shape = tuple((name, getattr(args, name)) for name in SHAPE_FIELDS if getattr(args, name) is not None)
-    fields = {f.name for f in dataclasses.fields(DistillJob)} - {"shape"}
+    fields = {f.name for f in dataclasses.fields(DistillJob)} - {"shape"}  # (--until is not a setting)
     return DistillJob(shape=shape, **{name: getattr(args, name) for name in fields})
 
 
@@ -240,8 +255,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wd-distill", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("plan", "run"), help="plan: check and print the stages; run: run them")
     p.add_argument("--teacher-path", required=True, metavar="TEACHER.pt", help="stock fairseq translation Transformer")
-    p.add_argument("--data", required=True, metavar="DATA-BIN",
-                   help="fairseq-preprocess output with the teacher's dictionaries: train, valid, test")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="DATA-BIN",
+                        help="fairseq-preprocess output with the teacher's dictionaries: train, valid, test")
+    source.add_argument("--raw-dir", metavar="RAW", help="raw text instead: RAW/{train,valid,test}.{SRC,TGT} "
+                        "in the teacher's languages, made into WORK/data-bin as the teacher's data")
+    subwords = p.add_mutually_exclusive_group()
+    subwords.add_argument("--bpe-codes", help="--raw-dir: the subword-nmt BPE codes of the teacher's data")
+    subwords.add_argument("--sentencepiece", help="--raw-dir: the SentencePiece model of the teacher's data")
+    p.add_argument("--tokenizer", choices=("moses", "none"), default="moses",
+                   help="--raw-dir: Moses as the recipes (default), or none (the text is tokenized)")
+    p.add_argument("--dicts", help="--raw-dir: the directory of the teacher's dict.SRC.txt and "
+                   "dict.TGT.txt (default: its data-bin, from its checkpoint)")
     p.add_argument("--work", required=True, help="the run's directory (created; a rerun resumes it)")
     p.add_argument("--updates", type=positive_int, required=True, help="training updates of the student in all")
     p.add_argument("--method", choices=METHODS, default="auto",
@@ -266,6 +291,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-refs", help="raw references of the test split (default: its targets in the "
                    "data-bin, BPE removed and Moses-detokenized: compares teacher and student only)")
     p.add_argument("--kd-engine", choices=("ctranslate2", "fairseq"), help="wd-kd-data --engine")
+    p.add_argument("--probe", action="store_true", help="estimate each stage's time from a short "
+                   "measured probe (a few batches decoded and trained)")
+    p.add_argument("--until", metavar="STAGE", help="run: stop after this stage (e.g. kd_data)")
     p.add_argument("--cpu", action="store_true", help="train and decode on the CPU")
     p.add_argument("--fp16", action="store_true", help="train and decode in fp16 (GPU)")
     return p
@@ -293,13 +321,24 @@ def cli_main(argv: Optional[List[str]] = None):
         finally:
             fairseq_log.setLevel(level)
         stages = build_stages(job, checked)
-        print(plan_text(job, checked, stages), flush=True)
+        estimates = None
+        if args.probe:
+            from .distill_probe import PROBE_SENTENCES, PROBE_UPDATES, probe
+
+            estimates = probe(job, checked, stages)
+            print(f"estimates from a probe: {PROBE_SENTENCES} sentences decoded, {PROBE_UPDATES} updates "
+                  "of each training command (start-up included: upper estimates)")
+        print(plan_text(job, checked, stages, estimates), flush=True)
+        if args.until and args.until not in [stage.name for stage in stages]:
+            raise WDSetupError(f"--until {args.until}: not a stage of this run. Fix: one of "
+                               + ", ".join(stage.name for stage in stages))
         if args.command == "run":
             checked.claim(job)
             write_plan(job, checked, stages)
-            run_stages(stages, job.path())
-            with open(job.path("results.md"), encoding="utf-8") as card:
-                print(card.read())
+            run_stages(stages, job.path(), args.until)
+            if not args.until:
+                with open(job.path("results.md"), encoding="utf-8") as card:
+                    print(card.read())
 
     run_cli("wd-distill", main)
 

@@ -1,19 +1,9 @@
-"""The Python steps of ``wd-distill``'s stages: the KD data-bin's links, the test
-references, the stock export, and the results card (``WORK/results.md``/``.json``)."""
+"""The Python steps of ``wd-distill``'s last stages: the test references, the stock
+export, and the results card (``WORK/results.md``/``.json``)."""
 
 import json
 import os
 from .files import write_atomic
-
-
-def link_data(data: str, kd_bin: str) -> None:
-    """``kd_bin``: a link to every file of the data-bin ``data`` (``wd-kd-data`` adds
-    ``train1`` beside them; the data-bin itself is never written)."""
-    os.makedirs(kd_bin, exist_ok=True)
-    for name in sorted(os.listdir(data)):
-        source, link = os.path.join(data, name), os.path.join(kd_bin, name)
-        if os.path.isfile(source) and not os.path.lexists(link):
-            os.symlink(source, link)
 
 
 def write_references(generate_log: str, out: str, lang: str) -> None:

@@ -11,6 +11,7 @@ import os
 from typing import Dict, List
 
 from .disk_space import human, require_free_space
+from .distill_data import raw_files
 from .files import write_atomic
 from .kd_shards import file_stamp
 from .teacher import WDSetupError
@@ -32,6 +33,7 @@ class Checked:
     teacher_params: int
     student_params: int
     disk: Dict[str, int]
+    dicts: str  # the directory of the dictionaries checked against the teacher
 
     def owner(self) -> Dict:
         return {"teacher": self.teacher_stamp["path"], "data": self.data_stamp["path"]}
@@ -53,12 +55,20 @@ def check_job(job) -> Checked:
     from .model import SHAPE_FIELDS, transformer_arg_names
     from .teacher import load_teacher, read_checkpoint, task_langs
 
-    if not os.path.isdir(job.data):
+    if job.data and not os.path.isdir(job.data):
         raise WDSetupError(f"--data {job.data}: no such directory. Fix: pass the teacher's "
                            "fairseq-preprocess output (dict.*.txt, train, valid, test)")
+    for flag, path in (("--bpe-codes", job.bpe_codes), ("--sentencepiece", job.sentencepiece),
+                       ("--dicts", job.dicts)):
+        if path and not os.path.exists(path):
+            raise WDSetupError(f"{flag} {path}: no such file or directory. Fix: pass an existing one")
     _check_owner(job)
     state = read_checkpoint(job.teacher_path, "--teacher-path")
-    task = run_task(state["cfg"], f"--teacher-path {job.teacher_path}", os.path.abspath(job.data))
+    dicts = os.path.abspath(job.data or job.dicts or str(state["cfg"]["task"]["data"]))
+    if not os.path.isdir(dicts):
+        raise WDSetupError(f"--teacher-path {job.teacher_path}: the data-bin of its run ({dicts}) "
+                           "is missing. Fix: pass --dicts with the directory of its dict.*.txt")
+    task = run_task(state["cfg"], f"--teacher-path {job.teacher_path}", dicts)
     _, teacher_args = load_teacher(job.teacher_path, task, state=state)
     teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
     src, tgt = task_langs(task)
@@ -66,7 +76,8 @@ def check_job(job) -> Checked:
         raise WDSetupError(f"--teacher-path {job.teacher_path}: trained with a multilingual task; "
                            "wd-distill takes bilingual teachers for now. Fix: run the tools one by "
                            "one (docs/multilingual.md)")
-    for split in ("train", "valid", job.test_split):
+    raw = raw_files(job.raw_dir, src, tgt) if job.raw_dir else []
+    for split in ("train", "valid", job.test_split) if job.data else ():
         if not glob.glob(os.path.join(job.data, f"{split}.{src}-{tgt}.{src}.idx")):
             raise WDSetupError(f"--data {job.data}: no split '{split}' for {src}-{tgt} "
                                f"({split}.{src}-{tgt}.{src}.idx). Fix: binarise it with "
@@ -91,8 +102,11 @@ def check_job(job) -> Checked:
     built = TransformerModel.build_model(argparse.Namespace(**student), task)
     student_params = sum(p.numel() for p in built.parameters())
     teacher_params = sum(t.numel() for t in state["model"].values() if torch.is_tensor(t))
-    checked = Checked(student, src, tgt, file_stamp(job.teacher_path), _data_stamp(job.data, src, tgt),
-                      teacher_params, student_params, {})
+    data_stamp = (_data_stamp(job.data, src, tgt) if job.data else
+                  {"path": os.path.abspath(job.raw_dir), "files": {f: file_stamp(f) for f in raw + [
+                      p for p in (job.bpe_codes, job.sentencepiece) if p]}})
+    checked = Checked(student, src, tgt, file_stamp(job.teacher_path), data_stamp,
+                      teacher_params, student_params, {}, dicts)
     checked.disk = _disk(job, checked)
     parent = job.path() if os.path.isdir(job.path()) else os.path.dirname(job.path())
     require_free_space(parent, sum(checked.disk.values()), f"--work {job.work} (the run's files, "
@@ -109,7 +123,7 @@ def _check_owner(job) -> None:
         return
     with open(path, encoding="utf-8") as f:
         owner = json.load(f)
-    mine = {"teacher": os.path.abspath(job.teacher_path), "data": os.path.abspath(job.data)}
+    mine = {"teacher": os.path.abspath(job.teacher_path), "data": os.path.abspath(job.data or job.raw_dir)}
     if owner != mine:
         raise WDSetupError(f"--work {job.work}: holds the run of teacher {owner['teacher']} on "
                            f"{owner['data']} ({path}). Fix: pass another --work, or remove "
@@ -127,8 +141,10 @@ def _data_stamp(data: str, src: str, tgt: str) -> Dict:
 
 def _disk(job, checked: Checked) -> Dict[str, int]:
     """Bytes each stage leaves on disk (estimates: 3 training checkpoints a stage)."""
-    train_bytes = sum(os.path.getsize(os.path.join(job.data, f))
-                      for f in checked.data_stamp["files"] if f.startswith("train."))
+    train_bytes = sum(os.path.getsize(os.path.join(checked.data_stamp["path"], os.path.basename(f)))
+                      for f in checked.data_stamp["files"] if os.path.basename(f).startswith("train."))
+    if job.raw_dir:  # the tokenized text and the data-bin prepare writes: about the raw size, twice
+        train_bytes *= 3
     student = 3 * TRAINING_BYTES * checked.student_params
     disk = {"kd_data": train_bytes + checked.teacher_params}  # + the int8 teacher conversion
     if job.chosen_method in ("wd", "wd-slice"):

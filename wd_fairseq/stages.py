@@ -85,9 +85,10 @@ def status(stage: Stage, work: str, fingerprint: str) -> str:
         return "done" if f.read().strip() == fingerprint else "to rerun"
 
 
-def run_stages(stages: List[Stage], work: str) -> None:
-    """Run every stage not done yet, in order; a failing command stops the run naming its
-    log (the same command then resumes from that stage)."""
+def run_stages(stages: List[Stage], work: str, until: Optional[str] = None) -> None:
+    """Run every stage not done yet, in order, up to ``until`` (a stage name; default:
+    all); a failing command stops the run naming its log (the same command then resumes
+    from that stage)."""
     for sub in ("done", "logs"):
         os.makedirs(os.path.join(work, sub), exist_ok=True)
     prints = fingerprints(stages)
@@ -95,6 +96,8 @@ def run_stages(stages: List[Stage], work: str) -> None:
         state, header = status(stage, work, prints[stage.name]), f"[{number}/{len(stages)}] {stage.name}"
         if state == "done":
             logger.info("%s: done earlier, kept", header)
+            if stage.name == until:
+                return
             continue
         if state == "to rerun":
             logger.info("%s: its settings, inputs or upstream stages changed; starting it afresh", header)
@@ -116,6 +119,9 @@ def run_stages(stages: List[Stage], work: str) -> None:
                 action()
         write_atomic(os.path.join(work, "done", stage.name), prints[stage.name] + "\n")
         logger.info("%s: done in %s", header, _clock(time.time() - start))
+        if stage.name == until:
+            logger.info("stopped after %s (--until); the same command without it goes on", until)
+            return
 
 
 def _run(command: Command, log: str, stage: str) -> None:
