@@ -48,6 +48,7 @@ def test_run_scores_and_exports_a_stock_student(wd_run, data_bin, tmp_path):
     assert card["speedup_vs_teacher"] > 0
     assert len((work / "eval" / "references.txt").read_text().splitlines()) == 60
     assert "| student |" in run.stdout and "wd-materialize" in (work / "results.md").read_text()
+    assert (work / "results.png").stat().st_size > 5_000  # (the test extras install matplotlib)
     # phase 2 continued phase 1's learning-rate curve (one curve over the 8 updates)
     phase2 = (work / "logs" / "wd_phase2.log").read_text()
     assert "inverse_sqrt_offset" in phase2 and "'update_offset': 4" in phase2

@@ -10,7 +10,7 @@ exported student, in resumable stages (``stages.py``) under one work directory.
 3. ``evaluate``: ``fairseq-generate`` of teacher and student on the test split, scored by
    ``wd-evaluate`` (sacreBLEU with signature, chrF, sentences/s);
 4. ``export``: a stock checkpoint without optimizer state, and CTranslate2 int8;
-5. ``card``: ``WORK/results.md`` and ``results.json``.
+5. ``card``: ``WORK/results.md``, ``results.json`` and (with matplotlib) ``results.png``.
 
 ``plan`` and ``run`` first check, before any work (``distill_checks.py``): the teacher, the
 data-bin's dictionaries, the student shape, the test split, the disk, and that the work
@@ -210,7 +210,7 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
                      "--data", job.data_bin])]),
     ]
     stages.append(Stage("card", depends=["evaluate", "export"],
-                        outputs=[job.path("results.md"), job.path("results.json")],
+                        outputs=[job.path(f"results.{kind}") for kind in ("md", "json", "png")],
                         actions=[functools.partial(write_card, job.path())]))
     return stages
 

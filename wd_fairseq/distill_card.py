@@ -35,8 +35,8 @@ def export_stock(checkpoint: str, out: str) -> None:
 
 
 def write_card(work: str) -> None:
-    """``results.json`` and ``results.md``: teacher against student (quality, speed,
-    size) and every command of the run (``plan.json``)."""
+    """``results.json``, ``results.md`` and ``results.png``: teacher against student
+    (quality, speed, size) and every command of the run (``plan.json``)."""
     with open(os.path.join(work, "plan.json"), encoding="utf-8") as f:
         plan = json.load(f)
     eval_dir, export_dir = os.path.join(work, "eval"), os.path.join(work, "export")
@@ -67,3 +67,28 @@ def write_card(work: str) -> None:
               f"CTranslate2 int8 `{ct2}` ({sizes['ct2-int8'] / 1e6:.1f} MB)", "", "## Commands", ""]
     lines += [f"    {command}" for command in plan["commands"]]
     write_atomic(os.path.join(work, "results.md"), "\n".join(lines) + "\n")
+    plot(rows, os.path.join(work, "results.png"))
+
+
+def plot(rows, path: str) -> None:
+    """``results.png``: sacreBLEU and sentences/s of teacher and student, side by side
+    (where matplotlib is installed: the package's ``demo`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(7, 3))
+    names = list(rows)
+    for axis, key, label in ((axes[0], "sacrebleu", "sacreBLEU"), (axes[1], "sentences_per_second", "sentences/s")):
+        axis.bar(names, [rows[n][key] for n in names], color=["#777777", "#2a7ab9"])
+        axis.set_title(label)
+        for i, name in enumerate(names):
+            axis.annotate(f"{rows[name][key]:.2f}", (i, rows[name][key]), ha="center", va="bottom")
+    figure.tight_layout()
+    temporary = path + ".tmp.png"
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
