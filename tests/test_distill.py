@@ -42,12 +42,12 @@ def test_run_scores_and_exports_a_stock_student(wd_run, data_bin, tmp_path):
     assert "wd-slice (--method auto for 8 updates: WD slice below 3,200)" in plan.stdout
     assert "[1/7] kd_data: to run" in plan.stdout and "[7/7] card: to run" in plan.stdout
     card = json.loads((work / "results.json").read_text())
-    assert card["method"] == "wd-slice" and card["languages"] == "src-tgt"
-    for model in ("teacher_scores", "student_scores"):
-        assert 0 <= card[model]["sacrebleu"] <= 100 and card[model]["sacrebleu_signature"].startswith("nrefs:1")
-    assert card["speedup_vs_teacher"] > 0
-    assert len((work / "eval" / "references.txt").read_text().splitlines()) == 60
-    assert "| student |" in run.stdout and "wd-materialize" in (work / "results.md").read_text()
+    assert card["method"] == "wd-slice" and card["directions"] == ["src-tgt"]
+    for record in card["scores"]["src-tgt"].values():
+        assert 0 <= record["sacrebleu"] <= 100 and record["sacrebleu_signature"].startswith("nrefs:1")
+    assert card["speedup_vs_teacher"]["src-tgt"] > 0
+    assert len((work / "eval" / "references.src-tgt.txt").read_text().splitlines()) == 60
+    assert "| src-tgt | student |" in run.stdout and "wd-materialize" in (work / "results.md").read_text()
     assert (work / "results.png").stat().st_size > 5_000  # (the test extras install matplotlib)
     # phase 2 continued phase 1's learning-rate curve (one curve over the 8 updates)
     phase2 = (work / "logs" / "wd_phase2.log").read_text()

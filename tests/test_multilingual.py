@@ -368,3 +368,23 @@ def test_phase1_of_an_m2m_100_shaped_teacher(tmp_path, table_scale, one_thread):
     sample = task.dataset("train").collater([task.dataset("train")[i] for i in range(4)])
     logits = model(**sample["net_input"])[0]
     assert logits.shape[-1] == vocabulary and torch.isfinite(logits).all()
+
+
+def test_wd_distill_distils_a_direction_of_the_multilingual_teacher(multilingual, tmp_path):
+    """wd-distill with --lang-pairs: every command under the teacher's task flags (the
+    fixed dictionary read from the data-bin), KD data and scores for that direction only."""
+    data, _, teacher = multilingual
+    common = ["--teacher-path", teacher, "--data", data, "--updates", "8", "--phase1-updates", "4",
+              *STUDENT, "--cpu", "--max-tokens", "2000", "--max-len-a", "0", "--max-len-b", "12"]
+    proc = run_cli("wd-distill", "plan", *common, "--work", tmp_path / "w", "--lang-pairs", "fr-en", check=False)
+    assert proc.returncode == 1 and "fr-en not among the teacher's directions (es-en,en-es)" in proc.stderr
+    work = tmp_path / "distill"
+    run_cli("wd-distill", "run", *common, "--work", work, "--lang-pairs", "es-en")
+    card = json.loads((work / "results.json").read_text())
+    assert card["directions"] == ["es-en"] and set(card["scores"]["es-en"]) == {"teacher", "student"}
+    phase1 = (work / "logs" / "wd_phase1.log").read_text()
+    assert "--task translation_multi_simple_epoch --lang-pairs es-en" in phase1
+    assert f"--fixed-dictionary {data}/dict.es.txt" in phase1
+    assert (work / "data-bin-kd" / "train1.es-en.en.bin").is_file()
+    assert not (work / "data-bin-kd" / "kd-train1.en-es").exists()  # en-es: not decoded
+    assert (work / "export" / "ct2-int8" / "model.bin").is_file()

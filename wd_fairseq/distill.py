@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from .arguments import nonnegative_float, nonnegative_int, positive_float, positive_int
+from .arguments import nonnegative_float, nonnegative_int, pair_list, positive_float, positive_int
 from .cli import run_cli
 from .files import write_atomic
 from .stages import Command, Stage, describe, fingerprints, run_stages, status
@@ -69,6 +69,7 @@ class DistillJob:
     max_len_b: int = 10
     test_split: str = "test"
     test_refs: Optional[str] = None
+    lang_pairs: Optional[str] = None  # a multilingual teacher's directions to distil (default: all)
     kd_engine: Optional[str] = None
     cpu: bool = False
     fp16: bool = False
@@ -106,16 +107,18 @@ def device_flags(job: DistillJob) -> List[str]:
     return ["--cpu"] if job.cpu else (["--fp16"] if job.fp16 else [])
 
 
-def training_flags(job: DistillJob, updates: int, save_dir: str) -> List[str]:
-    """What every training stage shares: the authors' optimizer and criterion, the
-    budget's learning-rate curve, KD data read as fairseq 0.12 needs it, saves for resume."""
+def training_flags(job: DistillJob, checked, updates: int, save_dir: str) -> List[str]:
+    """What every training stage shares: the teacher's task, the authors' optimizer and
+    criterion, the budget's learning-rate curve, KD data read as fairseq 0.12 needs it
+    (the translation task: ``--upsample-primary 1``), saves for resume."""
     every = max(1, updates // 10)
-    return ["--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(job.lr),
+    kd_split = [] if checked.task_flags else ["--upsample-primary", "1"]
+    return [*checked.task_flags, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(job.lr),
             "--lr-scheduler", "inverse_sqrt", "--warmup-init-lr", "1e-07",
             "--warmup-updates", str(job.warmup), "--criterion", "label_smoothed_cross_entropy",
             "--label-smoothing", "0.1", "--max-tokens", str(job.max_tokens),
             "--update-freq", str(job.update_freq), "--seed", str(job.seed),
-            "--max-update", str(updates), "--upsample-primary", "1", "--data-buffer-size", "0",
+            "--max-update", str(updates), *kd_split, "--data-buffer-size", "0",
             "--save-interval-updates", str(every), "--keep-interval-updates", "1",
             "--no-epoch-checkpoints", "--no-progress-bar", "--log-format", "simple",
             "--log-interval", str(min(100, every)), "--save-dir", save_dir, *device_flags(job)]
@@ -131,8 +134,10 @@ def student_flags(student: Dict) -> List[str]:
     return flags
 
 
-def generate(job: DistillJob, checkpoint: str, out: str) -> Command:
-    return Command(["fairseq-generate", job.data_bin, "--path", checkpoint, "--gen-subset", job.test_split,
+def generate(job: DistillJob, checked, direction, checkpoint: str, out: str) -> Command:
+    languages = ["-s", direction[0], "-t", direction[1]]
+    return Command(["fairseq-generate", job.data_bin, *checked.task_flags, *languages,
+                    "--path", checkpoint, "--gen-subset", job.test_split,
                     "--beam", str(job.beam), "--max-len-a", str(job.max_len_a),
                     "--max-len-b", str(job.max_len_b), "--remove-bpe", "--batch-size", "64",
                     "--required-batch-size-multiple", "1", *device_flags(job)], output=out)
@@ -145,19 +150,19 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
     from .distill_data import link_data, prepare_stage
 
     teacher, kd_bin, method = os.path.abspath(job.teacher_path), job.path("data-bin-kd"), job.chosen_method
-    stock = phase2_flags(checked.student)
+    stock = phase2_flags(checked.student)  # (training_flags bring the task's flags)
     stages = [prepare_stage(job, checked)] if job.raw_dir else []  # (distill_data)
     stages += [Stage("kd_data", outputs=[kd_bin], depends=[s.name for s in stages], inputs={
         "teacher": checked.teacher_stamp, "data": checked.data_stamp}, actions=[
         functools.partial(link_data, job.data_bin, kd_bin),
-        Command(["wd-kd-data", kd_bin, "--teacher-path", teacher, "--beam", str(job.beam),
-                 "--max-len-a", str(job.max_len_a), "--max-len-b", str(job.max_len_b),
-                 *(["--engine", job.kd_engine] if job.kd_engine else []),
-                 *(["--cpu"] if job.cpu else [])])])]
+        *[Command(["wd-kd-data", kd_bin, "--teacher-path", teacher, "-s", src, "-t", tgt,
+                   "--beam", str(job.beam), "--max-len-a", str(job.max_len_a), "--max-len-b", str(job.max_len_b),
+                   *(["--engine", job.kd_engine] if job.kd_engine else []), *(["--cpu"] if job.cpu else [])])
+          for src, tgt in checked.directions]])]
     if method in ("wd", "wd-slice"):
         phase1_dir, phase2_dir = job.path("wd_phase1"), job.path("wd_phase2")
         init, rest = job.path("materialized.pt"), job.updates - job.phase1
-        phase2 = training_flags(job, rest, phase2_dir)
+        phase2 = training_flags(job, checked, rest, phase2_dir)
         if job.phase2_schedule == "continue":  # phase 2's update s trains at the rate of update phase1 + s
             phase2[phase2.index("inverse_sqrt")] = "inverse_sqrt_offset"
             phase2 += ["--update-offset", str(job.phase1), "--user-dir", user_dir()]
@@ -168,7 +173,7 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
                 "fairseq-train", kd_bin, "--user-dir", user_dir(), "--arch", "wd_transformer",
                 "--teacher-path", teacher, *student_flags(checked.student),
                 *(["--wd-init", "slice"] if method == "wd-slice" else []),
-                *training_flags(job, job.phase1, phase1_dir)])]),
+                *training_flags(job, checked, job.phase1, phase1_dir)])]),
             Stage("materialize", depends=["wd_phase1"], outputs=[init], actions=[Command(
                 ["wd-materialize", os.path.join(phase1_dir, "checkpoint_last.pt"), init])]),
             Stage("wd_phase2", depends=["materialize"], outputs=[phase2_dir], actions=[Command(
@@ -177,7 +182,7 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
         final = os.path.join(phase2_dir, "checkpoint_last.pt")
     else:
         save_dir = job.path("student")
-        train = ["fairseq-train", kd_bin, *stock, *training_flags(job, job.updates, save_dir)]
+        train = ["fairseq-train", kd_bin, *stock, *training_flags(job, checked, job.updates, save_dir)]
         actions = [Command(train)]
         if method == "selection-kd":
             init = job.path("selection.pt")
@@ -186,23 +191,23 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
         stages.append(Stage("train", depends=["kd_data"], outputs=[save_dir], actions=actions))
         final = os.path.join(save_dir, "checkpoint_last.pt")
     trained, eval_dir, export_dir = stages[-1].name, job.path("eval"), job.path("export")
-    refs = job.test_refs or (os.path.join(os.path.abspath(job.raw_dir), f"{job.test_split}.{checked.target_lang}")
-                             if job.raw_dir else os.path.join(eval_dir, "references.txt"))
-    scores = []
-    for name in ("teacher", "student"):
-        scores.append(Command(["wd-evaluate", "score", "--generate-log", os.path.join(eval_dir, f"{name}.gen"),
-                               "--refs", refs, "--lang", checked.target_lang, "--name", name,
-                               "--test-set", job.test_split, "--hypotheses-out",
-                               os.path.join(eval_dir, f"{name}.hyp"), "--out",
-                               os.path.join(eval_dir, f"{name}.json")]))
+    evaluate = [functools.partial(os.makedirs, eval_dir, exist_ok=True)]
+    for direction in checked.directions:
+        pair, tgt = "-".join(direction), direction[1]
+        refs = job.test_refs or (os.path.join(os.path.abspath(job.raw_dir), f"{job.test_split}.{tgt}")
+                                 if job.raw_dir else os.path.join(eval_dir, f"references.{pair}.txt"))
+        for name, checkpoint in (("teacher", teacher), ("student", final)):
+            evaluate.append(generate(job, checked, direction, checkpoint, os.path.join(eval_dir, f"{name}.{pair}.gen")))
+        if not (job.test_refs or job.raw_dir):
+            evaluate.append(functools.partial(write_references, os.path.join(eval_dir, f"teacher.{pair}.gen"),
+                                              refs, tgt))
+        evaluate += [Command(["wd-evaluate", "score", "--generate-log", os.path.join(eval_dir, f"{name}.{pair}.gen"),
+                              "--refs", refs, "--lang", tgt, "--name", name, "--test-set", f"{job.test_split} {pair}",
+                              "--hypotheses-out", os.path.join(eval_dir, f"{name}.{pair}.hyp"),
+                              "--out", os.path.join(eval_dir, f"{name}.{pair}.json")])
+                     for name in ("teacher", "student")]
     stages += [
-        Stage("evaluate", depends=[trained], outputs=[eval_dir], actions=[
-            functools.partial(os.makedirs, eval_dir, exist_ok=True),
-            generate(job, teacher, os.path.join(eval_dir, "teacher.gen")),
-            generate(job, final, os.path.join(eval_dir, "student.gen")),
-            *([] if job.test_refs or job.raw_dir else [functools.partial(
-                write_references, os.path.join(eval_dir, "teacher.gen"), refs, checked.target_lang)]),
-            *scores]),
+        Stage("evaluate", depends=[trained], outputs=[eval_dir], actions=evaluate),
         Stage("export", depends=[trained], outputs=[export_dir], actions=[
             functools.partial(export_stock, final, os.path.join(export_dir, "student.pt")),
             Command(["wd-export-ct2", os.path.join(export_dir, "student.pt"),
@@ -218,7 +223,7 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
 def write_plan(job: DistillJob, checked, stages: List[Stage]) -> None:
     """``WORK/plan.json``: what the card reports of the run (method, settings, commands)."""
     record = {"method": job.chosen_method, "chosen_by": "auto" if job.method == "auto" else "--method",
-              "languages": f"{checked.source_lang}-{checked.target_lang}", "updates": job.updates,
+              "directions": ["-".join(d) for d in checked.directions], "updates": job.updates,
               "settings": {k: v for k, v in dataclasses.asdict(job).items()},
               "parameters": {"teacher": checked.teacher_params, "student": checked.student_params},
               "commands": [describe(a) for stage in stages for a in stage.actions]}
@@ -231,7 +236,7 @@ def plan_text(job: DistillJob, checked, stages: List[Stage], estimates: Optional
     why = (f"--method auto for {job.updates:,} updates: "
            + (f"WD slice below {AUTO_WD_BELOW:,}" if job.chosen_method == "wd-slice"
               else f"Selection + KD from {AUTO_WD_BELOW:,} on")) if job.method == "auto" else "--method"
-    lines = [f"wd-distill: {job.chosen_method} ({why}); {checked.source_lang}->{checked.target_lang}; "
+    lines = [f"wd-distill: {job.chosen_method} ({why}); {', '.join('-'.join(d) for d in checked.directions)}; "
              f"work directory {job.path()}", *resources(job, checked)]
     prints = fingerprints(stages)
     for number, stage in enumerate(stages, 1):
@@ -290,6 +295,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-split", default="test", help="the data-bin split scored (default: test)")
     p.add_argument("--test-refs", help="raw references of the test split (default: its targets in the "
                    "data-bin, BPE removed and Moses-detokenized: compares teacher and student only)")
+    p.add_argument("--lang-pairs", type=pair_list, help="a multilingual teacher: the directions to distil "
+                   "(e.g. de-en,en-de; default: every direction it was trained on)")
     p.add_argument("--kd-engine", choices=("ctranslate2", "fairseq"), help="wd-kd-data --engine")
     p.add_argument("--probe", action="store_true", help="estimate each stage's time from a short "
                    "measured probe (a few batches decoded and trained)")

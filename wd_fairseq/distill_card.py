@@ -2,6 +2,7 @@
 export, and the results card (``WORK/results.md``/``.json``)."""
 
 import json
+import logging
 import os
 from .files import write_atomic
 
@@ -40,34 +41,39 @@ def write_card(work: str) -> None:
     with open(os.path.join(work, "plan.json"), encoding="utf-8") as f:
         plan = json.load(f)
     eval_dir, export_dir = os.path.join(work, "eval"), os.path.join(work, "export")
-    rows = {}
-    for name in ("teacher", "student"):
-        with open(os.path.join(eval_dir, f"{name}.json"), encoding="utf-8") as f:
-            rows[name] = json.load(f)
+    scores = {}  # direction -> {"teacher": record, "student": record}
+    for pair in plan["directions"]:
+        for name in ("teacher", "student"):
+            with open(os.path.join(eval_dir, f"{name}.{pair}.json"), encoding="utf-8") as f:
+                scores.setdefault(pair, {})[name] = json.load(f)
     ct2 = os.path.join(export_dir, "ct2-int8")
     sizes = {"student.pt": os.path.getsize(os.path.join(export_dir, "student.pt")),
              "ct2-int8": sum(os.path.getsize(os.path.join(ct2, f)) for f in os.listdir(ct2))}
-    teacher, student = rows["teacher"], rows["student"]
-    card = {**plan, "teacher_scores": teacher, "student_scores": student,
-            "speedup_vs_teacher": round(student["sentences_per_second"] / teacher["sentences_per_second"], 2),
-            "export": {"stock_checkpoint": os.path.join(export_dir, "student.pt"), "ctranslate2_int8": ct2,
-                       "bytes": sizes}}
+    card = {**plan, "scores": scores, "speedup_vs_teacher": {
+        pair: round(rows["student"]["sentences_per_second"] / rows["teacher"]["sentences_per_second"], 2)
+        for pair, rows in scores.items()},
+        "export": {"stock_checkpoint": os.path.join(export_dir, "student.pt"), "ctranslate2_int8": ct2,
+                   "bytes": sizes}}
     write_atomic(os.path.join(work, "results.json"), json.dumps(card, indent=2) + "\n")
-    lines = [f"# wd-distill: {card['method']} ({card['chosen_by']}), {card['languages']}, "
+    lines = [f"# wd-distill: {card['method']} ({card['chosen_by']}), {', '.join(plan['directions'])}, "
              f"{card['updates']:,} updates", "",
-             "| model | sacreBLEU | chrF | sentences/s | speed vs teacher |", "|---|---:|---:|---:|---:|"]
-    for name, row in rows.items():
-        speed = row["sentences_per_second"] / teacher["sentences_per_second"]
-        lines.append(f"| {name} | {row['sacrebleu']:.2f} | {row['chrf']:.2f} | "
-                     f"{row['sentences_per_second']:.1f} | {speed:.2f}x |")
-    lines += ["", f"- sacreBLEU signature: `{teacher['sacrebleu_signature']}`",
-              f"- test set: {teacher['test_set']} (fairseq-generate, beam and batch of the run's evaluate stage; "
-              "speed from that one decoding run)",
+             "| direction | model | sacreBLEU | chrF | sentences/s | speed vs teacher |",
+             "|---|---|---:|---:|---:|---:|"]
+    for pair, rows in scores.items():
+        for name, row in rows.items():
+            speed = row["sentences_per_second"] / rows["teacher"]["sentences_per_second"]
+            lines.append(f"| {pair} | {name} | {row['sacrebleu']:.2f} | {row['chrf']:.2f} | "
+                         f"{row['sentences_per_second']:.1f} | {speed:.2f}x |")
+    first = next(iter(scores.values()))["teacher"]
+    lines += ["", f"- sacreBLEU signature: `{first['sacrebleu_signature']}`",
+              f"- test set: {plan['settings']['test_split']} (fairseq-generate, beam and batch of the run's "
+              "evaluate stage; speed from that one decoding run)",
               f"- deploy: stock fairseq `{card['export']['stock_checkpoint']}` ({sizes['student.pt'] / 1e6:.1f} MB), "
               f"CTranslate2 int8 `{ct2}` ({sizes['ct2-int8'] / 1e6:.1f} MB)", "", "## Commands", ""]
     lines += [f"    {command}" for command in plan["commands"]]
     write_atomic(os.path.join(work, "results.md"), "\n".join(lines) + "\n")
-    plot(rows, os.path.join(work, "results.png"))
+    plot({f"{name} {pair}": row for pair, rows in scores.items() for name, row in rows.items()},
+         os.path.join(work, "results.png"))
 
 
 def plot(rows, path: str) -> None:
@@ -80,10 +86,13 @@ def plot(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    for noisy in ("matplotlib", "PIL"):  # (fairseq leaves the root logger at DEBUG)
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
     figure, axes = plt.subplots(1, 2, figsize=(7, 3))
     names = list(rows)
     for axis, key, label in ((axes[0], "sacrebleu", "sacreBLEU"), (axes[1], "sentences_per_second", "sentences/s")):
-        axis.bar(names, [rows[n][key] for n in names], color=["#777777", "#2a7ab9"])
+        axis.bar(names, [rows[n][key] for n in names], color=["#777777", "#2a7ab9"] * (len(names) // 2))
         axis.set_title(label)
         for i, name in enumerate(names):
             axis.annotate(f"{rows[name][key]:.2f}", (i, rows[name][key]), ha="center", va="bottom")

@@ -8,7 +8,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from .disk_space import human, require_free_space
 from .distill_data import raw_files
@@ -34,6 +34,8 @@ class Checked:
     student_params: int
     disk: Dict[str, int]
     dicts: str  # the directory of the dictionaries checked against the teacher
+    directions: List[Tuple[str, str]]  # (source, target) of every direction distilled
+    task_flags: List[str]  # the teacher's task flags (none for bilingual translation)
 
     def owner(self) -> Dict:
         return {"teacher": self.teacher_stamp["path"], "data": self.data_stamp["path"]}
@@ -53,7 +55,7 @@ def check_job(job) -> Checked:
     from .checkpoints import run_task
     from .init_student import student_shape
     from .model import SHAPE_FIELDS, transformer_arg_names
-    from .teacher import load_teacher, read_checkpoint, task_langs
+    from .teacher import load_teacher, read_checkpoint
 
     if job.data and not os.path.isdir(job.data):
         raise WDSetupError(f"--data {job.data}: no such directory. Fix: pass the teacher's "
@@ -71,16 +73,13 @@ def check_job(job) -> Checked:
     task = run_task(state["cfg"], f"--teacher-path {job.teacher_path}", dicts)
     _, teacher_args = load_teacher(job.teacher_path, task, state=state)
     teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
-    src, tgt = task_langs(task)
-    if src is None or tgt is None:
-        raise WDSetupError(f"--teacher-path {job.teacher_path}: trained with a multilingual task; "
-                           "wd-distill takes bilingual teachers for now. Fix: run the tools one by "
-                           "one (docs/multilingual.md)")
+    directions, flags_of_task = _directions(job, state["cfg"]["task"], task, dicts)
+    src, tgt = directions[0]
     raw = raw_files(job.raw_dir, src, tgt) if job.raw_dir else []
-    for split in ("train", "valid", job.test_split) if job.data else ():
-        if not glob.glob(os.path.join(job.data, f"{split}.{src}-{tgt}.{src}.idx")):
-            raise WDSetupError(f"--data {job.data}: no split '{split}' for {src}-{tgt} "
-                               f"({split}.{src}-{tgt}.{src}.idx). Fix: binarise it with "
+    for (s, t), split in ((d, split) for d in directions for split in ("train", "valid", job.test_split)):
+        if job.data and not glob.glob(os.path.join(job.data, f"{split}.{s}-{t}.{s}.idx")):
+            raise WDSetupError(f"--data {job.data}: no split '{split}' for {s}-{t} "
+                               f"({split}.{s}-{t}.{s}.idx). Fix: binarise it with "
                                "fairseq-preprocess (--trainpref, --validpref, --testpref) and the "
                                "teacher's dictionaries (--srcdict, --tgtdict)")
     flags = dict(job.shape)
@@ -96,22 +95,66 @@ def check_job(job) -> Checked:
     if job.chosen_method in ("wd", "wd-slice") and job.phase1 >= job.updates:
         raise WDSetupError(f"--phase1-updates {job.phase1}: leaves no update of --updates "
                            f"{job.updates} for phase 2. Fix: pass fewer phase-1 updates")
+    if job.test_refs and len(directions) > 1:
+        raise WDSetupError(f"--test-refs {job.test_refs}: one file for {len(directions)} directions. "
+                           "Fix: leave it out (each direction is scored against its data-bin targets)")
     if job.test_refs and not os.path.isfile(job.test_refs):
         raise WDSetupError(f"--test-refs {job.test_refs}: no such file. Fix: pass the raw "
                            "references of the test split, one line per sentence")
     built = TransformerModel.build_model(argparse.Namespace(**student), task)
     student_params = sum(p.numel() for p in built.parameters())
     teacher_params = sum(t.numel() for t in state["model"].values() if torch.is_tensor(t))
-    data_stamp = (_data_stamp(job.data, src, tgt) if job.data else
+    data_stamp = (_data_stamp(job.data, directions) if job.data else
                   {"path": os.path.abspath(job.raw_dir), "files": {f: file_stamp(f) for f in raw + [
                       p for p in (job.bpe_codes, job.sentencepiece) if p]}})
     checked = Checked(student, src, tgt, file_stamp(job.teacher_path), data_stamp,
-                      teacher_params, student_params, {}, dicts)
+                      teacher_params, student_params, {}, dicts, directions, flags_of_task)
     checked.disk = _disk(job, checked)
     parent = job.path() if os.path.isdir(job.path()) else os.path.dirname(job.path())
     require_free_space(parent, sum(checked.disk.values()), f"--work {job.work} (the run's files, "
                        "estimate)", "free space there or pass --work on a bigger disk")
     return checked
+
+
+def _directions(job, task_cfg, task, dicts: str) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """The directions to distil and the task flags every command repeats: the bilingual
+    task's one direction; a multilingual teacher's ``--lang-pairs`` (default: all it was
+    trained on), with its fixed dictionary read from the data-bin."""
+    from .checkpoints import task_flags
+    from .teacher import task_langs
+
+    flags = task_flags(task_cfg)
+    if not flags:
+        src, tgt = task_langs(task)
+        if job.lang_pairs and job.lang_pairs != f"{src}-{tgt}":
+            raise WDSetupError(f"--lang-pairs {job.lang_pairs}: the teacher translates {src}-{tgt} only. "
+                               "Fix: leave --lang-pairs out")
+        return [(src, tgt)], []
+    if job.raw_dir:
+        raise WDSetupError("--raw-dir: multilingual teachers need their data-bin (--data). Fix: "
+                           "binarise each direction as docs/multilingual.md shows")
+    settings = vars(task_cfg) if isinstance(task_cfg, argparse.Namespace) else task_cfg
+    trained = settings["lang_pairs"]
+    trained = trained.split(",") if isinstance(trained, str) else list(trained)
+    pairs = job.lang_pairs.split(",") if job.lang_pairs else trained
+    unknown = [pair for pair in pairs if pair not in trained]
+    if unknown:
+        raise WDSetupError(f"--lang-pairs: {','.join(unknown)} not among the teacher's directions "
+                           f"({','.join(trained)}). Fix: pick from those")
+    flags = _replace_value(flags, "--lang-pairs", ",".join(pairs))
+    if "--fixed-dictionary" in flags:  # the teacher's file, as found in this data-bin
+        fixed = os.path.join(dicts, os.path.basename(flags[flags.index("--fixed-dictionary") + 1]))
+        flags = _replace_value(flags, "--fixed-dictionary", fixed)
+    return [tuple(pair.split("-")) for pair in pairs], flags
+
+
+def _replace_value(flags: List[str], flag: str, value: str) -> List[str]:
+    flags = list(flags)
+    if flag in flags:
+        flags[flags.index(flag) + 1] = value
+    else:
+        flags += [flag, value]
+    return flags
 
 
 def _check_owner(job) -> None:
@@ -130,10 +173,10 @@ def _check_owner(job) -> None:
                            "that directory to start over")
 
 
-def _data_stamp(data: str, src: str, tgt: str) -> Dict:
-    """Path, and size and mtime of the files training reads (dictionaries, train split)."""
-    files = sorted(glob.glob(os.path.join(data, "dict.*.txt"))
-                   + glob.glob(os.path.join(data, f"train.{src}-{tgt}.*")))
+def _data_stamp(data: str, directions: List[Tuple[str, str]]) -> Dict:
+    """Path, and size and mtime of the files training reads (dictionaries, train splits)."""
+    files = sorted(glob.glob(os.path.join(data, "dict.*.txt")) + [
+        f for src, tgt in directions for f in glob.glob(os.path.join(data, f"train.{src}-{tgt}.*"))])
     return {"path": os.path.abspath(data),
             "files": {os.path.basename(f): [s["size"], s["mtime_ns"]] for f in files
                       for s in [file_stamp(f)]}}

@@ -50,9 +50,8 @@ def probe(job, checked, stages: List[Stage]) -> Dict[str, str]:
     if job.raw_dir and not os.path.isdir(job.data_bin):
         raise WDSetupError("--probe with --raw-dir needs the data-bin first. Fix: wd-distill run "
                            "... --until prepare, then plan --probe")
-    pair, src = f"{checked.source_lang}-{checked.target_lang}", checked.source_lang
-    train = _sentences(job.data_bin, "train", pair, src)
-    test = _sentences(job.data_bin, job.test_split, pair, src)
+    train = sum(_sentences(job.data_bin, "train", f"{s}-{t}", s) for s, t in checked.directions)
+    test = sum(_sentences(job.data_bin, job.test_split, f"{s}-{t}", s) for s, t in checked.directions)
     parent = os.path.dirname(job.path())
     os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=".wd-distill-probe-", dir=parent)
