@@ -300,7 +300,8 @@ def bad_flags(tmp):
               (*distill, "--lr", "0"), (*distill, "--warmup-updates", "0"), (*distill, "--max-tokens", "0"),
               (*distill, "--update-freq", "0"), (*distill, "--seed", "-1"), (*distill, "--beam", "0"),
               (*distill, "--max-len-a", "-1"), (*distill, "--max-len-b", "-1"),
-              (*distill, "--kd-engine", "marian"), (*distill, "--tokenizer", "spacy")]
+              (*distill, "--kd-engine", "marian"), (*distill, "--tokenizer", "spacy"),
+              (*distill, "--lang-pairs", "es")]
     return cases
 
 

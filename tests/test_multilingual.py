@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import TRAIN_FLAGS, USER_DIR, bible_subset, run_cli
 from test_pipeline import hypotheses
@@ -198,7 +199,6 @@ def few(multilingual, tmp_path_factory):
 
 
 def test_trimmed_teacher_keeps_the_used_tokens_and_their_scores(multilingual, few, tmp_path):
-    import torch
     from fairseq import checkpoint_utils
     from fairseq.data import Dictionary, data_utils
 
@@ -289,7 +289,6 @@ def nllb_style(teacher, path):
     --add-data-source-prefix-tags: 3 more rows after the language tokens."""
     import argparse
 
-    import torch
 
     state = torch.load(teacher, weights_only=False)
     task = vars(state["cfg"]["task"]) if isinstance(state["cfg"]["task"], argparse.Namespace) \
@@ -334,7 +333,6 @@ def test_phase1_of_an_m2m_100_shaped_teacher(tmp_path, table_scale, one_thread):
     """M2M-100 418M's depth, pre-norm, shared tables and 128,112-entry dictionary (width
     scaled down to 64, random weights): phase 1 builds, its table generator is
     vocabulary x width per token or one row shared, and a batch goes through."""
-    import torch
     from fairseq import options, tasks
     from fairseq.data import Dictionary, indexed_dataset
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -371,20 +369,28 @@ def test_phase1_of_an_m2m_100_shaped_teacher(tmp_path, table_scale, one_thread):
 
 
 def test_wd_distill_distils_a_direction_of_the_multilingual_teacher(multilingual, tmp_path):
-    """wd-distill with --lang-pairs: every command under the teacher's task flags (the
-    fixed dictionary read from the data-bin), KD data and scores for that direction only."""
+    """wd-distill --lang-pairs es-en --trim: KD data for that direction only, then teacher and
+    data trimmed to its tokens; training runs under the trimmed task's flags (those
+    wd-trim-vocab reports), the student is scored and exported with the small vocabulary."""
     data, _, teacher = multilingual
     common = ["--teacher-path", teacher, "--data", data, "--updates", "8", "--phase1-updates", "4",
               *STUDENT, "--cpu", "--max-tokens", "2000", "--max-len-a", "0", "--max-len-b", "12"]
     proc = run_cli("wd-distill", "plan", *common, "--work", tmp_path / "w", "--lang-pairs", "fr-en", check=False)
     assert proc.returncode == 1 and "fr-en not among the teacher's directions (es-en,en-es)" in proc.stderr
     work = tmp_path / "distill"
-    run_cli("wd-distill", "run", *common, "--work", work, "--lang-pairs", "es-en")
+    run_cli("wd-distill", "run", *common, "--work", work, "--lang-pairs", "es-en", "--trim")
     card = json.loads((work / "results.json").read_text())
     assert card["directions"] == ["es-en"] and set(card["scores"]["es-en"]) == {"teacher", "student"}
-    phase1 = (work / "logs" / "wd_phase1.log").read_text()
-    assert "--task translation_multi_simple_epoch --lang-pairs es-en" in phase1
-    assert f"--fixed-dictionary {data}/dict.es.txt" in phase1
     assert (work / "data-bin-kd" / "train1.es-en.en.bin").is_file()
     assert not (work / "data-bin-kd" / "kd-train1.en-es").exists()  # en-es: not decoded
+    trim = json.loads((work / "trimmed" / "trim.json").read_text())
+    task = trim["phase1_flags"][1:trim["phase1_flags"].index("--teacher-path")]
+    assert task[:3] == ["--task", "translation_multi_simple_epoch", "--lang-pairs"]
+    for stage in ("wd_phase1", "wd_phase2"):
+        command = (work / "logs" / f"{stage}.log").read_text().splitlines()[0]
+        assert " ".join(task) in command and f"{work}/trimmed " in command, stage
+    assert trim["target_vocabulary"][1] < trim["target_vocabulary"][0]
+    student = torch.load(work / "export" / "student.pt", weights_only=True)["model"]
+    assert student["decoder.embed_tokens.weight"].shape[0] < torch.load(
+        teacher, weights_only=True)["model"]["decoder.embed_tokens.weight"].shape[0]
     assert (work / "export" / "ct2-int8" / "model.bin").is_file()

@@ -20,7 +20,6 @@ directory is not another teacher's or data-bin's run.
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import os
 import sys
@@ -28,8 +27,7 @@ from typing import Dict, List, Optional
 
 from .arguments import nonnegative_float, nonnegative_int, pair_list, positive_float, positive_int
 from .cli import run_cli
-from .files import write_atomic
-from .stages import Command, Stage, describe, fingerprints, run_stages, status
+from .stages import Command, Stage, run_stages
 from .teacher import WDSetupError
 
 logger = logging.getLogger("wd_fairseq.distill")
@@ -70,6 +68,7 @@ class DistillJob:
     test_split: str = "test"
     test_refs: Optional[str] = None
     lang_pairs: Optional[str] = None  # a multilingual teacher's directions to distil (default: all)
+    trim: bool = False  # train on teacher and data cut to the tokens of those directions
     kd_engine: Optional[str] = None
     cpu: bool = False
     fp16: bool = False
@@ -113,7 +112,7 @@ def training_flags(job: DistillJob, checked, updates: int, save_dir: str) -> Lis
     (the translation task: ``--upsample-primary 1``), saves for resume."""
     every = max(1, updates // 10)
     kd_split = [] if checked.task_flags else ["--upsample-primary", "1"]
-    return [*checked.task_flags, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(job.lr),
+    return [*checked.student_task_flags, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(job.lr),
             "--lr-scheduler", "inverse_sqrt", "--warmup-init-lr", "1e-07",
             "--warmup-updates", str(job.warmup), "--criterion", "label_smoothed_cross_entropy",
             "--label-smoothing", "0.1", "--max-tokens", str(job.max_tokens),
@@ -134,9 +133,9 @@ def student_flags(student: Dict) -> List[str]:
     return flags
 
 
-def generate(job: DistillJob, checked, direction, checkpoint: str, out: str) -> Command:
+def generate(job: DistillJob, data: str, task: List[str], direction, checkpoint: str, out: str) -> Command:
     languages = ["-s", direction[0], "-t", direction[1]]
-    return Command(["fairseq-generate", job.data_bin, *checked.task_flags, *languages,
+    return Command(["fairseq-generate", data, *task, *languages,
                     "--path", checkpoint, "--gen-subset", job.test_split,
                     "--beam", str(job.beam), "--max-len-a", str(job.max_len_a),
                     "--max-len-b", str(job.max_len_b), "--remove-bpe", "--batch-size", "64",
@@ -159,6 +158,14 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
                    "--beam", str(job.beam), "--max-len-a", str(job.max_len_a), "--max-len-b", str(job.max_len_b),
                    *(["--engine", job.kd_engine] if job.kd_engine else []), *(["--cpu"] if job.cpu else [])])
           for src, tgt in checked.directions]])]
+    # what training reads: the KD data-bin and the teacher, or both cut to the used tokens
+    train_data, train_teacher = kd_bin, teacher
+    if job.trim:
+        train_data = job.path("trimmed")
+        train_teacher = os.path.join(train_data, "teacher.pt")
+        stages.append(Stage("trim", depends=["kd_data"], outputs=[train_data], actions=[Command(
+            ["wd-trim-vocab", teacher, kd_bin, train_data, "--force",
+             "--pairs", ",".join("-".join(d) for d in checked.directions)])]))
     if method in ("wd", "wd-slice"):
         phase1_dir, phase2_dir = job.path("wd_phase1"), job.path("wd_phase2")
         init, rest = job.path("materialized.pt"), job.updates - job.phase1
@@ -169,26 +176,26 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
         else:  # the authors' restart: a new warmup (theirs: 1,000 updates)
             phase2[phase2.index("--warmup-updates") + 1] = str(max(1, min(1000, rest // 4)))
         stages += [
-            Stage("wd_phase1", depends=["kd_data"], outputs=[phase1_dir], actions=[Command([
-                "fairseq-train", kd_bin, "--user-dir", user_dir(), "--arch", "wd_transformer",
-                "--teacher-path", teacher, *student_flags(checked.student),
+            Stage("wd_phase1", depends=[stages[-1].name], outputs=[phase1_dir], actions=[Command([
+                "fairseq-train", train_data, "--user-dir", user_dir(), "--arch", "wd_transformer",
+                "--teacher-path", train_teacher, *student_flags(checked.student),
                 *(["--wd-init", "slice"] if method == "wd-slice" else []),
                 *training_flags(job, checked, job.phase1, phase1_dir)])]),
             Stage("materialize", depends=["wd_phase1"], outputs=[init], actions=[Command(
                 ["wd-materialize", os.path.join(phase1_dir, "checkpoint_last.pt"), init])]),
             Stage("wd_phase2", depends=["materialize"], outputs=[phase2_dir], actions=[Command(
-                ["fairseq-train", kd_bin, *stock, "--finetune-from-model", init, *phase2])]),
+                ["fairseq-train", train_data, *stock, "--finetune-from-model", init, *phase2])]),
         ]
         final = os.path.join(phase2_dir, "checkpoint_last.pt")
     else:
         save_dir = job.path("student")
-        train = ["fairseq-train", kd_bin, *stock, *training_flags(job, checked, job.updates, save_dir)]
+        train = ["fairseq-train", train_data, *stock, *training_flags(job, checked, job.updates, save_dir)]
         actions = [Command(train)]
         if method == "selection-kd":
             init = job.path("selection.pt")
-            actions = [Command(["wd-init-student", teacher, init, *student_flags(checked.student)]),
+            actions = [Command(["wd-init-student", train_teacher, init, *student_flags(checked.student)]),
                        Command(train + ["--finetune-from-model", init])]
-        stages.append(Stage("train", depends=["kd_data"], outputs=[save_dir], actions=actions))
+        stages.append(Stage("train", depends=[stages[-1].name], outputs=[save_dir], actions=actions))
         final = os.path.join(save_dir, "checkpoint_last.pt")
     trained, eval_dir, export_dir = stages[-1].name, job.path("eval"), job.path("export")
     evaluate = [functools.partial(os.makedirs, eval_dir, exist_ok=True)]
@@ -196,8 +203,10 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
         pair, tgt = "-".join(direction), direction[1]
         refs = job.test_refs or (os.path.join(os.path.abspath(job.raw_dir), f"{job.test_split}.{tgt}")
                                  if job.raw_dir else os.path.join(eval_dir, f"references.{pair}.txt"))
-        for name, checkpoint in (("teacher", teacher), ("student", final)):
-            evaluate.append(generate(job, checked, direction, checkpoint, os.path.join(eval_dir, f"{name}.{pair}.gen")))
+        for name, data, task, checkpoint in (
+                ("teacher", job.data_bin, checked.task_flags, teacher),
+                ("student", train_data if job.trim else job.data_bin, checked.student_task_flags, final)):
+            evaluate.append(generate(job, data, task, direction, checkpoint, os.path.join(eval_dir, f"{name}.{pair}.gen")))
         if not (job.test_refs or job.raw_dir):
             evaluate.append(functools.partial(write_references, os.path.join(eval_dir, f"teacher.{pair}.gen"),
                                               refs, tgt))
@@ -212,38 +221,12 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
             functools.partial(export_stock, final, os.path.join(export_dir, "student.pt")),
             Command(["wd-export-ct2", os.path.join(export_dir, "student.pt"),
                      os.path.join(export_dir, "ct2-int8"), "--quantization", "int8",
-                     "--data", job.data_bin])]),
+                     "--data", train_data if job.trim else job.data_bin])]),
     ]
     stages.append(Stage("card", depends=["evaluate", "export"],
                         outputs=[job.path(f"results.{kind}") for kind in ("md", "json", "png")],
                         actions=[functools.partial(write_card, job.path())]))
     return stages
-
-
-def write_plan(job: DistillJob, checked, stages: List[Stage]) -> None:
-    """``WORK/plan.json``: what the card reports of the run (method, settings, commands)."""
-    record = {"method": job.chosen_method, "chosen_by": "auto" if job.method == "auto" else "--method",
-              "directions": ["-".join(d) for d in checked.directions], "updates": job.updates,
-              "settings": {k: v for k, v in dataclasses.asdict(job).items()},
-              "parameters": {"teacher": checked.teacher_params, "student": checked.student_params},
-              "commands": [describe(a) for stage in stages for a in stage.actions]}
-    write_atomic(job.path("plan.json"), json.dumps(record, indent=2, default=str) + "\n")
-
-
-def plan_text(job: DistillJob, checked, stages: List[Stage], estimates: Optional[Dict[str, str]] = None) -> str:
-    from .distill_checks import resources
-
-    why = (f"--method auto for {job.updates:,} updates: "
-           + (f"WD slice below {AUTO_WD_BELOW:,}" if job.chosen_method == "wd-slice"
-              else f"Selection + KD from {AUTO_WD_BELOW:,} on")) if job.method == "auto" else "--method"
-    lines = [f"wd-distill: {job.chosen_method} ({why}); {', '.join('-'.join(d) for d in checked.directions)}; "
-             f"work directory {job.path()}", *resources(job, checked)]
-    prints = fingerprints(stages)
-    for number, stage in enumerate(stages, 1):
-        estimate = f" (estimate: {estimates[stage.name]})" if estimates and stage.name in estimates else ""
-        lines.append(f"[{number}/{len(stages)}] {stage.name}: {status(stage, job.path(), prints[stage.name])}{estimate}")
-        lines += [f"    {describe(a)}" for a in stage.actions]
-    return "\n".join(lines)
 
 
 def job_of(args: argparse.Namespace) -> DistillJob:
@@ -297,6 +280,8 @@ def parser() -> argparse.ArgumentParser:
                    "data-bin, BPE removed and Moses-detokenized: compares teacher and student only)")
     p.add_argument("--lang-pairs", type=pair_list, help="a multilingual teacher: the directions to distil "
                    "(e.g. de-en,en-de; default: every direction it was trained on)")
+    p.add_argument("--trim", action="store_true", help="train on the teacher and data cut to the tokens "
+                   "of the directions distilled (wd-trim-vocab, after the KD data): a smaller student")
     p.add_argument("--kd-engine", choices=("ctranslate2", "fairseq"), help="wd-kd-data --engine")
     p.add_argument("--probe", action="store_true", help="estimate each stage's time from a short "
                    "measured probe (a few batches decoded and trained)")
@@ -307,6 +292,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cli_main(argv: Optional[List[str]] = None):
+    from .distill_card import plan_text, write_plan
     from .distill_checks import check_job
 
     progress = logging.getLogger("wd_fairseq.stages")
@@ -341,7 +327,7 @@ def cli_main(argv: Optional[List[str]] = None):
                                + ", ".join(stage.name for stage in stages))
         if args.command == "run":
             checked.claim(job)
-            write_plan(job, checked, stages)
+            write_plan(job, checked, stages)  # (distill_card)
             run_stages(stages, job.path(), args.until)
             if not args.until:
                 with open(job.path("results.md"), encoding="utf-8") as card:

@@ -1,10 +1,42 @@
-"""The Python steps of ``wd-distill``'s last stages: the test references, the stock
-export, and the results card (``WORK/results.md``/``.json``)."""
+"""What ``wd-distill`` reports: the plan (text, ``WORK/plan.json``), and the Python steps
+of its last stages: the test references, the stock export, the results card
+(``WORK/results.{md,json,png}``)."""
 
+import dataclasses
 import json
 import logging
 import os
+from typing import Dict, List, Optional
+
+from .stages import Stage, describe, fingerprints, status
 from .files import write_atomic
+
+
+def write_plan(job, checked, stages: List[Stage]) -> None:
+    """``WORK/plan.json``: what the card reports of the run (method, settings, commands)."""
+    record = {"method": job.chosen_method, "chosen_by": "auto" if job.method == "auto" else "--method",
+              "directions": ["-".join(d) for d in checked.directions], "updates": job.updates,
+              "settings": {k: v for k, v in dataclasses.asdict(job).items()},
+              "parameters": {"teacher": checked.teacher_params, "student": checked.student_params},
+              "commands": [describe(a) for stage in stages for a in stage.actions]}
+    write_atomic(job.path("plan.json"), json.dumps(record, indent=2, default=str) + "\n")
+
+
+def plan_text(job, checked, stages: List[Stage], estimates: Optional[Dict[str, str]] = None) -> str:
+    from .distill import AUTO_WD_BELOW
+    from .distill_checks import resources
+
+    why = (f"--method auto for {job.updates:,} updates: "
+           + (f"WD slice below {AUTO_WD_BELOW:,}" if job.chosen_method == "wd-slice"
+              else f"Selection + KD from {AUTO_WD_BELOW:,} on")) if job.method == "auto" else "--method"
+    lines = [f"wd-distill: {job.chosen_method} ({why}); {', '.join('-'.join(d) for d in checked.directions)}; "
+             f"work directory {job.path()}", *resources(job, checked)]
+    prints = fingerprints(stages)
+    for number, stage in enumerate(stages, 1):
+        estimate = f" (estimate: {estimates[stage.name]})" if estimates and stage.name in estimates else ""
+        lines.append(f"[{number}/{len(stages)}] {stage.name}: {status(stage, job.path(), prints[stage.name])}{estimate}")
+        lines += [f"    {describe(a)}" for a in stage.actions]
+    return "\n".join(lines)
 
 
 def write_references(generate_log: str, out: str, lang: str) -> None:

@@ -36,6 +36,7 @@ class Checked:
     dicts: str  # the directory of the dictionaries checked against the teacher
     directions: List[Tuple[str, str]]  # (source, target) of every direction distilled
     task_flags: List[str]  # the teacher's task flags (none for bilingual translation)
+    student_task_flags: List[str]  # the same for training and the student (--trim: the trimmed task's)
 
     def owner(self) -> Dict:
         return {"teacher": self.teacher_stamp["path"], "data": self.data_stamp["path"]}
@@ -74,6 +75,7 @@ def check_job(job) -> Checked:
     _, teacher_args = load_teacher(job.teacher_path, task, state=state)
     teacher_args = {k: v for k, v in teacher_args.items() if k in transformer_arg_names()}
     directions, flags_of_task = _directions(job, state["cfg"]["task"], task, dicts)
+    trimmed_flags = _trimmed_task_flags(job, flags_of_task, task, directions)
     src, tgt = directions[0]
     raw = raw_files(job.raw_dir, src, tgt) if job.raw_dir else []
     for (s, t), split in ((d, split) for d in directions for split in ("train", "valid", job.test_split)):
@@ -108,7 +110,8 @@ def check_job(job) -> Checked:
                   {"path": os.path.abspath(job.raw_dir), "files": {f: file_stamp(f) for f in raw + [
                       p for p in (job.bpe_codes, job.sentencepiece) if p]}})
     checked = Checked(student, src, tgt, file_stamp(job.teacher_path), data_stamp,
-                      teacher_params, student_params, {}, dicts, directions, flags_of_task)
+                      teacher_params, student_params, {}, dicts, directions, flags_of_task,
+                      trimmed_flags)
     checked.disk = _disk(job, checked)
     parent = job.path() if os.path.isdir(job.path()) else os.path.dirname(job.path())
     require_free_space(parent, sum(checked.disk.values()), f"--work {job.work} (the run's files, "
@@ -146,6 +149,21 @@ def _directions(job, task_cfg, task, dicts: str) -> Tuple[List[Tuple[str, str]],
         fixed = os.path.join(dicts, os.path.basename(flags[flags.index("--fixed-dictionary") + 1]))
         flags = _replace_value(flags, "--fixed-dictionary", fixed)
     return [tuple(pair.split("-")) for pair in pairs], flags
+
+
+def _trimmed_task_flags(job, flags: List[str], task, directions) -> List[str]:
+    """The task flags after ``wd-trim-vocab`` (what its trim.json's phase1_flags say): the
+    kept languages in the teacher's order, the fixed dictionary in the trimmed data-bin."""
+    if not (job.trim and flags):
+        return flags
+    kept = {lang for direction in directions for lang in direction}
+    flags = _replace_value(flags, "--langs", ",".join(lang for lang in task.langs if lang in kept))
+    if "--lang-dict" in flags:
+        at = flags.index("--lang-dict")
+        flags = flags[:at] + flags[at + 2:]
+    if "--fixed-dictionary" in flags:
+        flags = _replace_value(flags, "--fixed-dictionary", job.path("trimmed", f"dict.{directions[0][0]}.txt"))
+    return flags
 
 
 def _replace_value(flags: List[str], flag: str, value: str) -> List[str]:
