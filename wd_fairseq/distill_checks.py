@@ -227,8 +227,8 @@ def resources(job, checked: Checked) -> List[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     processes = max(1, gpus)
     device = "CPU" if gpus == 0 else f"{gpus} GPU(s) (CUDA_VISIBLE_DEVICES={visible or '(unset)'})"
-    lines = [f"devices: {device}; fairseq-train runs {processes} process(es)"
-             + (", fp16" if job.fp16 else ""),
+    precision = ", fp16" if job.fp16 else (", fp32: pass --fp16 for the authors' precision" if gpus else "")
+    lines = [f"devices: {device}; fairseq-train runs {processes} process(es){precision}",
              f"batch: {processes} x {job.max_tokens} tokens x update-freq {job.update_freq} = "
              f"{processes * job.max_tokens * job.update_freq:,} tokens per update (authors: 32,768); "
              f"lr {job.lr}, warmup {job.warmup} updates, {job.updates:,} updates",
