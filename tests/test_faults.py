@@ -291,7 +291,7 @@ def bad_flags(tmp):
     cases += [(*student, "--" + name.replace("_", "-"), "0") for name in SHAPE_FIELDS]
     cases += [(*student, "--" + name.replace("_", "-"), "1") for name in DROPOUT_FIELDS]
     cases += [(*student, "--layers", "middle"), (*student, "--dims", "last"),
-              (*student, "--arch", "big")]
+              (*student, "--arch", "big"), (*student, "--init", "random"), (*student, "--seed", "-1")]
     distill = ["wd-distill", ["run", "--teacher-path", MISSING, "--data", tmp, "--work", f"{tmp}/w",
                               "--updates", "8"]]
     cases += [(*distill, "--" + name.replace("_", "-"), "0") for name in SHAPE_FIELDS]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TRAIN_FLAGS, run_cli, translation_task
+from conftest import TRAIN_FLAGS, build_wd, run_cli, translation_task
 
 from wd_fairseq.init_student import init_student, select
 from wd_fairseq.teacher import WDSetupError
@@ -141,3 +141,28 @@ def test_cli_student_loads_without_the_plugin_and_trains_with_stock_fairseq(
     refused = run_cli("wd-init-student", postnorm_teacher, tmp_path / "x.pt", "--arch",
                       "wd_transformer_stu1", check=False)
     assert refused.returncode != 0 and "--decoder-embed-dim 256" in refused.stderr
+
+
+def test_wd_start_is_phase_one_at_step_zero_materialised(data_bin, postnorm_teacher, tmp_path, one_thread):
+    """--init wd-slice: the student phase 1 with --wd-init slice starts from (the control
+    "slice start + KD, no generator"): equal to the in-process phase-1 model's generated
+    tensors, the teacher's own where the shapes are equal; --init wd-faithful differs."""
+    shape = {"decoder_layers": 1, "decoder_embed_dim": 16, "decoder_ffn_embed_dim": 32,
+             "decoder_attention_heads": 4}
+    flags = [part for name, value in shape.items() for part in ("--" + name.replace("_", "-"), value)]
+    written = {}
+    for init in ("wd-slice", "wd-faithful"):
+        proc = run_cli("wd-init-student", postnorm_teacher, tmp_path / f"{init}.pt", "--init", init, *flags)
+        assert "--finetune-from-model" in proc.stdout
+        written[init] = torch.load(tmp_path / f"{init}.pt", weights_only=True)["model"]
+    model = build_wd(data_bin, postnorm_teacher, wd_init="slice", **shape).float().eval()
+    with torch.no_grad():
+        expected = model.student_state_dict()
+    assert expected.keys() == written["wd-slice"].keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(written["wd-slice"][name], tensor.float(), rtol=0, atol=0)
+    teacher = torch.load(postnorm_teacher, weights_only=True)["model"]
+    torch.testing.assert_close(written["wd-slice"]["encoder.layers.1.fc1.weight"],
+                               teacher["encoder.layers.1.fc1.weight"], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(written["wd-faithful"]["decoder.layers.0.fc1.weight"],
+                           written["wd-slice"]["decoder.layers.0.fc1.weight"])

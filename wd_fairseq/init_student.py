@@ -19,6 +19,11 @@ Shared tables stay shared; where the teacher shares all embeddings but the stude
 decoder is narrower than its encoder (one table cannot have two widths), the student
 shares its decoder's input and output tables, as phase 1 does for that shape. The result is a stock ``transformer`` checkpoint for
 ``fairseq-train --finetune-from-model``.
+
+``--init wd-slice`` (or ``wd-faithful``) writes instead the student WD phase 1 starts
+from: its generators at step 0 (``--wd-init slice``: layer groups averaged, the first
+coordinates), materialised, as phase 1 with no update would give. Trained like a
+selection, it separates where WD starts from what its generator learns.
 """
 
 import argparse
@@ -28,7 +33,7 @@ import torch
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.transformer import TransformerModel
 
-from .arguments import positive_int, probability
+from .arguments import nonnegative_int, positive_int, probability
 from .checkpoints import (check_output, phase2_flags, print_written, run_task, save_atomic,
                           stock_checkpoint, task_flags, training_flags)
 from .cli import run_cli
@@ -165,6 +170,28 @@ def init_student(teacher_path: str, student_path: str, flags: Dict, layers: str 
     return task_flags(cfg.task) + phase2_flags(args), training_flags(cfg)
 
 
+def wd_start(teacher_path: str, student_path: str, flags: Dict, wd_init: str, seed: int = 1,
+             data: str = None) -> Tuple[List[str], List[str]]:
+    """Write the student WD phase 1 starts from (``--wd-init wd_init``, generator
+    initialisation drawn with ``seed``) to ``student_path``; return what
+    :func:`init_student` returns. The teacher is read twice (here and by the model)."""
+    from omegaconf import OmegaConf
+
+    from .materialize import student_checkpoint
+    from .model import WDTransformerConfig, WDTransformerModel
+
+    check_output(student_path)
+    state = read_checkpoint(teacher_path, "TEACHER")
+    task = run_task(state["cfg"], f"TEACHER {teacher_path}", data)
+    torch.manual_seed(seed)
+    cfg = OmegaConf.structured(WDTransformerConfig(
+        teacher_path=teacher_path, wd_init=wd_init, **{k: v for k, v in flags.items() if v is not None}))
+    model = WDTransformerModel.build_model(cfg, task).float().eval()
+    with torch.no_grad():
+        save_atomic(student_checkpoint(model, task, state), student_path)
+    return task_flags(state["cfg"].task) + phase2_flags(model.student_args), training_flags(state["cfg"])
+
+
 def cli_main(argv=None):
     parser = argparse.ArgumentParser(
         prog="wd-init-student",
@@ -186,6 +213,11 @@ def cli_main(argv=None):
                         "ending with the last; default)")
     parser.add_argument("--dims", choices=("first", "spread"), default="first",
                         help="coordinates kept along each axis (default: first)")
+    parser.add_argument("--init", choices=("selection", "wd-slice", "wd-faithful"), default="selection",
+                        help="selection (default): the selection above; wd-slice / wd-faithful: the "
+                        "student WD phase 1 starts from with --wd-init slice / faithful")
+    parser.add_argument("--seed", type=nonnegative_int, default=1,
+                        help="--init wd-faithful: the seed of its random projections (default: 1)")
     parser.add_argument("--data", help="data-bin with the dictionaries (default: the teacher's run's)")
     args = parser.parse_args(argv)
     flags = {name: getattr(args, name) for name in SHAPE_FIELDS + DROPOUT_FIELDS}
@@ -193,8 +225,12 @@ def cli_main(argv=None):
         preset = argparse.Namespace(**flags)
         ARCH_CONFIG_REGISTRY[args.arch](preset)
         flags = vars(preset)
-    phase2, training = run_cli("wd-init-student", lambda: init_student(
-        args.teacher, args.student, flags, args.layers, args.dims, args.data))
+    if args.init == "selection":
+        phase2, training = run_cli("wd-init-student", lambda: init_student(
+            args.teacher, args.student, flags, args.layers, args.dims, args.data))
+    else:
+        phase2, training = run_cli("wd-init-student", lambda: wd_start(
+            args.teacher, args.student, flags, args.init[len("wd-"):], args.seed, args.data))
     print_written(args.student, phase2, "train it", training, "the teacher's")
 
 
