@@ -175,6 +175,14 @@ def fairseq_device_flags(device: str) -> List[str]:
     return ["--cpu"] if device == "cpu" else ["--fp16"]
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def environment(device: str) -> dict:
     """What the numbers depend on."""
     import fairseq
@@ -189,6 +197,11 @@ def environment(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "load_average_1min_at_start": os.getloadavg()[0],
+        # glibc's allocator settings: on some VMs page faults of fresh big tensors cost
+        # seconds per update (benchmarks/README.md)
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

@@ -81,13 +81,16 @@ def region_seconds(trainer, sample) -> dict:
     number of operators it dispatched."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         trainer.train_step([sample])
     totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in REGIONS}
     seconds = {f"{k}_s": totals.get(k, 0.0) for k in REGIONS}
     # Operators dispatched (nested ones included): what a step costs the CPU that issues
     # the work, whatever the device; on a GPU, small ones are kernel launches.
-    return seconds | {"aten_ops": sum(e.name.startswith("aten::") for e in prof.events())}
+    # Matrix-multiply FLOPs (torch counts them for mm/addmm/bmm): the work no
+    # implementation of the method avoids, whatever the device.
+    return seconds | {"aten_ops": sum(e.name.startswith("aten::") for e in prof.events()),
+                      "matmul_gflop": sum(e.flops for e in prof.events() if e.flops) / 1e9}
 
 
 def generator_seconds(model) -> float:
@@ -182,7 +185,8 @@ def measure(args, data, device, student, pair, models, flags, max_tokens, task, 
     base, wd_row = rows
     for key in ("update_wall_s", "update_cpu_s", "peak_mem_MiB"):
         wd_row[key.rsplit("_", 1)[0] + "_ratio"] = wd_row[key] / base[key]
-    wd_row["aten_ops_ratio"] = wd_row["aten_ops"] / base["aten_ops"]
+    for key in ("aten_ops", "matmul_gflop"):
+        wd_row[f"{key}_ratio"] = wd_row[key] / base[key]
     return rows
 
 
@@ -230,6 +234,7 @@ def main():
                        "peak_mem_MiB", "peak_mem_ratio"])
     print()
     print_table(rows, ["student", "model", "max_tokens", "aten_ops", "aten_ops_ratio",
+                       "matmul_gflop", "matmul_gflop_ratio",
                        *[f"{k}_s" for k in REGIONS], "generators_fwd_bwd_s"])
     print(f"\ntarget: phase-1 update <= {TARGET}x the plain student's ({primary}); met: "
           f"{[(r['student'], r['max_tokens']) for r in rows if r.get('meets_target')]}. "

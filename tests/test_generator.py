@@ -12,6 +12,7 @@ from wd_fairseq.generator import (
     ProjectionGenerator,
     TableGenerator,
     VectorGenerator,
+    lay_out_end_to_end,
     stack_members,
 )
 from wd_fairseq.layer_groups import layer_groups
@@ -131,6 +132,39 @@ def test_a_bank_generates_and_trains_like_its_members_one_by_one(make, shapes):
     for name, p in together.named_parameters():
         expected = torch.cat([getattr(a, name).grad for a in alone])
         torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make, shapes, g", [
+    (lambda: MatrixGenerator((6, 5), (4, 3), 2, count=3), [(6, 5)] * 6, 2),
+    (lambda: ElementwiseGenerator((4, 3), (5,), (2, 2)), [(4, 3), (5,), (2, 2)], 1),
+])
+def test_teacher_laid_out_end_to_end_is_read_without_a_copy_and_gives_the_same_output(make, shapes, g):
+    generator = randomize(make())
+    tensors = [torch.randn(*shape) for shape in shapes]
+    groups = [tensors[i:i + g] for i in range(0, len(tensors), g)]
+    copied = generator(generator.teacher_input(groups))
+    values = [t.clone() for t in tensors]
+    lay_out_end_to_end(tensors)
+    assert all(torch.equal(t, v) for t, v in zip(tensors, values))
+    storage = tensors[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in tensors)
+    x = generator.teacher_input(groups)
+    if isinstance(generator, MatrixGenerator):  # the stacked layers are the teacher itself
+        assert x.untyped_storage().data_ptr() == storage
+    assert torch.equal(generator(x), copied)
+
+
+def test_scale_shift_backward_equals_addcmul_backward():
+    from wd_fairseq.generator import _scale_shift
+
+    scale, x, shift = (torch.randn(4, 5, requires_grad=True) for _ in range(3))
+    grad = torch.randn(4, 5)
+    ours = torch.autograd.grad(_scale_shift(scale, x, shift), (scale, x, shift), grad)
+    torchs = torch.autograd.grad(torch.addcmul(shift, scale, x), (scale, x, shift), grad)
+    assert all(torch.equal(a, b) for a, b in zip(ours, torchs))
+    constant = x.detach()  # an element-wise bank's input: no gradient for it
+    scale_grad, shift_grad = torch.autograd.grad(_scale_shift(scale, constant, shift), (scale, shift), grad)
+    assert torch.equal(scale_grad, grad * constant) and torch.equal(shift_grad, grad)
 
 
 def test_stack_members_turns_per_tensor_state_into_bank_parameters():

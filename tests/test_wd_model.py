@@ -562,3 +562,32 @@ def test_resuming_a_per_tensor_phase1_run_needs_reset_optimizer(data_bin, tmp_pa
     state = torch.load(save / "checkpoint_last.pt", weights_only=True)
     assert any(key.startswith("generator_banks.") for key in state["model"])
     assert not any(".generator." in key and "generator_banks" not in key for key in state["model"])
+
+
+def test_banks_read_the_teacher_laid_out_once_and_follow_its_changes(data_bin, postnorm_teacher):
+    torch.manual_seed(0)
+    model = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    model.train()
+    stacked = [bank for bank in model.generator_banks.values()
+               if isinstance(bank.generator, MatrixGenerator)]
+    elementwise = model.generator_banks["elementwise"]
+    student_logits(model, seed=0)
+    inputs = {key: bank.teacher_input() for key, bank in model.generator_banks.items()}
+    for bank in stacked:  # a view of the teacher itself: no copy per forward, none kept
+        teacher = bank.teacher_tensors(0)[0]
+        assert bank.teacher_input().untyped_storage().data_ptr() == teacher.untyped_storage().data_ptr()
+        expected = torch.stack([t for group in bank.teacher_groups() for t in group])
+        assert torch.equal(bank.teacher_input().reshape(expected.shape), expected)
+    student_logits(model, seed=1)  # the next forward reuses every input, the tanh included
+    assert all(bank.teacher_input() is inputs[key] for key, bank in model.generator_banks.items())
+    with torch.no_grad():  # a teacher changed in place: its inputs are made again
+        elementwise.teacher_tensors(0)[0].add_(1.0)
+    assert elementwise.teacher_input() is not inputs["elementwise"]
+    torch.testing.assert_close(elementwise.teacher_input(),
+                               torch.tanh(torch.cat([g[0].reshape(-1) for g in elementwise.teacher_groups()])))
+    model.half()  # the teacher converted tensor by tensor is laid out again
+    bank = stacked[0]
+    assert bank.teacher_input().dtype == torch.float32
+    assert all(t.dtype == torch.half and t.untyped_storage().data_ptr() == bank.teacher_tensors(0)[0]
+               .untyped_storage().data_ptr() for group in bank.teacher_groups() for t in group)
+

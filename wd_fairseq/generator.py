@@ -9,7 +9,8 @@ of that tensor alone would get; ``draw=False`` leaves every member to the caller
 
 - ``teacher_input(groups)``: the teacher tensors of each member's layer group
   (``groups[k]``: g tensors) as the generator's fp32 input. The teacher is frozen,
-  so the caller computes it once and reuses it.
+  so the caller computes it once and reuses it; teacher tensors that already lie end
+  to end in one storage (:func:`lay_out_end_to_end`) are read as a view, not copied.
 - ``forward(x)``: every member's student tensor, computed in fp32 (autocast off)
   whatever the dtype of the inputs and of the generator's own parameters.
 - ``members(out)``: ``out`` split into one tensor per member.
@@ -45,10 +46,53 @@ def _empty(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape))
 
 
+def lay_out_end_to_end(tensors: Sequence[Tensor]) -> None:
+    """Move ``tensors`` (frozen, of one dtype and device) into one buffer, end to end in
+    this order: each keeps its values and becomes a view of the buffer."""
+    buffer = torch.cat([t.detach().reshape(-1) for t in tensors])
+    for t, part in zip(tensors, buffer.split([t.numel() for t in tensors])):
+        t.data = part.view(t.shape)
+
+
+def _joined(tensors: Sequence[Tensor]) -> Tensor:
+    """The tensors flattened and joined, (Σ numel,): a view when they lie end to end in
+    one storage (:func:`lay_out_end_to_end`), else a copy."""
+    first, offset = tensors[0], tensors[0].storage_offset()
+    for t in tensors:
+        if not (t.is_contiguous() and t.dtype == first.dtype and t.storage_offset() == offset
+                and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
+            return torch.cat([t.reshape(-1) for t in tensors])
+        offset += t.numel()
+    return first.detach().as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
+
+
 def _stacked_layers(groups: Groups) -> Tensor:
     """(n, g, *shape) fp32: every member's g teacher layers."""
     flat = [t for group in groups for t in group]
-    return torch.stack(flat).float().view(len(groups), len(groups[0]), *flat[0].shape)
+    return _joined(flat).float().view(len(groups), len(groups[0]), *flat[0].shape)
+
+
+class _ScaleShift(torch.autograd.Function):
+    """A ⊙ X + B (equal shapes) in one pass; its backward computes only the products it
+    needs (torch's ``addcmul`` backward also multiplies by its scalar ``value``: one more
+    pass over every element of a bank)."""
+
+    @staticmethod
+    def forward(ctx, scale: Tensor, x: Tensor, shift: Tensor) -> Tensor:
+        ctx.save_for_backward(scale, x)
+        return torch.addcmul(shift, scale, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        scale, x = ctx.saved_tensors
+        need_scale, need_x, need_shift = ctx.needs_input_grad
+        return (grad * x if need_scale else None, grad * scale if need_x else None,
+                grad if need_shift else None)
+
+
+def _scale_shift(scale: Tensor, x: Tensor, shift: Tensor) -> Tensor:
+    """fp32 A ⊙ X + B of the generator's own A and B (any dtype) and its input X."""
+    return _ScaleShift.apply(scale.float(), x, shift.float())
 
 
 def _layer_weights(mix: Tensor, reduce: Tensor) -> Tensor:
@@ -128,7 +172,7 @@ class MatrixGenerator(ParameterGenerator):
 
     def forward(self, x: Tensor) -> Tensor:
         with fp32_compute(x.device):
-            return torch.addcmul(self.shift.float(), self.scale.float(), torch.tanh(self.project(x)))
+            return _scale_shift(self.scale, torch.tanh(self.project(x)), self.shift)
 
     @torch.no_grad()
     def start_as_slice(self, groups: Groups) -> None:
@@ -174,7 +218,7 @@ class VectorGenerator(ParameterGenerator):
 
     def forward(self, x: Tensor) -> Tensor:
         with fp32_compute(x.device):
-            return torch.addcmul(self.shift.float(), self.scale.float(), torch.tanh(self.project(x)))
+            return _scale_shift(self.scale, torch.tanh(self.project(x)), self.shift)
 
     @torch.no_grad()
     def start_as_slice(self, groups: Groups) -> None:
@@ -210,7 +254,7 @@ class ElementwiseGenerator(ParameterGenerator):
 
     @staticmethod
     def _flat(groups: Groups) -> Tensor:
-        return torch.cat([group[0].reshape(-1) for group in groups]).float()
+        return _joined([group[0] for group in groups]).float()
 
     def members(self, out: Tensor) -> List[Tensor]:
         parts = out.split([shape.numel() for shape in self.shapes])
@@ -218,7 +262,7 @@ class ElementwiseGenerator(ParameterGenerator):
 
     def forward(self, x: Tensor) -> Tensor:
         with fp32_compute(x.device):
-            return torch.addcmul(self.shift.float(), self.scale.float(), x)
+            return _scale_shift(self.scale, x, self.shift)
 
     @torch.no_grad()
     def start_as_slice(self, groups: Groups) -> None:

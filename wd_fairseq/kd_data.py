@@ -36,6 +36,12 @@ Real decoding is messy, so:
   for TGT-SRC where that direction has no ``train1`` of its own, so an empty
   ``train1.TGT-SRC`` is written there (a later run for TGT-SRC replaces it);
 * a data-bin whose source and target line counts differ is refused.
+
+Over ~350 lines for a stated reason: about half of it is the command line (the job's
+flags, help texts and their checks, each naming its flag and the fix). It stays with the
+job: :func:`check_options` and :func:`prepare` refuse bad flags before any decoding,
+``kd_engines`` and ``kd_split_jobs`` read the same :class:`KDJob`, and its fields, flags
+and checks change together.
 """
 
 import argparse

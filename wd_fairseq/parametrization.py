@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .generator import ParameterGenerator, TableGenerator, fp32_compute
+from .generator import (ParameterGenerator, ProjectionGenerator, TableGenerator, fp32_compute,
+                        lay_out_end_to_end)
 
 #: Optimizer steps taken in this process. Optimizers write parameters through ``p.data``
 #: (fairseq's Adam, its fp16 optimizers), which bumps no version counter, so an
@@ -62,9 +63,17 @@ class GeneratorBank(nn.Module):
         #: from the whole table, generated once
         self.full_table_in_pass = False
         self._pass: Optional[dict] = None  # dtype -> members, while a pass is open
-        self._pass_input: Optional[Tensor] = None
+        self._input: Optional[_TeacherInput] = None
         self._eval: Optional[_EvalCache] = None
-        self.register_load_state_dict_post_hook(GeneratorBank._drop_caches)
+        self.register_load_state_dict_post_hook(GeneratorBank._after_load)
+        self.lay_out_teacher()
+
+    def lay_out_teacher(self) -> None:
+        """Put the members' teacher tensors end to end in one buffer (they become views of
+        it), so that the generator reads them stacked without a copy. Tables and
+        projections read their one tensor as it is."""
+        if not isinstance(self.generator, (TableGenerator, ProjectionGenerator)):
+            lay_out_end_to_end([t for group in self.teacher_groups() for t in group])
 
     def teacher_tensors(self, member: int) -> List[Tensor]:
         return [self._teacher[0].get_parameter(name) for name in self.sources[member]]
@@ -73,23 +82,21 @@ class GeneratorBank(nn.Module):
         return [self.teacher_tensors(k) for k in range(len(self.sources))]
 
     def teacher_input(self) -> Tensor:
-        """The generator's input (the stacked teacher layers, or their tanh): made once
-        per pass, not kept after it (kept, it would be a second copy of the teacher
-        through the optimizer step)."""
-        if self._pass is not None and self._pass_input is not None:
-            return self._pass_input
+        """The generator's fp32 input (the stacked teacher layers, or their tanh), computed
+        once and kept while the teacher tensors are unchanged: for an fp32 teacher laid out
+        by :meth:`lay_out_teacher` a view of it; else (an fp16/bf16 teacher, a tanh) a
+        copy the size of the members' teacher tensors in fp32."""
         groups = self.teacher_groups()
-        with torch.no_grad(), fp32_compute(groups[0][0].device):
-            x = self.generator.teacher_input(groups)
-        if self._pass is not None:
-            self._pass_input = x
-        return x
+        if self._input is None or not self._input.valid(groups):
+            with torch.no_grad(), fp32_compute(groups[0][0].device):
+                self._input = _TeacherInput(self.generator.teacher_input(groups), groups)
+        return self._input.value
 
     def open_pass(self) -> None:
-        self._pass, self._pass_input = {}, None
+        self._pass = {}
 
     def close_pass(self) -> None:
-        self._pass = self._pass_input = None
+        self._pass = None
 
     def values(self, dtype: torch.dtype) -> List[Tensor]:
         """Every member's student tensor, in ``dtype``."""
@@ -125,18 +132,42 @@ class GeneratorBank(nn.Module):
     def _generate(self, dtype: torch.dtype) -> List[Tensor]:
         return self.generator.members(self.generator(self.teacher_input()).to(dtype))
 
+    def _drop_caches(self) -> None:
+        self._pass = self._input = self._eval = None
+
     @staticmethod
-    def _drop_caches(module: "GeneratorBank", incompatible_keys=None) -> None:
-        # load_state_dict may have replaced the inputs (assign=True)
-        module._pass = module._pass_input = module._eval = None
+    def _after_load(module: "GeneratorBank", incompatible_keys=None) -> None:
+        # load_state_dict may have replaced the teacher tensors (assign=True)
+        module._drop_caches()
+        module.lay_out_teacher()
 
     def train(self, mode: bool = True):
         self._eval = None
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):
-        GeneratorBank._drop_caches(self)  # .to()/.half(): inputs and dtype are about to change
-        return super()._apply(fn, recurse)
+        # .to()/.half(): the teacher (a module before the banks) was converted tensor by tensor
+        self._drop_caches()
+        result = super()._apply(fn, recurse)
+        self.lay_out_teacher()
+        return result
+
+
+class _TeacherInput:
+    """A generator input and the teacher tensors it was made from: their identity, storage
+    (``.data`` replaced) and version counters (changed in place)."""
+
+    def __init__(self, value: Tensor, teacher: List[List[Tensor]]):
+        self.value, self.teacher = value, teacher
+        self.versions = _versions(teacher)
+
+    def valid(self, teacher: List[List[Tensor]]) -> bool:
+        return (all(a is b for group, same in zip(teacher, self.teacher) for a, b in zip(group, same))
+                and _versions(teacher) == self.versions)
+
+
+def _versions(teacher: List[List[Tensor]]) -> List[List[tuple]]:
+    return [[(t._version, t.data_ptr(), t.dtype) for t in group] for group in teacher]
 
 
 class _EvalCache:
