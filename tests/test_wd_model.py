@@ -470,7 +470,8 @@ def test_every_generated_tensor_follows_the_formula_of_its_bank_member(
 
 def test_banks_group_tensors_by_kind_and_shape(wd):
     banks = wd.generator_banks
-    elementwise = banks["elementwise"]
+    elementwise = banks["elementwise_0"]
+    assert not any(key.startswith("elementwise_1") for key in banks)  # 4M elements at most each
     assert all(name.startswith("encoder.layers.0.") for name in elementwise.names)
     assert len(elementwise.generator.scale.shape) == 1  # one flat buffer
     fc1 = wd.decoder.layers[0].fc1.parametrizations.weight[0].bank
@@ -546,22 +547,33 @@ def test_a_per_tensor_phase1_checkpoint_trains_like_before(data_bin):
         assert error <= 1e-5 * grad.double().norm() + 1e-9, (key, error.item())
 
 
-def test_resuming_a_per_tensor_phase1_run_needs_reset_optimizer(data_bin, tmp_path):
+@pytest.mark.parametrize("layout", ["one generator per student tensor",
+                                    "one bank for every element-wise tensor"])
+def test_resuming_an_older_phase1_run_needs_reset_optimizer(data_bin, postnorm_teacher, tmp_path, layout):
     save = tmp_path / "phase1"
     save.mkdir()
-    shutil.copy(PER_TENSOR / "checkpoint_last.pt", save / "checkpoint_last.pt")
-    argv = [data_bin, "--user-dir", USER_DIR, "--arch", "wd_transformer", "--encoder-layers", "2",
-            "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "24",
-            "--decoder-attention-heads", "2", *TRAIN_FLAGS, "--max-tokens", "250",
-            "--max-update", "2", "--save-dir", save, "--disable-validation"]
+    flags = [data_bin, "--user-dir", USER_DIR, "--arch", "wd_transformer", "--encoder-layers", "2",
+             "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "24",
+             "--decoder-attention-heads", "2", *TRAIN_FLAGS, "--max-tokens", "250",
+             "--save-dir", save, "--disable-validation"]
+    argv = [*flags, "--max-update", "2"]
+    if layout.startswith("one generator"):
+        shutil.copy(PER_TENSOR / "checkpoint_last.pt", save / "checkpoint_last.pt")
+    else:  # today's run, its element-wise banks renamed as wd_fairseq wrote them before
+        run_cli("fairseq-train", *flags, "--max-update", "1", "--teacher-path", postnorm_teacher)
+        state = torch.load(save / "checkpoint_last.pt", weights_only=False)
+        state["model"] = {k.replace("generator_banks.elementwise_0.", "generator_banks.elementwise."): v
+                          for k, v in state["model"].items()}
+        torch.save(state, save / "checkpoint_last.pt")
     refused = run_cli("fairseq-train", *argv, check=False)
     assert refused.returncode != 0
-    assert re.search(r"checkpoint_last\.pt: a phase-1 checkpoint of an older wd_fairseq .*"
+    assert re.search(rf"checkpoint_last\.pt: a phase-1 checkpoint of an older wd_fairseq \({layout}\).*"
                      r"Fix: resume with --reset-optimizer", refused.stderr + refused.stdout)
     run_cli("fairseq-train", *argv, "--reset-optimizer")
     state = torch.load(save / "checkpoint_last.pt", weights_only=True)
     assert any(key.startswith("generator_banks.") for key in state["model"])
     assert not any(".generator." in key and "generator_banks" not in key for key in state["model"])
+    assert "generator_banks.elementwise_0.generator.scale" in state["model"]
 
 
 def test_banks_read_the_teacher_laid_out_once_and_follow_its_changes(data_bin, postnorm_teacher):
@@ -570,7 +582,7 @@ def test_banks_read_the_teacher_laid_out_once_and_follow_its_changes(data_bin, p
     model.train()
     stacked = [bank for bank in model.generator_banks.values()
                if isinstance(bank.generator, MatrixGenerator)]
-    elementwise = model.generator_banks["elementwise"]
+    elementwise = model.generator_banks["elementwise_0"]
     student_logits(model, seed=0)
     inputs = {key: bank.teacher_input() for key, bank in model.generator_banks.items()}
     for bank in stacked:  # a view of the teacher itself: no copy per forward, none kept
@@ -582,7 +594,7 @@ def test_banks_read_the_teacher_laid_out_once_and_follow_its_changes(data_bin, p
     assert all(bank.teacher_input() is inputs[key] for key, bank in model.generator_banks.items())
     with torch.no_grad():  # a teacher changed in place: its inputs are made again
         elementwise.teacher_tensors(0)[0].add_(1.0)
-    assert elementwise.teacher_input() is not inputs["elementwise"]
+    assert elementwise.teacher_input() is not inputs["elementwise_0"]
     torch.testing.assert_close(elementwise.teacher_input(),
                                torch.tanh(torch.cat([g[0].reshape(-1) for g in elementwise.teacher_groups()])))
     model.half()  # the teacher converted tensor by tensor is laid out again
@@ -591,3 +603,64 @@ def test_banks_read_the_teacher_laid_out_once_and_follow_its_changes(data_bin, p
     assert all(t.dtype == torch.half and t.untyped_storage().data_ptr() == bank.teacher_tensors(0)[0]
                .untyped_storage().data_ptr() for group in bank.teacher_groups() for t in group)
 
+
+
+def test_elementwise_banks_cut_by_size_generate_and_train_like_one(data_bin, postnorm_teacher, monkeypatch):
+    import wd_fairseq.model as wd_model
+
+    torch.manual_seed(0)
+    one = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    monkeypatch.setattr(wd_model, "ELEMENTWISE_BANK_ELEMENTS", 1500)
+    torch.manual_seed(0)
+    cut = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    runs = [bank for key, bank in cut.generator_banks.items() if key.startswith("elementwise_")]
+    assert len(runs) > 2 and sum(len(b.names) for b in runs) == len(one.generator_banks["elementwise_0"].names)
+    assert all(b.generator.scale.numel() <= 1500 or len(b.names) == 1 for b in runs)
+    for model in (one, cut):  # the same values away from A = 1, B = 0 in both
+        model.train()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad and not name.startswith("generator_banks.elementwise_"):
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+            for what in ("scale", "shift"):
+                params = [getattr(bank.generator, what) for key, bank in model.generator_banks.items()
+                          if key.startswith("elementwise_")]
+                noise = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(7))
+                for p, part in zip(params, noise.split([p.numel() for p in params])):
+                    p.add_(part * 0.1)
+    torch.manual_seed(3)
+    a = student_logits(one)
+    torch.manual_seed(3)
+    b = student_logits(cut)
+    assert torch.equal(a, b)
+    a.square().sum().backward(), b.square().sum().backward()
+    others = dict(cut.named_parameters())
+    for name, p in one.named_parameters():
+        if p.requires_grad and not name.startswith("generator_banks.elementwise_"):
+            assert torch.equal(p.grad, others[name].grad), name
+    flat = lambda m, what: torch.cat([getattr(b.generator, what).grad for k, b in m.generator_banks.items()  # noqa: E731
+                                      if k.startswith("elementwise_")])
+    for what in ("scale", "shift"):
+        assert torch.equal(flat(one, what), flat(cut, what))
+
+
+def test_a_one_elementwise_bank_checkpoint_loads_into_banks_cut_by_size(data_bin, postnorm_teacher, monkeypatch):
+    import wd_fairseq.model as wd_model
+
+    torch.manual_seed(0)
+    model = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    state = dict(model.state_dict())
+    old = {what: state.pop(f"generator_banks.elementwise_0.generator.{what}") for what in ("scale", "shift")}
+    state.update({f"generator_banks.elementwise.generator.{what}": v for what, v in old.items()})
+    monkeypatch.setattr(wd_model, "ELEMENTWISE_BANK_ELEMENTS", 1500)
+    torch.manual_seed(1)
+    cut = build_wd(data_bin, postnorm_teacher, **STUDENT)
+    cut.upgrade_state_dict_named(state, "")
+    cut.load_state_dict(state)
+    model.eval(), cut.eval()
+    for (module, name, _), (module_cut, _, _) in zip(model.generated_tensors(), cut.generated_tensors()):
+        assert torch.equal(getattr(module, name), getattr(module_cut, name))

@@ -44,9 +44,16 @@ from .generator import (
 )
 from .layer_groups import layer_groups
 from .parametrization import GeneratedEmbedding, GeneratedTensor, GeneratorBank, SameAs, generate
-from .resume import (PER_TENSOR_GENERATOR, check_resumed_teacher, refuse_per_tensor_optimizer_resume,
-                     resume_state, resumed_model_cfg)
+from .resume import (ONE_ELEMENTWISE_BANK, PER_TENSOR_GENERATOR, check_resumed_teacher,
+                     refuse_old_optimizer_resume, resume_state, resumed_model_cfg)
 from .teacher import WDSetupError, build_teacher, load_teacher
+
+#: Most elements of one element-wise bank (16 MiB in fp32). glibc's allocator serves blocks
+#: of up to 32 MiB from its heap once it has freed one that size; each bigger block is fresh
+#: pages from the kernel, and a bank's output, gradients and Adam temporaries are new
+#: blocks every update: on a 2-core VM, one update of one 19M-element bank cost ~0.4 s more
+#: than of five 4M-element ones (benchmarks/README.md).
+ELEMENTWISE_BANK_ELEMENTS = 1 << 22
 
 #: Student shape flags; any not given is the teacher's.
 SHAPE_FIELDS = tuple(
@@ -223,7 +230,7 @@ class WDTransformerModel(TransformerModel):
         resume = None
         if teacher_config is None:  # a command line, not a checkpoint
             resume = resume_state(cfg)
-            refuse_per_tensor_optimizer_resume(cfg, resume)
+            refuse_old_optimizer_resume(cfg, resume)
             if not (path and os.path.isfile(path)):
                 teacher_config = resumed_model_cfg(resume).get("teacher_config")
         if teacher_config is not None:
@@ -299,19 +306,29 @@ class WDTransformerModel(TransformerModel):
 
     def _build_banks(self, teacher: TransformerModel, members: Dict[tuple, list]) -> None:
         """One bank per kind of ``members`` (kind -> [(position, module, tensor name, name,
-        sources)]); every member then draws its start, in order of position."""
+        sources)]), element-wise ones in runs of at most ``ELEMENTWISE_BANK_ELEMENTS``;
+        every member then draws its start, in order of position."""
         self.generator_banks = nn.ModuleDict()
         order = []  # (position, bank, member)
+        banks = []  # (generator class, its arguments, members)
         for (cls, args, _), bank_members in members.items():
+            if cls is ElementwiseGenerator:
+                banks += [(cls, args, run) for run in _runs_of_at_most(
+                    bank_members, ELEMENTWISE_BANK_ELEMENTS, lambda m: getattr(m[1], m[2]).numel())]
+            else:
+                banks.append((cls, args, bank_members))
+        elementwise = 0
+        for cls, args, bank_members in banks:
             positions, modules, tensor_names, names, sources = zip(*bank_members)
             if cls is ElementwiseGenerator:
                 generator = cls(*(tuple(getattr(m, t).shape) for m, t in zip(modules, tensor_names)))
-            elif cls in (MatrixGenerator, VectorGenerator):
-                generator = cls(*args, count=len(names), draw=False)
+                key, elementwise = f"elementwise_{elementwise}", elementwise + 1
             else:
-                generator = cls(*args, draw=False)
+                generator = (cls(*args, count=len(names), draw=False)
+                             if cls in (MatrixGenerator, VectorGenerator) else cls(*args, draw=False))
+                key = _bank_key(generator, names)
             bank = GeneratorBank(generator, teacher, sources, names)
-            self.generator_banks[_bank_key(generator, names)] = bank
+            self.generator_banks[key] = bank
             for index, (position, module, tensor_name) in enumerate(zip(positions, modules, tensor_names)):
                 generate(module, tensor_name, GeneratedTensor(bank, index))
                 order.append((position, bank, index))
@@ -385,10 +402,19 @@ class WDTransformerModel(TransformerModel):
             return super().forward(*args, **kwargs)
 
     def upgrade_state_dict_named(self, state_dict, name):
-        """Phase-1 checkpoints of wd_fairseq before banks (one generator per tensor,
-        ``<tensor path>.parametrizations.<name>.0.generator.*``) load as banks."""
+        """Phase-1 checkpoints of older wd_fairseq load as today's banks: those with one
+        generator per tensor (``<tensor path>.parametrizations.<name>.0.generator.*``) and
+        those with one element-wise bank (``generator_banks.elementwise.*``)."""
         super().upgrade_state_dict_named(state_dict, name)
         prefix = f"{name}." if name else ""
+        one_bank = f"{prefix}generator_banks.{ONE_ELEMENTWISE_BANK}.generator."
+        if f"{one_bank}scale" in state_dict:
+            keys = [key for key in self.generator_banks if key.startswith("elementwise_")]
+            for param_name in ("scale", "shift"):
+                sizes = [getattr(self.generator_banks[key].generator, param_name).numel() for key in keys]
+                parts = state_dict.pop(one_bank + param_name).split(sizes)
+                for key, part in zip(keys, parts):
+                    state_dict[f"{prefix}generator_banks.{key}.generator.{param_name}"] = part.clone()
         if not any(PER_TENSOR_GENERATOR.search(key) for key in state_dict):
             return
         for key, bank in self.generator_banks.items():
@@ -457,12 +483,24 @@ def _per_tensor_path(tensor: str) -> str:
     return f"{module_path}.parametrizations.{tensor_name}.0"
 
 
+def _runs_of_at_most(items: list, limit: int, size) -> List[list]:
+    """``items`` cut, in order, into runs whose ``size`` adds up to at most ``limit`` (an
+    item bigger than ``limit`` is a run of its own)."""
+    runs, total = [], 0
+    for item in items:
+        if not runs or total + size(item) > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size(item)
+    return runs
+
+
 def _bank_key(generator: ParameterGenerator, names) -> str:
-    """A bank's name in ``generator_banks`` (and in checkpoints)."""
+    """The name in ``generator_banks`` (and in checkpoints) of a bank other than the
+    element-wise ones (``elementwise_<i>``)."""
     if isinstance(generator, (TableGenerator, ProjectionGenerator)):
         return names[0].replace(".", "_")  # a bank of one
-    if isinstance(generator, ElementwiseGenerator):
-        return "elementwise"
     shapes = "_".join("x".join(map(str, p.shape[1:])) for p in generator.parameters())
     return f"{type(generator).__name__}_{shapes}"
 

@@ -15,6 +15,9 @@ from .teacher import WDSetupError
 
 #: A generator tensor of a phase-1 checkpoint written before generator banks.
 PER_TENSOR_GENERATOR = re.compile(r"\.parametrizations\.[^.]+\.0\.generator\.")
+#: The bank of every element-wise tensor in checkpoints written before element-wise banks
+#: were cut by size.
+ONE_ELEMENTWISE_BANK = "elementwise"
 
 
 def resume_state(cfg):
@@ -42,20 +45,26 @@ def resumed_model_cfg(resume) -> dict:
     return ((resume[1].get("cfg") or {}).get("model") or {}) if resume else {}
 
 
-def refuse_per_tensor_optimizer_resume(cfg, resume) -> None:
-    """A phase-1 checkpoint written before generator banks loads (its generators are
-    converted), but its optimizer state has one entry per old generator tensor."""
+def refuse_old_optimizer_resume(cfg, resume) -> None:
+    """A phase-1 checkpoint of an older wd_fairseq loads (its generators are converted to
+    today's banks), but its optimizer state has one entry per old generator tensor."""
     if resume is None or cfg._get_parent().checkpoint.reset_optimizer:
         return
     path, state = resume
-    if any(PER_TENSOR_GENERATOR.search(key) for key in state.get("model") or {}):
-        raise WDSetupError(
-            f"{path}: a phase-1 checkpoint of an older wd_fairseq (one generator per student "
-            "tensor). Its generators load (converted to banks), its optimizer state cannot. "
-            "Fix: resume with --reset-optimizer (the generators carry on; Adam, the update "
-            "count and the learning-rate schedule restart), or finish the run with the "
-            "wd_fairseq version that wrote it"
-        )
+    keys = list(state.get("model") or {})
+    if any(PER_TENSOR_GENERATOR.search(key) for key in keys):
+        layout = "one generator per student tensor"
+    elif f"generator_banks.{ONE_ELEMENTWISE_BANK}.generator.scale" in keys:
+        layout = "one bank for every element-wise tensor"
+    else:
+        return
+    raise WDSetupError(
+        f"{path}: a phase-1 checkpoint of an older wd_fairseq ({layout}). Its generators "
+        "load (converted to today's banks), its optimizer state cannot. Fix: resume with "
+        "--reset-optimizer (the generators carry on; Adam, the update count and the "
+        "learning-rate schedule restart), or finish the run with the wd_fairseq version "
+        "that wrote it"
+    )
 
 
 def check_resumed_teacher(cfg, resume, path: str, teacher: nn.Module, teacher_args: Dict) -> None:
