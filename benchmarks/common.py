@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -208,10 +209,28 @@ def environment(device: str) -> dict:
     return info
 
 
+def _code_version() -> str:
+    """The commit of the wd_fairseq that ran (``+dirty`` with uncommitted changes)."""
+    import wd_fairseq
+
+    where = Path(wd_fairseq.__file__).parent
+    git = ["git", "-C", str(where)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return f"wd_fairseq from {where} (not a git checkout)"
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True).stdout
+    return f"wd_fairseq at {head.stdout.strip()}{'+dirty' if dirty.strip() else ''} ({where})"
+
+
 def write_results(args, name: str, results: dict) -> Path:
-    """Write ``results`` as JSON (atomically) and return the path."""
+    """Write ``results`` as JSON (atomically), with the command, date and code that made
+    them, and return the path."""
     path = args.output or args.workdir / "results" / f"{name}{'-quick' if args.quick else ''}.json"
     from wd_fairseq.files import atomic_writer  # (imports fairseq: only once a benchmark ran)
+
+    results.setdefault("command", shlex.join(["python", *sys.argv]))
+    results.setdefault("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    results.setdefault("code", _code_version())
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_writer(str(path)) as f:

@@ -51,8 +51,8 @@ from .teacher import WDSetupError, build_teacher, load_teacher
 #: Most elements of one element-wise bank (16 MiB in fp32). glibc's allocator serves blocks
 #: of up to 32 MiB from its heap once it has freed one that size; each bigger block is fresh
 #: pages from the kernel, and a bank's output, gradients and Adam temporaries are new
-#: blocks every update: on a 2-core VM, one update of one 19M-element bank cost ~0.4 s more
-#: than of five 4M-element ones (benchmarks/README.md).
+#: blocks every update: on a 2-core VM an update of the authors' encoder as one 19M-element
+#: bank took 417 ms of CPU, as six banks 215 ms (benchmarks/elementwise_blocks.py).
 ELEMENTWISE_BANK_ELEMENTS = 1 << 22
 
 #: Student shape flags; any not given is the teacher's.
