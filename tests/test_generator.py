@@ -12,10 +12,10 @@ from wd_fairseq.generator import (
     ProjectionGenerator,
     TableGenerator,
     VectorGenerator,
-    lay_out_end_to_end,
     stack_members,
 )
 from wd_fairseq.layer_groups import layer_groups
+from wd_fairseq.teacher_layout import lay_out_end_to_end
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ of that tensor alone would get; ``draw=False`` leaves every member to the caller
 - ``teacher_input(groups)``: the teacher tensors of each member's layer group
   (``groups[k]``: g tensors) as the generator's fp32 input. The teacher is frozen,
   so the caller computes it once and reuses it; teacher tensors that already lie end
-  to end in one storage (:func:`lay_out_end_to_end`) are read as a view, not copied.
+  to end in one storage (:mod:`~wd_fairseq.teacher_layout`) are read as a view, not copied.
 - ``forward(x)``: every member's student tensor, computed in fp32 (autocast off)
   whatever the dtype of the inputs and of the generator's own parameters.
 - ``members(out)``: ``out`` split into one tensor per member.
@@ -26,6 +26,8 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .teacher_layout import joined
 
 Groups = Sequence[Sequence[Tensor]]
 
@@ -46,30 +48,10 @@ def _empty(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape))
 
 
-def lay_out_end_to_end(tensors: Sequence[Tensor]) -> None:
-    """Move ``tensors`` (frozen, of one dtype and device) into one buffer, end to end in
-    this order: each keeps its values and becomes a view of the buffer."""
-    buffer = torch.cat([t.detach().reshape(-1) for t in tensors])
-    for t, part in zip(tensors, buffer.split([t.numel() for t in tensors])):
-        t.data = part.view(t.shape)
-
-
-def _joined(tensors: Sequence[Tensor]) -> Tensor:
-    """The tensors flattened and joined, (Σ numel,): a view when they lie end to end in
-    one storage (:func:`lay_out_end_to_end`), else a copy."""
-    first, offset = tensors[0], tensors[0].storage_offset()
-    for t in tensors:
-        if not (t.is_contiguous() and t.dtype == first.dtype and t.storage_offset() == offset
-                and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
-            return torch.cat([t.reshape(-1) for t in tensors])
-        offset += t.numel()
-    return first.detach().as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
-
-
 def _stacked_layers(groups: Groups) -> Tensor:
     """(n, g, *shape) fp32: every member's g teacher layers."""
     flat = [t for group in groups for t in group]
-    return _joined(flat).float().view(len(groups), len(groups[0]), *flat[0].shape)
+    return joined(flat).float().view(len(groups), len(groups[0]), *flat[0].shape)
 
 
 class _ScaleShift(torch.autograd.Function):
@@ -254,7 +236,7 @@ class ElementwiseGenerator(ParameterGenerator):
 
     @staticmethod
     def _flat(groups: Groups) -> Tensor:
-        return _joined([group[0] for group in groups]).float()
+        return joined([group[0] for group in groups]).float()
 
     def members(self, out: Tensor) -> List[Tensor]:
         parts = out.split([shape.numel() for shape in self.shapes])

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .generator import (ParameterGenerator, ProjectionGenerator, TableGenerator, fp32_compute,
-                        lay_out_end_to_end)
+from .generator import ParameterGenerator, ProjectionGenerator, TableGenerator, fp32_compute
+from .teacher_layout import lay_out_end_to_end
 
 #: Optimizer steps taken in this process. Optimizers write parameters through ``p.data``
 #: (fairseq's Adam, its fp16 optimizers), which bumps no version counter, so an
