@@ -134,3 +134,10 @@ def test_wall_at_adds_up_the_segments_of_a_resumed_run(tmp_path):
     assert study.wall_at(str(log), 200) == 75 and study.wall_at(str(log), 400) == 160
     assert study.wall_at(str(log), 600) == 160 + 90 and study.wall_at(str(log), 700) == 160 + 130
     assert study.wall_at(str(log), 2000) is None
+
+
+def test_differences_over_seeds_get_a_t_interval():
+    seeds = study.over_seeds([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.303
+    assert seeds["mean"] == 2.0 and seeds["n"] == 3
+    assert seeds["ci95"] == pytest.approx([2.0 - 4.3027 / 3 ** 0.5, 2.0 + 4.3027 / 3 ** 0.5], abs=1e-3)
+    assert study.over_seeds([0.5]) == {"mean": 0.5, "n": 1, "ci95": None}

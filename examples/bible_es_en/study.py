@@ -20,7 +20,8 @@ at each budget (``--bases``: those two as scored by another evaluate run of the 
 the training wall-clock at each budget (from the stage log's timestamps, resumes added up;
 WD: phase 1 + materialisation + phase 2), settings and stage times. ``report`` puts the
 finished parts together: mean and standard deviation over seeds, the per-seed intervals,
-and a plot of BLEU against updates and against training wall-clock.
+the mean difference to each base over seeds with a t-interval (the seed-level verdict), and
+a plot of BLEU against updates and against training wall-clock.
 """
 
 import argparse
@@ -251,6 +252,19 @@ def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
+def over_seeds(differences: Sequence[float]) -> Dict:
+    """Mean of per-seed differences with a two-sided 95% t-interval over seeds (None with
+    one seed): what a new seed is expected to give, unlike a bootstrap of one seed's test set."""
+    from scipy.stats import t
+
+    n = len(differences)
+    mean, std = mean_std(differences)
+    if std is None:
+        return {"mean": mean, "n": n, "ci95": None}
+    half = float(t.ppf(0.975, n - 1)) * std / np.sqrt(n)
+    return {"mean": mean, "n": n, "ci95": [mean - half, mean + half]}
+
+
 def pm(values: Sequence[float]) -> str:
     mean, std = mean_std(values)
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
@@ -281,18 +295,24 @@ def report(args) -> None:
                "train_wall_min": round(float(np.mean(walls)) / 60, 1) if walls else None}
         for b in BASES:
             row[f"vs_{b}"] = comparisons.get((arm, b, budget), [])
+            if row[f"vs_{b}"]:
+                row[f"vs_{b}_over_seeds"] = over_seeds([c["minus_base"] for c in row[f"vs_{b}"]])
         rows.append(row)
 
     def versus(row: Dict, b: str) -> str:
         cs = row[f"vs_{b}"]
         if not cs:
             return ""
-        return "<br>".join(f"s{c['seed']}: {c['minus_base']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" for c in cs)
+        seeds = row[f"vs_{b}_over_seeds"]
+        verdict = (f"**{seeds['mean']:+.2f}** [{seeds['ci95'][0]:+.2f}, {seeds['ci95'][1]:+.2f}] over {seeds['n']} seeds"
+                   if seeds["ci95"] else f"{seeds['mean']:+.2f} (1 seed)")
+        return "<br>".join([verdict] + [f"s{c['seed']}: {c['minus_base']:+.2f} [{c['ci95'][0]:+.2f}, "
+                                        f"{c['ci95'][1]:+.2f}]" for c in cs])
 
     lines = [f"# {args.title}", "",
              f"Teacher: {teacher['sacrebleu']:.2f} sacreBLEU, {teacher['chrf']:.2f} chrF. "
              f"Seeds: {', '.join(str(seed) for seed in sorted({p['seed'] for p in seeds}))}; {seeds[0]['sentences']} test sentences.", "",
-             "| updates | arm | seeds | sacreBLEU | chrF | training wall-clock (min) | - KD per seed [95% CI] | - Selection + KD per seed [95% CI] |",
+             "| updates | arm | seeds | sacreBLEU | chrF | training wall-clock (min) | - KD: over seeds [95% t], per seed [95% CI] | - Selection + KD: over seeds [95% t], per seed [95% CI] |",
              "|---:|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget']} | {r['label']} | {','.join(map(str, r['seeds']))} | {pm(r['sacrebleu'])} | "
@@ -305,6 +325,8 @@ def report(args) -> None:
     notes = [f"- sacreBLEU {first['sacrebleu_signature']}; mean ± standard deviation over seeds",
              f"- the model at N updates: the average of the saves at N - {first['interval']} and N (WD: phase 1 "
              f"{usual} updates{other}, then phase-2 saves; WD at the end of phase 1 = the materialised phase-1 student)",
+             "- over seeds: the mean of the per-seed differences with a 95% t-interval over seeds (n - 1 degrees "
+             "of freedom): the verdict that carries to a new seed",
              f"- paired bootstrap per seed: {first['bootstrap']['samples']} resamples of the test sentences "
              f"(seed {first['bootstrap']['seed']}), the same resamples for every arm of a seed",
              "- training wall-clock: from the training log's timestamps (resumed runs added up), one CPU thread beside another arm's "
