@@ -1,7 +1,10 @@
 """Shared fixtures: a toy translation corpus, its data-bins, and tiny stock teachers.
 
 Everything goes through the real fairseq entry points (``fairseq-preprocess``,
-``fairseq-train``) run as subprocesses from this interpreter's environment.
+``fairseq-train``) run as new processes from this interpreter's environment: fairseq's and
+wd_fairseq's console scripts as forks of a process that has imported torch and fairseq once
+(tests/cli_zygote.py), others as subprocesses. ``WD_TESTS_SUBPROCESS=1`` runs them all as
+subprocesses.
 """
 
 import fcntl
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_zygote import Zygote
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -45,15 +49,42 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES_FIRST)))
 
 
+#: This pytest process's zygote (cli_zygote.py), started by the first run_cli that can use it.
+_zygote = None
+
+
+def zygote_for(tool: str, base_env: dict):
+    """The zygote that runs ``tool``, or None: a real subprocess runs it."""
+    global _zygote
+    if not tool.startswith(("fairseq-", "wd-")) or os.environ.get("WD_TESTS_SUBPROCESS") == "1" \
+            or not (BIN / tool).is_file():
+        return None
+    if _zygote is None:
+        _zygote = Zygote(base_env)
+    return _zygote
+
+
+def pytest_sessionfinish():
+    if _zygote is not None:
+        _zygote.close()
+
+
+def cli_env() -> dict:
+    """The environment of run_cli's commands, before their own ``env``."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    env["OMP_NUM_THREADS"] = "1"  # tiny models: threads cost more than they give
+    return env
+
+
 def run_cli(tool: str, *args, env=None, check=True, cwd=None) -> subprocess.CompletedProcess:
     """Run a console script of this environment (fairseq-train, wd-materialize, ...)."""
-    full_env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
-    full_env["OMP_NUM_THREADS"] = "1"  # tiny models: threads cost more than they give
-    full_env.update(env or {})
-    proc = subprocess.run(
-        [str(BIN / tool), *map(str, args)],
-        capture_output=True, text=True, env=full_env, cwd=cwd,
-    )
+    base_env = cli_env()
+    full_env = {**base_env, **(env or {})}
+    argv = [str(BIN / tool), *map(str, args)]
+    server = zygote_for(tool, base_env)
+    proc = server.run(argv, full_env, cwd) if server and server.serves(full_env) else None
+    if proc is None:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=full_env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
