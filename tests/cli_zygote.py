@@ -43,8 +43,8 @@ PRELOAD = ("numpy", "torch", "omegaconf", "hydra", "sacrebleu", "fairseq", "fair
 
 #: Environment variables read when the interpreter starts or those libraries are imported: a
 #: request whose value differs from the zygote's runs as a real subprocess.
-IMPORT_TIME = re.compile(r"PYTHON|LANG|LC_|TMPDIR$|HOME$|XDG_|OMP_|KMP_|GOMP_|MKL_|OPENBLAS_|"
-                         r"TORCH|PYTORCH|CUDA|NCCL|LD_|MALLOC|LOCAL_RANK$")
+IMPORT_TIME = re.compile(r"PYTHON|LANG|LC_|TMP|TEMP|HOME$|XDG_|OMP_|KMP_|GOMP_|MKL_|OPENBLAS_|"
+                         r"NPY_|CT2_|TORCH|PYTORCH|CUDA|NCCL|LD_|MALLOC|LOCAL_RANK$")
 
 
 class Zygote:
@@ -179,20 +179,20 @@ def reseed() -> None:
     torch.seed()
 
 
-def on_first_fairseq_import(handlers, level) -> None:
+def on_first_fairseq_import(handlers, root_level) -> None:
     """Importing fairseq calls ``logging.basicConfig(level=DEBUG)`` (its wav2vec2 models): a
     fresh run gets that root logger set-up at its first fairseq import unless it has set up
     logging before (fairseq_cli.train does, on stdout). The zygote took it off after its imports;
     this puts it back at that moment of the run."""
     real_import = builtins.__import__
 
-    def import_(name, globals=None, locals=None, fromlist=(), level_=0):
-        if level_ == 0 and name.partition(".")[0] == "fairseq":
+    def import_(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name.partition(".")[0] == "fairseq":
             builtins.__import__ = real_import
             if not logging.root.handlers:
                 logging.root.handlers[:] = handlers
-                logging.root.setLevel(level)
-        return real_import(name, globals, locals, fromlist, level_)
+                logging.root.setLevel(root_level)
+        return real_import(name, globals, locals, fromlist, level)
 
     builtins.__import__ = import_
 
