@@ -597,6 +597,9 @@ def test_banks_read_the_teacher_laid_out_once_and_follow_its_changes(data_bin, p
     assert elementwise.teacher_input() is not inputs["elementwise_0"]
     torch.testing.assert_close(elementwise.teacher_input(),
                                torch.tanh(torch.cat([g[0].reshape(-1) for g in elementwise.teacher_groups()])))
+    storage = stacked[0].teacher_tensors(0)[0].untyped_storage().data_ptr()
+    model.load_state_dict(model.state_dict())  # copied in place: the layout stays, not copied again
+    assert stacked[0].teacher_tensors(0)[0].untyped_storage().data_ptr() == storage
     model.half()  # the teacher converted tensor by tensor is laid out again
     bank = stacked[0]
     assert bank.teacher_input().dtype == torch.float32
