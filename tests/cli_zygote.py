@@ -2,15 +2,28 @@
 imported torch and fairseq once, and forks a fresh run of a console script per request, so
 that a run costs what the command does rather than ~6 s of imports.
 
-:class:`Zygote` is the client (``conftest.run_cli``); run as a script, this file is the server:
-it imports :data:`PRELOAD`, listens on the Unix socket named by its argument, prints
-``ready``, and exits when its stdin closes (the pytest worker stopped it or died). A request
-is an argv (the console script's path first), an environment and a working directory, with
-the open files for the run's stdout and stderr passed along (SCM_RIGHTS); the server forks a
-child that takes them as fds 0-2 (stdin: /dev/null), sets ``os.environ``, ``sys.argv`` and
+Two kinds of client. :class:`Zygote` (``conftest.run_cli``) runs a command and captures its
+output. The shims (``cli_shim.py``), put first on the ``PATH`` of every process the tests
+start, stand for the ``fairseq-*`` and ``wd-*`` scripts: a recipe's, a study's or
+``wd-distill``'s own calls of those tools go to the zygote too, with the shim's stdin, stdout
+and stderr, its exit status and the signals it gets.
+
+Run as a script, this file is the server: it imports :data:`PRELOAD`, listens on the Unix
+socket named by its argument, prints ``ready``, and exits when its stdin closes (the pytest
+worker stopped it or died), killing the runs still going. A request (a 4-byte length, then
+JSON) is an argv (the console script's path first), an environment, a working directory and
+the fd numbers of the open files passed along (SCM_RIGHTS): the run's stdin, stdout and
+stderr, and (from a stand-in) the other files its caller left open to it, such as bash's
+``<(...)``. A
+request whose environment differs from the server's in what is read at start-up
+(:data:`IMPORT_TIME`) is refused: the client runs a real process. Otherwise the server forks
+a child that takes the files under their numbers, sets ``os.environ``, ``sys.argv`` and
 ``sys.path[0]`` as that script started by the kernel would, runs the script as ``__main__``
-(so multiprocessing's spawn re-imports it, as it does the real one), shuts down as the
-interpreter does (threads, atexit, flush), and the server answers with its exit status.
+(so multiprocessing's spawn re-imports it, as it does the real one) and shuts down as the
+interpreter does (threads, atexit, flush). The server answers ``{"pid": N}`` at the fork and
+``{"returncode": C}`` at the child's end, one JSON line each, and serves other requests
+meanwhile (a forked ``wd-distill`` runs its stages' tools through shims, so through here). A
+client that goes away (killed) takes its run with it: the server SIGKILLs the child.
 
 Not imported here, so each run imports them fresh: ``fairseq_cli`` (its modules set up
 logging at import) and ``wd_fairseq`` (tests pass ``--user-dir <repo>/wd_fairseq``, which
@@ -19,6 +32,7 @@ fairseq refuses once a package of that name came from elsewhere).
 
 import atexit
 import builtins
+import fcntl
 import importlib
 import json
 import logging
@@ -28,7 +42,9 @@ import re
 import runpy
 import select
 import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -41,14 +57,54 @@ PRELOAD = ("numpy", "torch", "omegaconf", "hydra", "sacrebleu", "fairseq", "fair
            "fairseq.options", "fairseq.sequence_generator", "fairseq.tasks.translation", "fairseq.trainer",
            "ctranslate2")
 
+#: The most open files a request passes (the kernel's limit for one message: 253).
+MAX_FDS = 253
+
 #: Environment variables read when the interpreter starts or those libraries are imported: a
-#: request whose value differs from the zygote's runs as a real subprocess.
-IMPORT_TIME = re.compile(r"PYTHON|LANG|LC_|TMP|TEMP|HOME$|XDG_|OMP_|KMP_|GOMP_|MKL_|OPENBLAS_|"
+#: request whose value differs from the zygote's runs as a real subprocess. (``PYTHON`` alone,
+#: the recipes' interpreter setting, is not one of them.)
+IMPORT_TIME = re.compile(r"PYTHON.|LANG|LC_|TMP|TEMP|HOME$|XDG_|OMP_|KMP_|GOMP_|MKL_|OPENBLAS_|"
                          r"NPY_|CT2_|TORCH|PYTORCH|CUDA|NCCL|LD_|MALLOC|LOCAL_RANK$")
 
 
+def differs_at_import(env: dict, base: dict) -> bool:
+    """Whether a run under ``env`` would start otherwise than one under ``base``."""
+    return any(IMPORT_TIME.match(name) and env.get(name) != base.get(name) for name in env.keys() | base.keys())
+
+
+def request(path: str, argv: list, env: dict, cwd: str, files: dict):
+    """Send a run to the server at ``path``; ``files``: {fd number in the run: open file or
+    fd here}. The connection, or None where the server cannot be reached."""
+    connection = socket.socket(socket.AF_UNIX)
+    try:
+        connection.connect(path)
+    except OSError:
+        connection.close()
+        return None
+    data = json.dumps({"argv": argv, "env": env, "cwd": cwd, "fds": list(files)}).encode()
+    data = struct.pack("!I", len(data)) + data
+    fds = [f.fileno() if hasattr(f, "fileno") else f for f in files.values()]
+    sent = socket.send_fds(connection, [data], fds)
+    if sent < len(data):  # (not sendall(b""): it still sends, and fails once a refusal closed the socket)
+        connection.sendall(data[sent:])
+    return connection
+
+
+def read_answer(connection, buffer: bytearray):
+    """The server's next JSON line, or None where it closed the connection first."""
+    while b"\n" not in buffer:
+        chunk = connection.recv(4096)
+        if not chunk:
+            return None
+        buffer += chunk
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return json.loads(line)
+
+
 class Zygote:
-    """The client: starts the server with environment ``env`` and runs commands through it."""
+    """The client of ``run_cli``: starts the server with environment ``env`` and runs
+    commands through it, their output captured."""
 
     def __init__(self, env: dict):
         self.env = env
@@ -62,8 +118,7 @@ class Zygote:
 
     def serves(self, env: dict) -> bool:
         """Whether a run under ``env`` behaves as in a fresh interpreter."""
-        return self.ready and not any(IMPORT_TIME.match(name) and env.get(name) != self.env.get(name)
-                                      for name in env.keys() | self.env.keys())
+        return self.ready and not differs_at_import(env, self.env)
 
     def run(self, argv: list, env: dict, cwd) -> "subprocess.CompletedProcess | None":
         """``subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)`` in a
@@ -71,17 +126,17 @@ class Zygote:
         cwd = os.path.abspath(cwd or os.curdir)
         if not os.path.isdir(cwd):
             return None  # subprocess.run raises
-        request = json.dumps({"argv": argv, "env": env, "cwd": cwd})
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
-                socket.socket(socket.AF_UNIX) as connection:
-            try:
-                connection.connect(self.socket)
-            except OSError:
+        with open(os.devnull) as null, tempfile.TemporaryFile("w+") as out, \
+                tempfile.TemporaryFile("w+") as err:
+            connection = request(self.socket, argv, env, cwd, {0: null, 1: out, 2: err})
+            if connection is None:
                 self.ready = False
                 return None
-            socket.send_fds(connection, [request.encode()], [out.fileno(), err.fileno()])
-            connection.shutdown(socket.SHUT_WR)
-            answer = json.loads(receive_all(connection) or "null")
+            with connection:
+                buffer = bytearray()
+                answer = read_answer(connection, buffer)
+                if answer is not None and "pid" in answer:
+                    answer = read_answer(connection, buffer)
             if answer is None:
                 raise RuntimeError(f"the CLI zygote died while running {argv}")
             if "refused" in answer:
@@ -96,13 +151,106 @@ class Zygote:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def receive_all(connection, data: bytes = b"") -> bytes:
-    while chunk := connection.recv(1 << 16):
-        data += chunk
-    return data
+class Server:
+    """The zygote's loop: accept requests, fork runs, answer at their end."""
+
+    def __init__(self, path: str, env: dict):
+        self.env = env  # as the server started (imports add KMP_* variables)
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        self.runs = {}  # pid -> the connection of its client
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_w, False)
+        signal.set_wakeup_fd(self.wakeup_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # (wakes select through the wakeup fd)
+
+    def serve(self, fairseq_logging) -> None:
+        print("ready", flush=True)
+        while True:
+            waiting = [self.listener, sys.stdin, self.wakeup_r, *self.runs.values()]
+            try:
+                readable = select.select(waiting, [], [])[0]
+            except InterruptedError:
+                continue
+            if sys.stdin in readable:
+                break
+            if self.wakeup_r in readable:
+                os.read(self.wakeup_r, 1 << 12)
+                self.reap()
+            for pid, connection in list(self.runs.items()):
+                if connection in readable:  # the client closed or died: so does its run
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            if self.listener in readable:
+                self.accept(fairseq_logging)
+        for pid in self.runs:
+            os.kill(pid, signal.SIGKILL)
+
+    def reap(self) -> None:
+        while self.runs:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            connection = self.runs.pop(pid, None)
+            if connection is not None:
+                with connection:
+                    try:
+                        connection.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+                    except OSError:
+                        pass
+
+    def accept(self, fairseq_logging) -> None:
+        connection = self.listener.accept()[0]
+        connection.settimeout(10)
+        try:
+            data, fds, _, _ = socket.recv_fds(connection, 1 << 16, MAX_FDS)
+            data = bytearray(data)
+            while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
+                chunk = connection.recv(1 << 16)
+                if not chunk:
+                    raise OSError("the request ended early")
+                data += chunk
+            connection.settimeout(None)
+        except OSError:
+            connection.close()
+            return
+        request = json.loads(data[4:])
+        if len(fds) != len(request["fds"]):  # (more than MAX_FDS open files)
+            request["env"] = {}  # refused below
+        # Fork only a single-threaded process (its native threads counted: torch's, OpenMP's).
+        if differs_at_import(request["env"], self.env) or not os.path.isdir(request["cwd"]) \
+                or len(os.listdir("/proc/self/task")) != 1 or logging.root.handlers:
+            with connection:
+                connection.sendall(b'{"refused": "other start-up settings, or threads in the zygote"}\n')
+            for fd in fds:
+                os.close(fd)
+            return
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for held in (self.listener, connection, *self.runs.values()):
+                    held.close()
+                os.close(self.wakeup_r)
+                os.close(self.wakeup_w)
+                os._exit(fresh_run(request, fds, fairseq_logging))
+            finally:
+                os._exit(1)
+        for fd in fds:
+            os.close(fd)
+        self.runs[pid] = connection
+        try:
+            connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        except OSError:
+            pass  # the client went away: the loop sees it
 
 
 def serve(path: str) -> None:
+    env = dict(os.environ)
     for name in PRELOAD:
         try:
             importlib.import_module(name)
@@ -111,51 +259,30 @@ def serve(path: str) -> None:
     fairseq_logging = logging.root.handlers[:], logging.root.level
     logging.root.handlers.clear()
     logging.root.setLevel(logging.WARNING)
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(path)
-        listener.listen()
-        print("ready", flush=True)
-        while listener in select.select([listener, sys.stdin], [], [])[0]:
-            connection = listener.accept()[0]
-            with connection:
-                answer(connection, listener, fairseq_logging)
-        os.unlink(path)
-
-
-def answer(connection, listener, fairseq_logging) -> None:
-    data, fds, _, _ = socket.recv_fds(connection, 1 << 16, 2)
-    request = json.loads(receive_all(connection, data))
-    # Fork only a single-threaded process (its native threads counted: torch's, OpenMP's).
-    if len(os.listdir("/proc/self/task")) != 1 or logging.root.handlers:
-        connection.sendall(b'{"refused": "threads or logging set up in the zygote"}')
-        return
-    pid = os.fork()
-    if pid == 0:
-        try:
-            connection.close()
-            listener.close()
-            os._exit(fresh_run(request, fds, fairseq_logging))
-        finally:
-            os._exit(1)
-    for fd in fds:
-        os.close(fd)
-    status = os.waitpid(pid, 0)[1]
-    connection.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode())
+    server = Server(path, env)
+    server.serve(fairseq_logging)
+    os.unlink(path)
 
 
 def fresh_run(request: dict, fds: list, fairseq_logging) -> int:
     """In the forked child: the console script's run, as in a new interpreter; its exit code."""
-    null = os.open(os.devnull, os.O_RDONLY)
-    for fd, target in ((null, 0), (fds[0], 1), (fds[1], 2)):
+    targets = request["fds"]
+    floor = max([*targets, *fds, 2]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, floor) for fd in fds]  # (out of the targets' way)
+    for fd in fds:
+        os.close(fd)
+    for fd, target in zip(moved, targets):
         os.dup2(fd, target)
         os.close(fd)
+    for target in {0, 1, 2} - set(targets):
+        os.dup2(os.open(os.devnull, os.O_RDWR), target)
     try:
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = list(request["argv"])
         script = sys.argv[0]
-        sys.path[0] = os.path.dirname(script)
+        sys.path[0] = os.path.dirname(os.path.abspath(script))
         reseed()
         on_first_fairseq_import(*fairseq_logging)
         code = exit_code(script)

@@ -3,8 +3,9 @@
 Everything goes through the real fairseq entry points (``fairseq-preprocess``,
 ``fairseq-train``) run as new processes from this interpreter's environment: fairseq's and
 wd_fairseq's console scripts as forks of a process that has imported torch and fairseq once
-(tests/cli_zygote.py), others as subprocesses. ``WD_TESTS_SUBPROCESS=1`` runs them all as
-subprocesses.
+(tests/cli_zygote.py), whether a test calls them (``run_cli``) or a script the test starts
+does (through stand-ins on ``PATH``, tests/cli_shim.py); others as subprocesses.
+``WD_TESTS_SUBPROCESS=1`` runs them all as subprocesses.
 """
 
 import fcntl
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import cli_shim
 from cli_zygote import Zygote
 
 BIN = Path(sys.executable).parent
@@ -38,10 +40,11 @@ TRAIN_FLAGS = [
 ]
 
 
-#: The slowest files (about 2-4 minutes each on 2 cores) first: pytest-xdist hands out whole
-#: files in collection order (tests/run.sh: --no-loadscope-reorder), so the workers finish together.
-SLOW_FILES_FIRST = ("test_study.py", "test_gpu_check.py", "test_recipes.py", "test_distill.py",
-                    "test_multilingual.py", "test_pipeline.py")
+#: The slowest files first (each 1.5-3.5 minutes on 2 busy cores, slowest first:
+#: benchmarks/results/cpu/test_suite-amd.json): pytest-xdist hands out whole files in
+#: collection order (tests/run.sh: --no-loadscope-reorder), so the workers finish together.
+SLOW_FILES_FIRST = ("test_gpu_check.py", "test_multilingual.py", "test_recipes.py", "test_study.py",
+                    "test_pipeline.py", "test_distill.py", "test_wd_model.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -49,24 +52,48 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES_FIRST)))
 
 
-#: This pytest process's zygote (cli_zygote.py), started by the first run_cli that can use it.
+#: This pytest process's zygote (cli_zygote.py), started with the session (fixture cli_zygote).
 _zygote = None
 
 
-def zygote_for(tool: str, base_env: dict):
+def zygote_for(tool: str):
     """The zygote that runs ``tool``, or None: a real subprocess runs it."""
-    global _zygote
     if not tool.startswith(("fairseq-", "wd-")) or os.environ.get("WD_TESTS_SUBPROCESS") == "1" \
             or not (BIN / tool).is_file():
         return None
-    if _zygote is None:
-        _zygote = Zygote(base_env)
     return _zygote
 
 
-def pytest_sessionfinish():
+@pytest.fixture(scope="session", autouse=True)
+def cli_zygote(tmp_path_factory):
+    """This worker's zygote; this environment's scripts first on the ``PATH`` that every
+    command of the tests inherits, behind stand-ins that run them through the zygote
+    (cli_shim.py): a recipe's or ``wd-distill``'s own calls of fairseq's and wd_fairseq's
+    console scripts, and of ``python SCRIPT.py``, are forks too. ``WD_TESTS_SUBPROCESS=1``: no zygote, no stand-ins."""
+    global _zygote
+    saved = {name: os.environ.get(name) for name in ("PATH", "WD_TESTS_ZYGOTE", "WD_TESTS_REAL_BIN")}
+    saved["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    # Idle OpenMP threads sleep (the studies' and the demo's own setting): one start-up
+    # setting for every command, so that the zygote serves theirs too.
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    path = f"{BIN}:{os.environ['PATH']}"
+    if os.environ.get("WD_TESTS_SUBPROCESS") != "1":
+        _zygote = Zygote(cli_env())
+        shims = tmp_path_factory.mktemp("cli-shims")
+        cli_shim.install(str(shims), str(BIN), ["python", *sorted(
+            p.name for p in BIN.iterdir() if p.name.startswith(("fairseq-", "wd-")) and p.is_file())])
+        path = f"{shims}:{path}"
+        os.environ.update(WD_TESTS_ZYGOTE=_zygote.socket, WD_TESTS_REAL_BIN=str(BIN))
+    os.environ["PATH"] = path
+    yield _zygote
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     if _zygote is not None:
         _zygote.close()
+        _zygote = None
 
 
 def cli_env() -> dict:
@@ -81,7 +108,7 @@ def run_cli(tool: str, *args, env=None, check=True, cwd=None) -> subprocess.Comp
     base_env = cli_env()
     full_env = {**base_env, **(env or {})}
     argv = [str(BIN / tool), *map(str, args)]
-    server = zygote_for(tool, base_env)
+    server = zygote_for(tool)
     proc = server.run(argv, full_env, cwd) if server and server.serves(full_env) else None
     if proc is None:
         proc = subprocess.run(argv, capture_output=True, text=True, env=full_env, cwd=cwd)

@@ -1,9 +1,17 @@
 """The zygote (cli_zygote.py): a console script forked from it gives the exit code, stdout and
-stderr that the same command run as a subprocess gives."""
+stderr that the same command run as a subprocess gives; a script's stand-in on PATH
+(cli_shim.py) runs it forked with its caller's files, exit status and signals; so does the
+stand-in for ``python SCRIPT.py``."""
 
+import os
 import re
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
+import cli_shim
 import pytest
 from cli_zygote import Zygote
 from conftest import BIN, cli_env, zygote_for
@@ -61,7 +69,88 @@ def test_a_logged_run_in_a_working_directory_is_that_of_a_subprocess(zygote, raw
 
 
 def test_interpreter_settings_and_other_tools_run_as_subprocesses(zygote):
-    assert zygote_for("torchrun", cli_env()) is None
+    assert zygote_for("torchrun") is None
     assert not zygote.serves({**cli_env(), "PYTHONPATH": "/elsewhere"})
     assert not zygote.serves({**cli_env(), "OMP_NUM_THREADS": "2"})
     assert zygote.serves({**cli_env(), "WD_SOMETHING": "1"})
+
+
+PROBE = """#!{python}
+import os, signal, sys, time
+if sys.argv[1:] == ["wait"]:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+    open(sys.argv[0] + ".pid", "w").write(str(os.getpid()))
+    time.sleep(60)
+if sys.argv[1] == "cat":
+    print(open(sys.argv[2]).read().strip(), "torch" in sys.modules)
+    sys.exit(0)
+print("preloaded", "torch" in sys.modules, sys.stdin.read().strip(), os.environ["PROBE"])
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.fixture
+def stand_ins(zygote, tmp_path):
+    """A PATH whose ``fairseq-probe`` is a stand-in (cli_shim.py) for a probe script that
+    tells whether it started with torch imported (a fork of the zygote) and echoes stdin."""
+    real, shims = tmp_path / "real", tmp_path / "shims"
+    real.mkdir()
+    shims.mkdir()
+    (real / "fairseq-probe").write_text(PROBE.format(python=sys.executable))
+    (real / "fairseq-probe").chmod(0o755)
+    (real / "probe.py").write_text(PROBE.format(python=sys.executable))
+    (real / "python").symlink_to(sys.executable)
+    cli_shim.install(str(shims), str(real), ["fairseq-probe", "python"])
+    return {**cli_env(), "PATH": f"{shims}:{os.environ['PATH']}", "WD_TESTS_REAL_BIN": str(real),
+            "WD_TESTS_ZYGOTE": zygote.socket, "PROBE": "from env"}, real / "fairseq-probe"
+
+
+def test_a_script_on_path_runs_forked_with_the_callers_files_and_status(stand_ins):
+    env, _ = stand_ins
+    line = "echo hello | fairseq-probe 3; echo status $?"
+    forked = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env)
+    assert forked.stdout == "preloaded True hello from env\nstatus 3\n"
+    real = subprocess.run(["bash", "-c", line], capture_output=True, text=True,
+                          env={**env, "WD_TESTS_SUBPROCESS": "1"})
+    assert real.stdout == "preloaded False hello from env\nstatus 3\n"
+    refused = subprocess.run(["bash", "-c", line], capture_output=True, text=True,
+                             env={**env, "OMP_NUM_THREADS": "2"})  # (read at torch's import)
+    assert refused.stdout == real.stdout
+
+
+def test_python_runs_a_script_forked_and_anything_else_as_itself(stand_ins):
+    env, probe = stand_ins
+    script = probe.parent / "probe.py"
+    line = f"echo hi | python {script} 4; echo status $?; python -c 'import sys; print(\"torch\" in sys.modules)'"
+    forked = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env)
+    assert forked.stdout == "preloaded True hi from env\nstatus 4\nFalse\n"
+    # a file only the caller has open (bash's process substitution, /dev/fd/N) reaches the run
+    line = f"python {script} cat <(echo substituted)"
+    assert subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env).stdout == "substituted True\n"
+
+
+def test_signals_reach_the_forked_run_and_a_killed_caller_takes_it_along(stand_ins):
+    env, probe = stand_ins
+    pid_file = Path(f"{probe}.pid")
+    for signal_, expected in ((signal.SIGTERM, 7), (signal.SIGKILL, -signal.SIGKILL)):
+        pid_file.unlink(missing_ok=True)
+        caller = subprocess.Popen(["fairseq-probe", "wait"], env=env)
+        run = wait_for(lambda: pid_file.exists() and pid_file.read_text())
+        assert int(run) != caller.pid  # a fork of the zygote, not the caller's process
+        caller.send_signal(signal_)
+        assert caller.wait(timeout=30) == expected
+        assert wait_for(lambda: not Path(f"/proc/{run}").exists() or "Z" in stat_of(run))
+
+
+def stat_of(pid: str) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+
+
+def wait_for(condition, timeout: float = 30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")

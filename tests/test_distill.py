@@ -97,7 +97,8 @@ def test_killed_mid_stage_resumes_to_the_same_student(wd_run, postnorm_teacher, 
     work = tmp_path / "wd"
     command = [str(BIN / "wd-distill"), "run", "--teacher-path", str(postnorm_teacher), "--data",
                str(data_bin), "--work", str(work), *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # real processes throughout: SIGSTOP and SIGKILL of the group must reach fairseq-train itself
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WD_TESTS_SUBPROCESS": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
     kill_after_a_save(proc, work / "logs" / "wd_phase2.log")

@@ -12,7 +12,7 @@ from conftest import BIN, REPO
 
 
 def smoke_env(**extra):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # (PATH: conftest.cli_zygote's)
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     return env | extra
 

@@ -52,8 +52,8 @@ TINY = dict(
 
 def run_recipe(script, *args, env, check=True):
     full = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
-    full["PATH"] = f"{Path(sys.executable).parent}:{full['PATH']}"
-    full["PYTHON"] = sys.executable
+    # (conftest.cli_zygote put this environment's scripts, behind their stand-ins, first on PATH)
+    full["PYTHON"] = "python"  # (this environment's, or its stand-in: conftest.cli_zygote)
     full["OMP_NUM_THREADS"] = "1"  # tiny models on shared cores: threads only add overhead
     full.update(env)
     proc = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True,
@@ -379,7 +379,7 @@ def gpu_box(directory: Path, n: int) -> str:
                     for i in range(n))
     smi.write_text(f"#!/bin/sh\n[ \"$1\" = -L ] || exit 2\nprintf '{lines}'\n")
     smi.chmod(0o755)
-    return f"{directory}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return f"{directory}:{os.environ['PATH']}"
 
 
 def config(pair, env):
