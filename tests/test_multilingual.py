@@ -373,7 +373,9 @@ def test_wd_distill_distils_a_direction_of_the_multilingual_teacher(multilingual
     data trimmed to its tokens; training runs under the trimmed task's flags (those
     wd-trim-vocab reports), the student is scored and exported with the small vocabulary."""
     data, _, teacher = multilingual
-    common = ["--teacher-path", teacher, "--data", data, "--updates", "8", "--phase1-updates", "4",
+    # few updates, so few saves: each save of fairseq's multilingual task waits 5 s for the data
+    # worker of the validation iterator it left to the garbage collector
+    common = ["--teacher-path", teacher, "--data", data, "--updates", "4", "--phase1-updates", "2",
               *STUDENT, "--cpu", "--max-tokens", "2000", "--max-len-a", "0", "--max-len-b", "12"]
     proc = run_cli("wd-distill", "plan", *common, "--work", tmp_path / "w", "--lang-pairs", "fr-en", check=False)
     assert proc.returncode == 1 and "fr-en not among the teacher's directions (es-en,en-es)" in proc.stderr

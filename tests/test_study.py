@@ -1,6 +1,7 @@
-"""The method study (examples/bible_es_en/study.sh and study.py): a tiny study on the
-reversed pair (en->es) through the shared pipeline, budgets read off one run per arm, the
-part records and the report; and the pieces study.py reads (saves, the training wall-clock)."""
+"""The method study (examples/bible_es_en/study.sh and study.py): a tiny study v2 on the
+reversed pair (en->es) through the shared pipeline, budgets read off one run per arm, every arm
+on one learning-rate curve, the part records and the report; and the pieces study.py reads (saves,
+the training wall-clock)."""
 
 import json
 import sys
@@ -15,17 +16,19 @@ sys.path.insert(0, str(REPO / "examples" / "bible_es_en"))
 import study  # noqa: E402
 
 #: Tiny sizes; the study's own settings otherwise. Seed 1 trains every arm to 25 updates
-#: (WD: phase 1 10 + phase 2 15), saving every 5, and reads budget 20 off those runs; part
-#: variants trains the variants of WD slice so (long phase 1: 15 + 10).
+#: (WD: phase 1 10 + phase 2 15), saving every 5, and reads budgets 0 (the starts) and 20 off
+#: those runs; part restart trains WD slice with the authors' restart, part lr1e-2 the
+#: learning-rate check at 1e-2 (the study's LR here: 5e-3).
 TINY = dict(
     SRC="en", TGT="es", PAIR_NAME="tiny en-es", WORKERS="1", BPE_MERGES="30", BPE_VOCAB_THRESHOLD="1",
     TEACHER_LAYERS="2", TEACHER_DIM="32", TEACHER_FFN="64", TEACHER_HEADS="4",
     STUDENT_DEC_LAYERS="1", STUDENT_DEC_DIM="16", STUDENT_DEC_FFN="32", STUDENT_DEC_HEADS="4",
     MAX_TOKENS="1000", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="30",
-    TEACHER_AVERAGE="updates", AVG_LAST="2", SAVE_INTERVAL_UPDATES="5", PHASE1="10", PHASE1_LONG="15", LONG="25",
-    LONG_BUDGETS="20", PARTS="base seed1 variants", KD_MAX_TOKENS="2000", EVAL_BATCH_SIZE="64",
+    TEACHER_AVERAGE="updates", AVG_LAST="2", SAVE_INTERVAL_UPDATES="5", PHASE1="10", LONG="25",
+    BUDGETS="0 20", PARTS="base seed1 restart lr1e-2", KD_MAX_TOKENS="2000", EVAL_BATCH_SIZE="64",
     GENERATE_EXTRA="--max-len-a 0 --max-len-b 20", TRAIN_EXTRA="--validate-interval 100",
 )
+ARMS = ("kd", "sel", "slice_kd", "wd", "wd_slice")
 
 
 @pytest.fixture(scope="module")
@@ -40,54 +43,81 @@ def tiny_study(tmp_path_factory):
 def test_study_scores_every_arm_at_every_budget_in_the_runs_target_language(tiny_study):
     base, _, proc = tiny_study
     out = base / "out"
-    assert {p.name for p in out.iterdir()} == {"base.json", "seed1.json", "variants.json", "results.md",
-                                               "results.json", "results.png"}
+    assert {p.name for p in out.iterdir()} == {"base.json", "seed1.json", "restart.json", "lr1e-2.json",
+                                               "results.md", "results.json", "results.png"}
     part = json.loads((out / "seed1.json").read_text())
     assert part["target_lang"] == "es" and part["seed"] == 1 and part["sentences"] == 30
-    # every arm at 20 updates; the WD arms also at the end of phase 1 (materialised)
+    # every arm at 20 updates and, but KD, at its start; the WD arms also at the end of phase 1
     assert {(m["arm"], m["budget"]) for m in part["models"]} == {
-        ("kd", 20), ("sel", 20), ("wd", 10), ("wd", 20), ("wd_slice", 10), ("wd_slice", 20)}
+        ("kd", 20), *((arm, budget) for arm in ARMS[1:] for budget in (0, 20)), ("wd", 10), ("wd_slice", 10)}
     for m in part["models"]:
         assert m["train_wall_s"] is not None and m["train_wall_s"] >= 0
         assert 0 <= m["sacrebleu"] <= 100 and m["chrf"] > 0
     # WD's wall-clock counts phase 1 and the materialisation (timestamps: whole seconds)
     wall = {(m["arm"], m["budget"]): m["train_wall_s"] for m in part["models"]}
     assert wall["wd", 20] >= wall["wd", 10] >= part["stage_times"]["wd"]["materialize"]
-    # every arm against KD and against Selection + KD at the same budget
+    assert wall["sel", 0] == 0
+    # every arm against KD and against Selection + KD at the same budget (KD has no start)
     pairs = {(c["arm"], c["base"], c["budget"]) for c in part["comparisons"]}
-    assert pairs == {("sel", "kd", 20), ("wd", "kd", 20), ("wd", "sel", 20), ("wd_slice", "kd", 20),
-                     ("wd_slice", "sel", 20), ("kd", "sel", 20)}
-    assert set(part["stage_times"]) == {"kd", "sel", "wd", "wd_slice"}
+    assert pairs == {*((arm, "sel", 0) for arm in ("slice_kd", "wd", "wd_slice")),
+                     *((arm, b, 20) for arm in ARMS for b in ("kd", "sel") if arm != b)}
+    assert set(part["stage_times"]) == set(ARMS)
     assert "TEACHER_LAYERS=2" in part["settings"] and "SEED=1" in part["settings"]
+    assert part["lr"] == 5e-3 and not part["lr_check"]
     report = json.loads((out / "results.json").read_text())
     assert report["teacher"]["target_lang"] == "es"
-    variants = json.loads((out / "variants.json").read_text())
+    restart = json.loads((out / "restart.json").read_text())
     assert {(r["arm"], r["budget"]) for r in report["rows"]} == {
-        (m["arm"], m["budget"]) for p in (part, variants) for m in p["models"]}
+        (m["arm"], m["budget"]) for p in (part, restart) for m in p["models"]}
     md = (out / "results.md").read_text()
-    assert "| 20 | WD faithful | 1 |" in md and "s1: " in md
-    assert "Seeds: 1;" in md and "WD slice, long phase 1: 15, then phase-2 saves" in md
+    assert "| 20 | WD faithful | 1 |" in md and "| 0 | Slice start + KD, no generator | 1 |" in md and "s1: " in md
+    assert "Seeds: 1;" in md and "Learning-rate check: sacreBLEU at 20 updates, seed 1" in md
     assert (out / "results.png").stat().st_size > 10_000
 
 
-def test_variants_of_wd_slice_are_scored_against_the_kd_and_selection_of_their_seed(tiny_study):
+def test_every_arm_trains_on_one_learning_rate_curve_from_its_start(tiny_study):
+    """WD's phase 2 continues phase 1's curve (the KD arms' curve); slice_kd starts where WD
+    slice starts (its step-0 student) and trains without a generator."""
+    runs = tiny_study[0] / "runs"
+    curve = "'warmup_updates': 20, 'warmup_init_lr': 1e-07, 'lr': [0.005]"
+    phase2 = (runs / "seed1-wd_slice/logs/wd_phase2.log").read_text()
+    assert f"'lr_scheduler': {{'_name': 'inverse_sqrt_offset', {curve}, 'update_offset': 10}}" in phase2
+    for arm, stage in (("wd_slice", "wd_phase1"), ("kd", "kd_student"), ("sel", "sel_student"),
+                       ("slice_kd", "sel_student")):
+        log = (runs / f"seed1-{arm}/logs/{stage}.log").read_text()
+        assert f"'lr_scheduler': {{'_name': 'inverse_sqrt', {curve}}}" in log, arm
+    control = (runs / "seed1-slice_kd/logs/sel_student.log").read_text()
+    assert "model: TransformerModel" in control and "WDTransformerModel" not in control
+    start = torch.load(runs / "seed1-slice_kd/sel_student/init.pt", weights_only=True)["model"]
+    wd_start = torch.load(runs / "seed1-wd_slice/step0.pt", weights_only=True)["model"]
+    assert start.keys() == wd_start.keys() and all(torch.equal(start[k], wd_start[k]) for k in start)
+    faithful = torch.load(runs / "seed1-wd/step0.pt", weights_only=True)["model"]
+    assert not torch.equal(faithful["decoder.layers.0.fc1.weight"], start["decoder.layers.0.fc1.weight"])
+
+
+def test_restart_and_learning_rate_check_parts(tiny_study):
+    """restart: WD slice with the authors' restart, against seed 1's own kd and sel; lr1e-2:
+    sel and the WD arms at another peak rate, in the report's check table beside seed 1's."""
     base, _, _ = tiny_study
-    variants = json.loads((base / "out" / "variants.json").read_text())
+    restart = json.loads((base / "out" / "restart.json").read_text())
     seed1 = json.loads((base / "out" / "seed1.json").read_text())
-    assert variants["seed"] == 1 and variants["phase1"] == {"wd_slice_long": 15, "wd_slice_word": 10}
-    assert {(m["arm"], m["budget"]) for m in variants["models"]} == {
-        ("wd_slice_long", 15), ("wd_slice_long", 20), ("wd_slice_word", 10), ("wd_slice_word", 20)}
-    assert {(c["arm"], c["base"], c["budget"]) for c in variants["comparisons"]} == {
-        (arm, b, 20) for arm in ("wd_slice_long", "wd_slice_word") for b in ("kd", "sel")}
-    # the bases are seed 1's own kd and sel (scored by seed 1's evaluate run)
-    bleu = {(m["arm"], m["budget"]): m["sacrebleu"] for p in (seed1, variants) for m in p["models"]}
-    for c in variants["comparisons"]:
-        assert c["minus_base"] == pytest.approx(bleu[c["arm"], 20] - bleu[c["base"], 20], abs=0.02)
-    runs = base / "runs"
-    word = (runs / "seed1-wd_slice_word/logs/wd_phase1.log").read_text()
-    assert "kd_label_smoothed_cross_entropy" in word and "'kd_alpha': 0.5" in word
-    assert "kd_label_smoothed_cross_entropy" not in (runs / "seed1-wd_slice_long/logs/wd_phase1.log").read_text()
-    assert "kd_label_smoothed_cross_entropy" not in (runs / "seed1-wd_slice_word/logs/wd_phase2.log").read_text()
+    assert restart["seed"] == 1 and restart["phase1"] == {"wd_slice_restart": 10}
+    assert {(c["arm"], c["base"], c["budget"]) for c in restart["comparisons"]} == {
+        ("wd_slice_restart", "sel", 0), ("wd_slice_restart", "kd", 20), ("wd_slice_restart", "sel", 20)}
+    bleu = {(m["arm"], m["budget"]): m["sacrebleu"] for p in (seed1, restart) for m in p["models"]}
+    for c in restart["comparisons"]:
+        assert c["minus_base"] == pytest.approx(bleu[c["arm"], c["budget"]] - bleu[c["base"], c["budget"]], abs=0.02)
+    phase2 = (base / "runs/seed1-wd_slice_restart/logs/wd_phase2.log").read_text()
+    assert "'lr_scheduler': {'_name': 'inverse_sqrt', 'warmup_updates': 5," in phase2
+    check = json.loads((base / "out" / "lr1e-2.json").read_text())
+    assert check["lr_check"] and check["lr"] == 1e-2 and "LR=1e-2" in check["settings"]
+    assert {m["arm"] for m in check["models"]} == {"sel", "wd", "wd_slice"}
+    assert "'lr': [0.01]}" in (base / "runs/lr1e-2-seed1-sel/logs/sel_student.log").read_text()
+    rows = json.loads((base / "out" / "results.json").read_text())["learning_rate_check"]
+    assert [r["arm"] for r in rows] == ["sel", "wd", "wd_slice"]
+    for row in rows:
+        assert set(row["sacrebleu_by_lr"]) == {"0.005", "0.01"} and row["budget"] == 20
+        assert row["sacrebleu_by_lr"]["0.005"] == bleu[row["arm"], 20]
 
 
 def test_budget_checkpoint_is_the_average_of_its_two_last_saves(tiny_study):
@@ -99,20 +129,21 @@ def test_budget_checkpoint_is_the_average_of_its_two_last_saves(tiny_study):
     for name, tensor in average.items():
         if tensor.is_floating_point():
             torch.testing.assert_close(tensor, (saves[0][name].double() + saves[1][name].double()).div(2).to(tensor.dtype))
-    # WD at 20 = phase-2 saves at 5 and 10; WD at 10 = the materialised phase-1 student
+    # WD at 20 = phase-2 saves at 5 and 10; WD at 10 = the materialised phase-1 student; at 0
+    # its start; KD has none
     assert study.budget_checkpoints("wd", str(runs / "seed1-wd"), 10, 10, 5) == [str(runs / "seed1-wd/wd_phase2/init.pt")]
     assert [p.rsplit("_", 1)[1] for p in study.budget_checkpoints("wd", str(runs / "seed1-wd"), 20, 10, 5)] == ["5.pt", "10.pt"]
-    # the long phase 1 (15 updates) leaves one phase-2 save for budget 20, none for 10
-    assert study.phase1_updates(str(runs / "seed1-wd_slice_long")) == 15
-    assert study.budget_checkpoints("wd_slice_long", str(runs / "seed1-wd_slice_long"), 10, 15, 5) == []
-    assert [p.rsplit("_", 1)[1] for p in study.budget_checkpoints("wd_slice_long", str(runs / "seed1-wd_slice_long"), 20, 15, 5)] == ["5.pt"]
+    assert study.budget_checkpoints("wd", str(runs / "seed1-wd"), 0, 10, 5) == [str(runs / "seed1-wd/step0.pt")]
+    assert study.budget_checkpoints("sel", str(runs / "seed1-sel"), 0, 0, 5) == [str(runs / "seed1-sel/sel_student/init.pt")]
+    assert study.budget_checkpoints("kd", str(runs / "seed1-kd"), 0, 0, 5) == []
+    assert study.budget_checkpoints("wd", str(runs / "seed1-wd"), 5, 10, 5) == []
 
 
 def test_finished_parts_are_reused_and_a_missing_save_is_named(tiny_study):
     base, env, _ = tiny_study
     before = (base / "out" / "seed1.json").stat().st_mtime_ns
     proc = run_recipe("examples/bible_es_en/study.sh", env=env)
-    assert all(f"part {p}: reused" in proc.stdout for p in ("base", "seed1", "variants"))
+    assert all(f"part {p}: reused" in proc.stdout for p in ("base", "seed1", "restart", "lr1e-2"))
     assert (base / "out" / "seed1.json").stat().st_mtime_ns == before
     with pytest.raises(SystemExit, match=r"no save at update\(s\) \[30, 35\].*--keep-interval-updates -1"):
         study.budget_checkpoints("kd", str(base / "runs" / "seed1-kd"), 35, 0, 5)

@@ -41,9 +41,11 @@ from recipe_tools import atomic_writer, average_checkpoints, write_atomic  # noq
 from tools import (bleu_statistics, corpus_bleu, interval, paired_bootstrap,  # noqa: E402
                    read_lines)
 
-#: arm -> (label, the save dir of its training in the arm's run)
+#: arm -> (label, the save dir of its training in the arm's run); the last two: v1's variants
 ARMS = {"kd": ("KD", "kd_student"), "sel": ("Selection + KD", "sel_student"),
+        "slice_kd": ("Slice start + KD, no generator", "sel_student"),
         "wd": ("WD faithful", "wd_phase2"), "wd_slice": ("WD slice", "wd_phase2"),
+        "wd_slice_restart": ("WD slice, authors' restart in phase 2", "wd_phase2"),
         "wd_slice_long": ("WD slice, long phase 1", "wd_phase2"),
         "wd_slice_word": ("WD slice, word-level KD in phase 1", "wd_phase2")}
 #: the arms every other arm is compared with, at the same budget
@@ -96,9 +98,13 @@ def phase1_updates(run: str) -> int:
 
 def budget_checkpoints(arm: str, run: str, budget: int, phase1: int, interval: int) -> List[str]:
     """The checkpoints whose average is ``arm`` at ``budget`` total updates, ``phase1`` the
-    run's phase-1 updates (WD) ([] if the budget is not one of the arm's: WD before the end
-    of phase 1)."""
+    run's phase-1 updates (WD) ([] if the budget is not one of the arm's: WD between its
+    start and the end of phase 1, KD at 0). Budget 0 is the start: ``init.pt`` of a
+    sel_student run, ``step0.pt`` (phase 1's generators at step 0, materialised) of a WD run."""
     wd = arm.startswith("wd")
+    if budget == 0:
+        start = os.path.join(run, "step0.pt") if wd else os.path.join(run, ARMS[arm][1], "init.pt")
+        return [start] if ARMS[arm][1] == "sel_student" or os.path.exists(start) else []
     if wd and budget < phase1:
         return []
     if wd and budget == phase1:
@@ -165,6 +171,8 @@ def stage_times(run: str) -> Dict[str, int]:
 
 def training_wall(arm: str, run: str, budget: int, phase1: int) -> Optional[float]:
     """Training wall-clock of ``arm`` up to ``budget`` updates, WD's generator included."""
+    if budget == 0:
+        return 0.0
     logs = os.path.join(run, "logs")
     if not arm.startswith("wd"):
         return wall_at(os.path.join(logs, f"{ARMS[arm][1]}.log"), budget)
@@ -237,6 +245,8 @@ def part(args) -> None:
             record["comparisons"].append({"arm": arm, "base": base, "budget": budget,
                                           "minus_base": result["wd_minus_kd"], "ci95": result["ci95"],
                                           "resamples_not_better": result["resamples_wd_not_better"]})
+        lr = next((line.split("=", 1)[1] for line in record["settings"] if line.startswith("LR=")), None)
+        record.update(lr=float(lr) if lr else None, lr_check=args.part.startswith("lr"))
         record.update(seed=args.train_seed or int(args.part.removeprefix("seed")), test_set=test_set,
                       target_lang=lang, sentences=len(refs), interval=args.interval,
                       phase1=phase1,
@@ -273,7 +283,8 @@ def pm(values: Sequence[float]) -> str:
 def report(args) -> None:
     parts = [json.load(open(p, encoding="utf-8")) for p in args.parts]
     base = next((p for p in parts if p["part"] == "base"), None)
-    seeds = sorted((p for p in parts if p["part"] != "base"), key=lambda p: p["seed"])
+    seeds = sorted((p for p in parts if p["part"] != "base" and not p.get("lr_check")), key=lambda p: p["seed"])
+    checks = [p for p in parts if p.get("lr_check")]
     if base is None or not seeds:
         sys.exit("study.py report: needs the base part and at least one seed part. Fix: run study.sh base seed1")
     cells: Dict[Tuple[str, int], List[Dict]] = {}
@@ -332,15 +343,41 @@ def report(args) -> None:
              "- training wall-clock: from the training log's timestamps (resumed runs added up), one CPU thread beside another arm's "
              "training on a 2-core machine; WD: phase 1 + materialisation + phase 2"]
     notes += [f"- {n}" for n in args.note]
+    check_rows = learning_rate_check(seeds, checks)
+    if check_rows:
+        rates = sorted({lr for row in check_rows for lr in row["sacrebleu_by_lr"]}, key=float)
+        lines += ["", f"Learning-rate check: sacreBLEU at {check_rows[0]['budget']} updates, seed "
+                  f"{check_rows[0]['seed']}, by peak learning rate", "",
+                  "| arm | " + " | ".join(rates) + " |", "|---|" + "---:|" * len(rates)]
+        lines += [f"| {row['label']} | " + " | ".join(
+            f"{row['sacrebleu_by_lr'][lr]:.2f}" if lr in row["sacrebleu_by_lr"] else "" for lr in rates) + " |"
+            for row in check_rows]
     lines += [""] + notes
     write_atomic(args.out_prefix + ".md", "\n".join(lines) + "\n")
-    document = {"title": args.title, "teacher": teacher, "rows": rows, "notes": notes,
+    document = {"title": args.title, "teacher": teacher, "rows": rows, "learning_rate_check": check_rows,
+                "notes": notes,
                 "parts": [{"part": p["part"], "command": p["command"], "machine": p["machine"],
                            "stage_times": p["stage_times"]} for p in parts],
                 "plot": os.path.basename(args.out_prefix) + ".png"}
     write_atomic(args.out_prefix + ".json", json.dumps(document, indent=2) + "\n")
     plot(rows, seeds, teacher, args.out_prefix + ".png", args.title)
     print("\n".join(lines))
+
+
+def learning_rate_check(seeds: List[Dict], checks: List[Dict]) -> List[Dict]:
+    """The arms of the learning-rate check parts at their largest budget: sacreBLEU by peak
+    rate, the check's seed's own part giving its rate."""
+    if not checks:
+        return []
+    seed, arms = checks[0]["seed"], {m["arm"] for p in checks for m in p["models"]}
+    budget = max(m["budget"] for p in checks for m in p["models"])
+    found: Dict[str, Dict[str, float]] = {}
+    for p in [s for s in seeds if s["seed"] == seed] + checks:
+        for m in p["models"]:
+            if m["arm"] in arms and m["budget"] == budget and p.get("lr") is not None:
+                found.setdefault(m["arm"], {})[f"{p['lr']:g}"] = m["sacrebleu"]
+    return [{"arm": arm, "label": ARMS[arm][0], "seed": seed, "budget": budget, "sacrebleu_by_lr": found[arm]}
+            for arm in ARMS if arm in found]
 
 
 def plot(rows: List[Dict], seeds: List[Dict], teacher: Dict, path: str, title: str) -> None:

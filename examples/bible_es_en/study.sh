@@ -1,34 +1,38 @@
 #!/usr/bin/env bash
-# Does Weight Distillation pay? Four ways to get the same small student from the same teacher
-# and KD data, at the same number of training updates, on the whole Bible Es-En corpus:
+# Does Weight Distillation pay? Ways to get the same small student from the same teacher and
+# KD data, at the same number of training updates, on the whole Bible Es-En corpus. This is
+# study v2; v1 (WD's phase 2 restarted its learning-rate schedule) is the records in
+# study/*.json, made by this script as it was at commit 39d1285. The arms:
 #   kd        KD: from scratch on original + KD data (stage kd_student)
 #   sel       Selection + KD: wd-init-student's selection of the teacher, then KD's training
 #             (stage sel_student)
+#   slice_kd  the control: WD slice's start (phase 1's generators at step 0, materialised),
+#             then the same KD training with no generator (sel_student, SEL_INIT=wd-slice)
 #   wd        WD faithful: phase 1 (PHASE1 updates) + materialise + phase 2 (the rest)
 #   wd_slice  the same with --wd-init slice
-# and, in part variants (seed VARIANT_SEED, compared with that seed's kd and sel), two
-# variants of WD slice:
-#   wd_slice_long  phase 1 PHASE1_LONG updates instead of PHASE1
-#   wd_slice_word  word-level KD in phase 1 (KD_ALPHA=VARIANT_KD_ALPHA, the teacher inside
-#                  the phase-1 model)
-# Every arm and seed trains once, to its largest budget, keeping every save (200 updates
-# apart); a budget B is read off that run: the average of its saves at updates B - 200 and B
-# (WD: phase-2 saves, B counting phase 1; inverse_sqrt's learning rate does not depend on
-# --max-update, so a run stopped at B would be the same). WD's phase split is fixed.
+# Every arm trains on one learning-rate curve: inverse_sqrt, WARMUP updates from 1e-7 to LR
+# from update 0; WD's phase 2 goes on along phase 1's curve (PHASE2_SCHEDULE=continue).
+# Every arm and seed trains once, to LONG updates, keeping every save (200 updates apart); a
+# budget B is read off that run: the average of its saves at updates B - 200 and B (WD:
+# phase-2 saves, B counting phase 1; inverse_sqrt's rate does not depend on --max-update, so
+# a run stopped at B would be the same). Budget 0 is each arm's start: the selection, WD
+# slice's start (slice_kd's and wd_slice's) and WD faithful's, each materialised.
 #
 #   bash examples/bible_es_en/study.sh            # every part not finished yet, then report
 #   bash examples/bible_es_en/study.sh seed1      # one part (see PARTS)
 #
 # Parts (each resumes where it stopped; a finished part is reused, its results committed):
 #   base    corpus, BPE, teacher (well past the benchmark's), KD data, the teacher's score
-#   seed1 seed2   every arm to LONG updates (4 arms on 2 CPU threads: ~1 hour each)
-#   seed3   every arm to SHORT updates
-#   variants  the two variants of WD slice to LONG updates (seed VARIANT_SEED: its part first)
-#   report  the table, the paired bootstraps and the plot from the finished parts
+#   seed1 seed2 seed3   every arm to LONG updates
+#   restart wd_slice_restart: WD slice with the authors' restart of the schedule in phase 2
+#           (PHASE2_WARMUP), seed VARIANT_SEED, against that seed's kd and sel
+#   lr5e-4 lr2e-3   the learning-rate check: sel, wd_slice and wd at that peak rate, seed
+#           VARIANT_SEED (whose own part is the check's LR=1e-3)
+#   report  the table, the paired bootstraps, the intervals over seeds and the plot
 # Arms train two at a time, one CPU thread each (each arm beside another one, so their
 # training wall-clocks compare). STUDY (default work/study) holds the runs; results go to
-# OUT (default examples/bible_es_en/study/): PART.json (scores, wall-clocks, settings, stage
-# times, machine load) per finished part, and results.{md,json,png}.
+# OUT (default examples/bible_es_en/study/v2/): PART.json (scores, wall-clocks, settings,
+# stage times, machine load) per finished part, and results.{md,json,png}.
 set -euo pipefail
 
 # Every setting can be overridden from the environment (tests run a tiny study so).
@@ -46,18 +50,16 @@ settings() {
   export CPU=1 FP16=0 NUM_GPUS=1 MAX_TOKENS=${MAX_TOKENS:-2048} UPDATE_FREQ=1
   export BATCH_TOKENS=$MAX_TOKENS
   export LR=${LR:-1e-3} WARMUP=${WARMUP:-400} PHASE2_WARMUP=${PHASE2_WARMUP:-100}
-  export SAVE_INTERVAL_UPDATES=${SAVE_INTERVAL_UPDATES:-200}
+  export PHASE2_SCHEDULE=continue SAVE_INTERVAL_UPDATES=${SAVE_INTERVAL_UPDATES:-200}
   # teacher: 8,000 updates of 2,048 tokens (2x the tokens of the benchmark teacher's 2,000 x
   # 4,096), the average of its last 3 epoch ends
   export TEACHER_UPDATES=${TEACHER_UPDATES:-8000} TEACHER_AVERAGE=${TEACHER_AVERAGE:-epochs} AVG_LAST=${AVG_LAST:-3}
   export PHASE2_AVG_LAST=2 KD_BEAM=${KD_BEAM:-6} BEAM=${BEAM:-6} KD_ENGINE=${KD_ENGINE:-}
   export SEL_LAYERS=${SEL_LAYERS:-spread} SEL_DIMS=${SEL_DIMS:-first}
-  # WD's phase 1 is PHASE1 updates in every seed and budget; seeds 1 and 2 train to LONG
-  # updates, the others to SHORT
-  PHASE1=${PHASE1:-1200} LONG=${LONG:-6400} SHORT=${SHORT:-1600}
-  PHASE1_LONG=${PHASE1_LONG:-3200} VARIANT_KD_ALPHA=${VARIANT_KD_ALPHA:-0.5} VARIANT_SEED=${VARIANT_SEED:-1}
-  LONG_BUDGETS=${LONG_BUDGETS:-"400 800 1600 3200 4800 6400"} SHORT_BUDGETS=${SHORT_BUDGETS:-"400 800 1600"}
-  PARTS=${PARTS:-"base seed1 seed2 seed3 variants"} LONG_SEEDS=${LONG_SEEDS:-"1 2"}
+  # WD's phase 1 is PHASE1 updates in every seed and budget
+  PHASE1=${PHASE1:-1200} LONG=${LONG:-6400} VARIANT_SEED=${VARIANT_SEED:-1}
+  BUDGETS=${BUDGETS:-"0 400 800 1200 1600 3200 4800 6400"}
+  PARTS=${PARTS:-"base seed1 seed2 seed3 restart lr5e-4 lr2e-3"}
 }
 
 main() {
@@ -67,14 +69,14 @@ main() {
   export PYTHON=python OMP_WAIT_POLICY=PASSIVE
   settings
   STUDY=$(mkdir -p "${STUDY:-$repo/work/study}" && cd "${STUDY:-$repo/work/study}" && pwd)
-  OUT=${OUT:-$HERE/study}
+  OUT=${OUT:-$HERE/study/v2}
   export RAW_DIR=${RAW_DIR:-$STUDY/corpus}
   mkdir -p "$OUT"
   local parts=("$@")
   [ ${#parts[@]} -gt 0 ] || parts=($PARTS report)
   for part in "${parts[@]}"; do
     case "$part" in
-      base|seed[0-9]*|variants|report) ;;
+      base|seed[0-9]*|restart|lr[0-9]*|report) ;;
       *) echo "study.sh: unknown part '$part'. Parts: $PARTS report" >&2; exit 1 ;;
     esac
   done
@@ -85,7 +87,8 @@ main() {
     say "part $part: start, load:$(uptime | sed 's/.*load average://')"
     case "$part" in
       base) part_base ;;
-      variants) part_variants ;;
+      restart) part_restart ;;
+      lr*) part_lr "${part#lr}" ;;
       *) part_seed "${part#seed}" ;;
     esac
     say "part $part: done, load:$(uptime | sed 's/.*load average://')"
@@ -124,66 +127,85 @@ link() {
 # every save kept; a log line at every save (its timestamp: the budget's wall-clock)
 arm_train_extra() { echo "--keep-interval-updates -1 --log-interval $SAVE_INTERVAL_UPDATES"; }
 
-# arm ARM SEED UPDATES: train one arm (its own run directory) to UPDATES, one CPU thread
+# arm ARM SEED [VAR=VALUE ...]: train one arm (its own run directory, RUN_PREFIXseedSEED-ARM)
+# to LONG updates, one CPU thread; a WD arm also gets its start materialised (step0.pt)
 arm() {
-  local run=$STUDY/seed$2-$1 s
-  local phase1=$PHASE1
-  [ "$1" = wd_slice_long ] && phase1=$PHASE1_LONG
-  local env=(SEED="$2" KD_UPDATES="$3" PHASE1_UPDATES="$phase1" PHASE2_UPDATES=$(($3 - phase1))
-    OMP_NUM_THREADS=1 TRAIN_EXTRA="$(arm_train_extra)")
+  local name=$1 seed=$2 s
+  shift 2
+  local run=$STUDY/${RUN_PREFIX:-}seed$seed-$name
+  local env=(SEED="$seed" KD_UPDATES="$LONG" PHASE1_UPDATES="$PHASE1" PHASE2_UPDATES=$((LONG - PHASE1))
+    OMP_NUM_THREADS=1 TRAIN_EXTRA="$(arm_train_extra)" "$@")
   link "$run"
-  case "$1" in
+  case "$name" in
     kd) stage "$run" kd_student "${env[@]}" ;;
     sel) stage "$run" sel_student "${env[@]}" ;;
+    slice_kd) stage "$run" sel_student "${env[@]}" SEL_INIT=wd-slice ;;
     wd*)
-      [ "$1" = wd ] && env+=(WD_INIT=faithful) || env+=(WD_INIT=slice)
-      # (phase 2 trains with label-smoothed CE whatever KD_ALPHA says)
-      [ "$1" = wd_slice_word ] && env+=(KD_ALPHA="$VARIANT_KD_ALPHA")
-      for s in wd_phase1 materialize wd_phase2; do stage "$run" "$s" "${env[@]}"; done ;;
+      local init=slice
+      [ "$name" = wd ] && init=faithful
+      [ "$name" = wd_slice_restart ] && env+=(PHASE2_SCHEDULE=restart)
+      [ -e "$run/step0.pt" ] || OMP_NUM_THREADS=1 wd-init-student "$STUDY/base/teacher/checkpoint_avg.pt" \
+        "$run/step0.pt" --data "$STUDY/base/data-bin" --init "wd-$init" --seed "$seed" \
+        --decoder-layers "$STUDENT_DEC_LAYERS" --decoder-embed-dim "$STUDENT_DEC_DIM" \
+        --decoder-ffn-embed-dim "$STUDENT_DEC_FFN" --decoder-attention-heads "$STUDENT_DEC_HEADS" > /dev/null
+      for s in wd_phase1 materialize wd_phase2; do stage "$run" "$s" "${env[@]}" WD_INIT="$init"; done ;;
   esac
 }
 
-# part_seed SEED: the four arms (two at a time), then every budget of every arm scored in
-# one evaluate stage (run seedSEED-eval) and the part's record
+# arms SEED "ARMS" [VAR=VALUE ...]: the arms, two at a time; a WD arm first in each pair
+# (its phase 1 costs more per update), the rest alternating
+arms() {
+  local seed=$1 names=($2) pids=() failed=0 pid i
+  shift 2
+  local lanes=("" "")
+  for i in "${!names[@]}"; do lanes[$((i % 2))]+=" ${names[$i]}"; done
+  for i in 0 1; do
+    ( for name in ${lanes[$i]}; do arm "$name" "$seed" "$@"; done ) & pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  [ "$failed" = 0 ] || { say "seed $seed: an arm failed; see $STUDY/${RUN_PREFIX:-}seed$seed-*/logs/"; exit 1; }
+}
+
+# part_seed SEED: every arm, then every budget of every arm scored in one evaluate stage
+# (run seedSEED-eval) and the part's record
 part_seed() {
-  local seed=$1 updates budgets pids=() failed=0 pid arm models
-  if [[ " $LONG_SEEDS " == *" $seed "* ]]; then updates=$LONG budgets=$LONG_BUDGETS; else updates=$SHORT budgets=$SHORT_BUDGETS; fi
-  # WD's phase 1 costs more per update: each WD arm first, beside the other
-  ( arm wd "$seed" "$updates"; arm kd "$seed" "$updates" ) & pids+=($!)
-  ( arm wd_slice "$seed" "$updates"; arm sel "$seed" "$updates" ) & pids+=($!)
-  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-  [ "$failed" = 0 ] || { say "seed $seed: an arm failed; see $STUDY/seed$seed-*/logs/"; exit 1; }
-  score "seed$seed" "$seed" "$updates" "$budgets" "kd sel wd wd_slice"
+  arms "$1" "wd wd_slice kd sel slice_kd"
+  score "seed$1" "$1" "kd sel slice_kd wd wd_slice"
 }
 
-# part_variants: the variants of WD slice beside each other, scored against the kd and sel
-# of seed VARIANT_SEED (whose part must be finished)
-part_variants() {
-  local seed=$VARIANT_SEED pids=() failed=0 pid
-  [ -e "$OUT/seed$seed.json" ] || { say "part variants: needs part seed$seed first"; exit 1; }
-  ( arm wd_slice_long "$seed" "$LONG" ) & pids+=($!)
-  ( arm wd_slice_word "$seed" "$LONG" ) & pids+=($!)
-  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-  [ "$failed" = 0 ] || { say "variants: an arm failed; see $STUDY/seed$seed-wd_slice_*/logs/"; exit 1; }
-  score variants "$seed" "$LONG" "$LONG_BUDGETS" "wd_slice_long wd_slice_word" --bases "$STUDY/seed$seed-eval"
+# part_restart: WD slice with the authors' restart, scored against the kd and sel of seed
+# VARIANT_SEED (whose part must be finished)
+part_restart() {
+  local seed=$VARIANT_SEED
+  [ -e "$OUT/seed$seed.json" ] || { say "part restart: needs part seed$seed first"; exit 1; }
+  arm wd_slice_restart "$seed"
+  score restart "$seed" "wd_slice_restart" --bases "$STUDY/seed$seed-eval"
 }
 
-# score PART SEED UPDATES "BUDGETS" "ARMS" [study.py part flags]: every budget of every arm
-# scored in one evaluate stage (run PART-eval), then the part's record OUT/PART.json
+# part_lr RATE: sel, wd_slice and wd at peak learning rate RATE, seed VARIANT_SEED (runs
+# lrRATE-seedSEED-ARM), compared with each other
+part_lr() {
+  local seed=$VARIANT_SEED
+  RUN_PREFIX=lr$1- arms "$seed" "wd wd_slice sel" LR="$1"
+  LR=$1 RUN_PREFIX=lr$1- score "lr$1" "$seed" "sel wd wd_slice"
+}
+
+# score PART SEED "ARMS" [study.py part flags]: every budget of every arm (runs
+# RUN_PREFIXseedSEED-ARM) scored in one evaluate stage (run PART-eval), then the part's
+# record OUT/PART.json
 score() {
-  local name=$1 seed=$2 updates=$3 budgets=$4 arm arms=() models eval_run
-  eval_run=$STUDY/$name-eval
-  for arm in $5; do arms+=("$arm=$STUDY/seed$seed-$arm"); done
-  shift 5
+  local name=$1 seed=$2 arm arms=() models eval_run=$STUDY/$1-eval
+  for arm in $3; do arms+=("$arm=$STUDY/${RUN_PREFIX:-}seed$seed-$arm"); done
+  shift 3
   link "$eval_run"
-  models=$(python "$HERE/study.py" budgets --arms "${arms[@]}" --budgets $budgets \
+  models=$(python "$HERE/study.py" budgets --arms "${arms[@]}" --budgets $BUDGETS \
     --interval "$SAVE_INTERVAL_UPDATES" --out "$eval_run/budgets")
   stage "$eval_run" evaluate EVAL_MODELS="${models//=*([^ ])/}" EXTRA_MODELS="$models"
   python "$HERE/study.py" part --part "$name" --train-seed "$seed" --run "$eval_run" --arms "${arms[@]}" "$@" \
     --interval "$SAVE_INTERVAL_UPDATES" --out "$OUT/$name.json" --command "bash examples/bible_es_en/study.sh $name" \
-    --settings <(WORK=$STUDY/seed$seed-kd SEED=$seed KD_UPDATES=$updates PHASE2_UPDATES=$((updates - PHASE1)) \
+    --settings <(WORK=$STUDY/${RUN_PREFIX:-}seed$seed-kd SEED=$seed KD_UPDATES=$LONG PHASE2_UPDATES=$((LONG - PHASE1)) \
       PHASE1_UPDATES=$PHASE1 TRAIN_EXTRA="$(arm_train_extra)" bash "$HERE/run.sh" config
-      echo "study.sh: PHASE1=$PHASE1 PHASE1_LONG=$PHASE1_LONG VARIANT_KD_ALPHA=$VARIANT_KD_ALPHA (KD_TEMPERATURE=${KD_TEMPERATURE:-1})")
+      echo "study.sh: PHASE1=$PHASE1 LONG=$LONG BUDGETS=$BUDGETS (KD_TEMPERATURE=${KD_TEMPERATURE:-1})")
 }
 
 report() {

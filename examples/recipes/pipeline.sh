@@ -94,6 +94,10 @@
 #   KD_EXTRA            extra wd-kd-data flags (e.g. --quantization float32, or the optional
 #                       filters --filter-length-ratio R --filter-min-score S)
 #   SEL_LAYERS (spread) SEL_DIMS (first)   sel_student: wd-init-student --layers/--dims
+#   SEL_INIT (selection)  sel_student's start: selection (the teacher's layers and dimensions
+#                       picked by SEL_LAYERS/SEL_DIMS), or wd-slice / wd-faithful: WD phase 1's
+#                       start (its generators at step 0, seed SEED) materialised, trained with
+#                       KD and no generator (the study's control)
 #   BEAM (6) LENPEN (1.0) EVAL_BATCH_SIZE (128)         evaluation
 #   EVAL_MODELS         the models evaluate and speed score (default: all, "teacher kd_student
 #                       wd_phase1 wd_student"); e.g. kd_student alone for a KD-data variant
@@ -189,6 +193,7 @@ EVAL_MODELS=${EVAL_MODELS:-teacher kd_student wd_phase1 wd_student}
 EXTRA_MODELS=${EXTRA_MODELS:-}
 SEL_LAYERS=${SEL_LAYERS:-spread}
 SEL_DIMS=${SEL_DIMS:-first}
+SEL_INIT=${SEL_INIT:-selection}
 BLEU_CONVENTION=${BLEU_CONVENTION:-moses}
 SPEED_BATCH_SIZE=${SPEED_BATCH_SIZE:-1}
 SPEED_ROUNDS=${SPEED_ROUNDS:-3}
@@ -542,12 +547,18 @@ stage_wd_phase2() {
   average "$WORK/wd_phase2" "$STUDENT_AVERAGE" "$PHASE2_AVG_LAST"
 }
 
+# wd-init-student's flags for SEL_INIT.
+selection_flags() {
+  if [ "$SEL_INIT" = selection ]; then echo --layers "$SEL_LAYERS" --dims "$SEL_DIMS"
+  else echo --init "$SEL_INIT" --seed "$SEED"; fi
+}
+
 # Selection + KD: kd_student's training from wd-init-student's selection of the teacher
 # (fairseq resumes from checkpoint_last.pt once there is one, and ignores init.pt then).
 stage_sel_student() {
   act mkdir -p "$WORK/sel_student"
   [ -e "$WORK/sel_student/init.pt" ] || run wd-init-student "$TEACHER" "$WORK/sel_student/init.pt" \
-    --data "$DATA" $(student_decoder) --layers "$SEL_LAYERS" --dims "$SEL_DIMS"
+    --data "$DATA" $(student_decoder) $(selection_flags)
   train_flags "$STUDENT_AVERAGE"; criterion_flags kd
   train "$DATA_KD" --arch transformer $(teacher_shape) $(student_decoder) --upsample-primary 1 \
     --finetune-from-model "$WORK/sel_student/init.pt" "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" \
@@ -577,7 +588,7 @@ table_notes() {
   echo "teacher: average of the last $AVG_LAST $(rule_words "$TEACHER_AVERAGE")"
   echo "kd_student: average of the last $AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
   echo "wd_student: average of the last $PHASE2_AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
-  [ ! -d "$WORK/sel_student" ] || echo "sel_student: KD training from wd-init-student --layers $SEL_LAYERS --dims $SEL_DIMS, average as kd_student"
+  [ ! -d "$WORK/sel_student" ] || echo "sel_student: KD training from wd-init-student $(selection_flags), average as kd_student"
   echo "batch: $EFFECTIVE_TOKENS tokens per update ($NUM_GPUS x $MAX_TOKENS x $UPDATE_FREQ); dropout $DROPOUT, attention dropout $ATTENTION_DROPOUT, activation dropout $ACTIVATION_DROPOUT"
 }
 
@@ -656,7 +667,7 @@ SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SAC
   EFFECTIVE_TOKENS ALLOW_BATCH_MISMATCH LR WARMUP PHASE2_WARMUP PHASE2_SCHEDULE DROPOUT ATTENTION_DROPOUT
   ACTIVATION_DROPOUT LABEL_SMOOTHING SEED TEACHER_UPDATES KD_UPDATES PHASE1_UPDATES
   PHASE2_UPDATES SAVE_INTERVAL_UPDATES AVG_LAST PHASE2_AVG_LAST TEACHER_AVERAGE STUDENT_AVERAGE FP16 CPU
-  KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE KD_EXTRA SEL_LAYERS SEL_DIMS BEAM LENPEN
+  KD_ALPHA KD_TEMPERATURE TRAIN_EXTRA WORKERS KD_BEAM KD_LENPEN KD_MAX_TOKENS KD_ENGINE KD_EXTRA SEL_LAYERS SEL_DIMS SEL_INIT BEAM LENPEN
   EVAL_BATCH_SIZE EVAL_MODELS EXTRA_MODELS BLEU_CONVENTION SPEED_BATCH_SIZE SPEED_ROUNDS GENERATE_EXTRA)
 
 settings() {
@@ -710,6 +721,7 @@ check_settings() {
     case "${!v}" in epochs|updates) ;; *) die "$v=${!v}: unknown averaging rule. Fix: set $v=epochs or $v=updates" ;; esac
   done
   case "$RO_DIACRITICS" in keep|remove) ;; *) die "RO_DIACRITICS=$RO_DIACRITICS: use keep or remove" ;; esac
+  case "$SEL_INIT" in selection|wd-slice|wd-faithful) ;; *) die "SEL_INIT=$SEL_INIT: use selection, wd-slice or wd-faithful" ;; esac
   # the stages that average their last saves need a save at their final update
   for v in TEACHER_UPDATES KD_UPDATES PHASE2_UPDATES; do
     if [ "$v" = TEACHER_UPDATES ] && [ "$TEACHER_AVERAGE" = epochs ]; then continue; fi
