@@ -52,8 +52,10 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES_FIRST)))
 
 
-#: This pytest process's zygote (cli_zygote.py), started with the session (fixture cli_zygote).
+#: This pytest process's zygote (cli_zygote.py) and the directory of the stand-ins that run
+#: scripts through it, set up with the session (fixture cli_zygote).
 _zygote = None
+_stand_ins = None
 
 
 def zygote_for(tool: str):
@@ -70,7 +72,7 @@ def cli_zygote(tmp_path_factory):
     command of the tests inherits, behind stand-ins that run them through the zygote
     (cli_shim.py): a recipe's or ``wd-distill``'s own calls of fairseq's and wd_fairseq's
     console scripts, and of ``python SCRIPT.py``, are forks too. ``WD_TESTS_SUBPROCESS=1``: no zygote, no stand-ins."""
-    global _zygote
+    global _zygote, _stand_ins
     saved = {name: os.environ.get(name) for name in ("PATH", "WD_TESTS_ZYGOTE", "WD_TESTS_REAL_BIN")}
     saved["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     # Idle OpenMP threads sleep (the studies' and the demo's own setting): one start-up
@@ -79,10 +81,10 @@ def cli_zygote(tmp_path_factory):
     path = f"{BIN}:{os.environ['PATH']}"
     if os.environ.get("WD_TESTS_SUBPROCESS") != "1":
         _zygote = Zygote(cli_env())
-        shims = tmp_path_factory.mktemp("cli-shims")
-        cli_shim.install(str(shims), str(BIN), ["python", *sorted(
+        _stand_ins = tmp_path_factory.mktemp("cli-shims")
+        cli_shim.install(str(_stand_ins), str(BIN), ["python", *sorted(
             p.name for p in BIN.iterdir() if p.name.startswith(("fairseq-", "wd-")) and p.is_file())])
-        path = f"{shims}:{path}"
+        path = f"{_stand_ins}:{path}"
         os.environ.update(WD_TESTS_ZYGOTE=_zygote.socket, WD_TESTS_REAL_BIN=str(BIN))
     os.environ["PATH"] = path
     yield _zygote
@@ -93,7 +95,13 @@ def cli_zygote(tmp_path_factory):
             os.environ[name] = value
     if _zygote is not None:
         _zygote.close()
-        _zygote = None
+        _zygote, _stand_ins = None, None
+
+
+def tool(name: str) -> str:
+    """The path a script that stands in for console script ``name`` calls it by: its stand-in
+    where the zygote runs, else the script."""
+    return str((_stand_ins if _stand_ins is not None else BIN) / name)
 
 
 def cli_env() -> dict:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tarfile
 
-from conftest import BIN, REPO
+from conftest import REPO, tool
 
 
 def smoke_env(**extra):
@@ -82,7 +82,7 @@ def test_fp16_smoke_goes_on_after_an_abort_at_exit_and_fails_at_the_end(tmp_path
     stand_in = tmp_path / "bin"
     stand_in.mkdir()
     (stand_in / "fairseq-train").write_text(
-        f'#!/usr/bin/env bash\n"{BIN}/fairseq-train" "$@" || exit $?\n'
+        f'#!/usr/bin/env bash\n"{tool("fairseq-train")}" "$@" || exit $?\n'
         'echo "terminate called without an active exception" >&2\nkill -ABRT $$\n')
     (stand_in / "fairseq-train").chmod(0o755)
     env = smoke_env(FP16_SMOKE_CPU="1", FP16_SMOKE_TEACHER_UPDATES="3",
