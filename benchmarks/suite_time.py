@@ -21,8 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DURATION = re.compile(r"^([\d.]+)s (setup|call|teardown)\s+(tests/\S+?)::(\S+)")
-SUMMARY = re.compile(r"^=+ (\d+ passed.*) in [\d.]+s")
+DURATION = re.compile(r"^([\d.]+)s (setup|call|teardown)\s+(tests/[^:]+)::(.+)$")
+SUMMARY = re.compile(r"^=* ?(\d+ (?:passed|failed).*?) in [\d.]+s")
 
 
 def main() -> None:
