@@ -1,11 +1,11 @@
 """A console script's stand-in on the tests' ``PATH``: runs the real script of the same name
-(in ``WD_TESTS_REAL_BIN``; for ``python SCRIPT.py ARGS``, SCRIPT) as a fork of the CLI zygote at ``WD_TESTS_ZYGOTE``
-(cli_zygote.py), with this process's open files (stdin, stdout, stderr and any other it
-inherited, such as bash's ``<(...)``), working directory and environment; forwards the signals it gets to that run and ends as it ended (its exit code,
-or killed by the same signal). Where the zygote refuses or cannot be reached, or
-``WD_TESTS_SUBPROCESS=1``, it becomes the real script (exec). :func:`install` writes the stand-ins:
-each starts ``python -I -S`` (the standard library only: a few milliseconds) and calls
-:func:`main`."""
+(in ``WD_TESTS_REAL_BIN``; for ``python SCRIPT.py ARGS``, SCRIPT) as a fork of the CLI zygote
+at ``WD_TESTS_ZYGOTE`` (cli_zygote.py), with this process's open files (stdin, stdout, stderr
+and any other it inherited, such as bash's ``<(...)``), working directory and environment;
+forwards the signals it gets to that run and ends as it ended (its exit code, or killed by the
+same signal). Where the zygote refuses or cannot be reached, or ``WD_TESTS_SUBPROCESS=1``, it
+becomes the real script (exec). :func:`install` writes the stand-ins: each starts
+``python -I -S`` (the standard library only: a few milliseconds) and calls :func:`main`."""
 
 import os
 import signal
@@ -19,7 +19,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
 def main() -> None:
     real = os.path.join(os.environ["WD_TESTS_REAL_BIN"], os.path.basename(sys.argv[0]))
     argv = real_argv = [real, *sys.argv[1:]]
-    if os.path.basename(real) == "python":  # python SCRIPT.py ARGS runs SCRIPT forked; any other form is real
+    if os.path.basename(real) == "python":  # python SCRIPT.py ARGS forks SCRIPT; any other form is real
         script = sys.argv[1] if len(sys.argv) > 1 else ""
         argv = [script, *sys.argv[2:]] if script.endswith(".py") and os.path.isfile(script) else None
     path = os.environ.get("WD_TESTS_ZYGOTE")

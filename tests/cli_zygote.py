@@ -218,10 +218,9 @@ class Server:
             connection.close()
             return
         request = json.loads(data[4:])
-        if len(fds) != len(request["fds"]):  # (more than MAX_FDS open files)
-            request["env"] = {}  # refused below
         # Fork only a single-threaded process (its native threads counted: torch's, OpenMP's).
         if differs_at_import(request["env"], self.env) or not os.path.isdir(request["cwd"]) \
+                or len(fds) != len(request["fds"]) \
                 or len(os.listdir("/proc/self/task")) != 1 or logging.root.handlers:
             with connection:
                 connection.sendall(b'{"refused": "other start-up settings, or threads in the zygote"}\n')

@@ -71,7 +71,8 @@ def cli_zygote(tmp_path_factory):
     """This worker's zygote; this environment's scripts first on the ``PATH`` that every
     command of the tests inherits, behind stand-ins that run them through the zygote
     (cli_shim.py): a recipe's or ``wd-distill``'s own calls of fairseq's and wd_fairseq's
-    console scripts, and of ``python SCRIPT.py``, are forks too. ``WD_TESTS_SUBPROCESS=1``: no zygote, no stand-ins."""
+    console scripts, and of ``python SCRIPT.py``, are forks too. ``WD_TESTS_SUBPROCESS=1``: no
+    zygote, no stand-ins."""
     global _zygote, _stand_ins
     saved = {name: os.environ.get(name) for name in ("PATH", "WD_TESTS_ZYGOTE", "WD_TESTS_REAL_BIN")}
     saved["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
