@@ -1,5 +1,6 @@
 """A console script's stand-in on the tests' ``PATH``: runs the real script of the same name
-(in ``WD_TESTS_REAL_BIN``; for ``python SCRIPT.py ARGS``, SCRIPT) as a fork of the CLI zygote
+(in ``WD_TESTS_REAL_BIN``; for ``python SCRIPT.py ARGS``, SCRIPT, whose ``sys.executable`` is then
+this stand-in) as a fork of the CLI zygote
 at ``WD_TESTS_ZYGOTE`` (cli_zygote.py), with this process's open files (stdin, stdout, stderr
 and any other it inherited, such as bash's ``<(...)``), working directory and environment;
 forwards the signals it gets to that run and ends as it ended (its exit code, or killed by the
@@ -19,12 +20,15 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
 def main() -> None:
     real = os.path.join(os.environ["WD_TESTS_REAL_BIN"], os.path.basename(sys.argv[0]))
     argv = real_argv = [real, *sys.argv[1:]]
+    executable = None
     if os.path.basename(real) == "python":  # python SCRIPT.py ARGS forks SCRIPT; any other form is real
         script = sys.argv[1] if len(sys.argv) > 1 else ""
         argv = [script, *sys.argv[2:]] if script.endswith(".py") and os.path.isfile(script) else None
+        executable = os.path.abspath(sys.argv[0])  # SCRIPT's children by sys.executable: stand-ins too
     path = os.environ.get("WD_TESTS_ZYGOTE")
     if argv and path and os.environ.get("WD_TESTS_SUBPROCESS") != "1":
-        connection = request(path, argv, dict(os.environ), os.getcwd(), {fd: fd for fd in inherited()})
+        connection = request(path, argv, dict(os.environ), os.getcwd(), {fd: fd for fd in inherited()},
+                             executable)
         if connection is not None:
             buffer = bytearray()
             answer = read_answer(connection, buffer)

@@ -32,6 +32,7 @@ fairseq refuses once a package of that name came from elsewhere).
 
 import atexit
 import builtins
+import faulthandler
 import fcntl
 import importlib
 import json
@@ -62,9 +63,10 @@ MAX_FDS = 253
 
 #: Environment variables read when the interpreter starts or those libraries are imported: a
 #: request whose value differs from the zygote's runs as a real subprocess. (``PYTHON`` alone,
-#: the recipes' interpreter setting, is not one of them.)
-IMPORT_TIME = re.compile(r"PYTHON.|LANG|LC_|TMP|TEMP|HOME$|XDG_|OMP_|KMP_|GOMP_|MKL_|OPENBLAS_|"
-                         r"NPY_|CT2_|TORCH|PYTORCH|CUDA|NCCL|LD_|MALLOC|LOCAL_RANK$")
+#: the recipes' interpreter setting, is not one of them; ``PYTHONFAULTHANDLER`` the fork applies;
+#: ``TORCHINDUCTOR_CACHE_DIR``, which torch's profiler sets to its default, is read when used.)
+IMPORT_TIME = re.compile(r"PYTHON(?!FAULTHANDLER$).|LANG|LC_|TMP|TEMP|HOME$|XDG_|OMP_|KMP_|GOMP_|MKL_|OPENBLAS_|"
+                         r"NPY_|CT2_|TORCH(?!INDUCTOR_CACHE_DIR$)|PYTORCH|CUDA|NCCL|LD_|MALLOC|LOCAL_RANK$")
 
 
 def differs_at_import(env: dict, base: dict) -> bool:
@@ -72,16 +74,18 @@ def differs_at_import(env: dict, base: dict) -> bool:
     return any(IMPORT_TIME.match(name) and env.get(name) != base.get(name) for name in env.keys() | base.keys())
 
 
-def request(path: str, argv: list, env: dict, cwd: str, files: dict):
+def request(path: str, argv: list, env: dict, cwd: str, files: dict, executable=None):
     """Send a run to the server at ``path``; ``files``: {fd number in the run: open file or
-    fd here}. The connection, or None where the server cannot be reached."""
+    fd here}; ``executable``: the run's ``sys.executable`` (default: the server's). The
+    connection, or None where the server cannot be reached."""
     connection = socket.socket(socket.AF_UNIX)
     try:
         connection.connect(path)
     except OSError:
         connection.close()
         return None
-    data = json.dumps({"argv": argv, "env": env, "cwd": cwd, "fds": list(files)}).encode()
+    data = json.dumps({"argv": argv, "env": env, "cwd": cwd, "fds": list(files),
+                       "executable": executable}).encode()
     data = struct.pack("!I", len(data)) + data
     fds = [f.fileno() if hasattr(f, "fileno") else f for f in files.values()]
     sent = socket.send_fds(connection, [data], fds)
@@ -280,6 +284,8 @@ def fresh_run(request: dict, fds: list, fairseq_logging) -> int:
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = list(request["argv"])
+        sys.executable = request.get("executable") or sys.executable
+        faulthandler.enable() if os.environ.get("PYTHONFAULTHANDLER") else faulthandler.disable()
         script = sys.argv[0]
         sys.path[0] = os.path.dirname(os.path.abspath(script))
         reseed()

@@ -73,6 +73,7 @@ def test_interpreter_settings_and_other_tools_run_as_subprocesses(zygote):
     assert not zygote.serves({**cli_env(), "PYTHONPATH": "/elsewhere"})
     assert not zygote.serves({**cli_env(), "OMP_NUM_THREADS": "2"})
     assert zygote.serves({**cli_env(), "WD_SOMETHING": "1"})
+    assert zygote.serves({**cli_env(), "TORCHINDUCTOR_CACHE_DIR": "/tmp/x", "PYTHONFAULTHANDLER": "1"})
 
 
 PROBE = """#!{python}
@@ -81,6 +82,10 @@ if sys.argv[1:] == ["wait"]:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
     open(sys.argv[0] + ".pid", "w").write(str(os.getpid()))
     time.sleep(60)
+if sys.argv[1] == "child":  # its own child, started by sys.executable
+    import faulthandler, subprocess
+    print(faulthandler.is_enabled(), flush=True)
+    sys.exit(subprocess.run([sys.executable, sys.argv[0], "5"], input="from child", text=True).returncode)
 if sys.argv[1] == "cat":
     print(open(sys.argv[2]).read().strip(), "torch" in sys.modules)
     sys.exit(0)
@@ -127,6 +132,12 @@ def test_python_runs_a_script_forked_and_anything_else_as_itself(stand_ins):
     # a file only the caller has open (bash's process substitution, /dev/fd/N) reaches the run
     line = f"python {script} cat <(echo substituted)"
     assert subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env).stdout == "substituted True\n"
+    # its sys.executable is the stand-in, so a child it starts by it is a fork too; the fork
+    # applies PYTHONFAULTHANDLER itself
+    line = f"python {script} child; echo status $?"
+    child = subprocess.run(["bash", "-c", line], capture_output=True, text=True,
+                           env={**env, "PYTHONFAULTHANDLER": "1"})
+    assert child.stdout == "True\npreloaded True from child from env\nstatus 5\n"
 
 
 def test_signals_reach_the_forked_run_and_a_killed_caller_takes_it_along(stand_ins):

@@ -1,6 +1,6 @@
-"""The GPU check's scripts, exercised on the CPU so that they cannot rot: the whole
-check as a dry run (toy sizes, fp32), and fp16_smoke.sh's refusals and its handling of
-a training process that aborts at exit."""
+"""The GPU check's scripts, exercised on the CPU so that they cannot rot: gpu_check.sh's
+layered environment, every part of gpu_check.py as a dry run (toy sizes, fp32), and
+fp16_smoke.sh's refusals and its handling of a training process that aborts at exit."""
 
 import json
 import os
@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+from cli_zygote import Zygote
 from conftest import REPO, tool
 
 
@@ -22,24 +24,53 @@ def run_smoke(work, env):
                           capture_output=True, text=True, env=env)
 
 
-def test_gpu_check_dry_run_runs_every_part_through_the_same_scripts(tmp_path):
+def test_gpu_check_sh_installs_the_checkout_into_an_environment_layered_over_the_machines(tmp_path):
+    """gpu_check.sh's part: a venv over the machine's Python (its torch reused), this checkout
+    installed as users install it, then gpu_check.py from that venv (its cheapest part here)."""
     empty_wheelhouse = tmp_path / "wheels"
     empty_wheelhouse.mkdir()
-    out = tmp_path / "out"
-    env = smoke_env(
-        GPU_CHECK_PYTHON=sys.executable, GPU_CHECK_VENV=str(tmp_path / "venv"),
-        GPU_CHECK_WORK=str(tmp_path / "work"),
-        GPU_CHECK_ARGS="--dry-run --teacher-updates 4 --phase1-updates 2")
+    out, venv = tmp_path / "out", tmp_path / "venv"
+    env = smoke_env(GPU_CHECK_PYTHON=sys.executable, GPU_CHECK_VENV=str(venv),
+                    GPU_CHECK_WORK=str(tmp_path / "work"),
+                    GPU_CHECK_ARGS="--dry-run --parts environment")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out),
                            str(empty_wheelhouse)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    # The check ran the repository's code from the layered environment it made.
-    assert (tmp_path / "venv" / "bin" / "wd-materialize").exists()
+    assert (venv / "bin" / "wd-materialize").exists()
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import torch, wd_fairseq; print(wd_fairseq.__file__); print(torch.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
+    assert where[0].startswith(str(venv)) and not where[1].startswith(str(venv))
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry_run"] and list(report["parts"]) == ["environment"]
+    assert report["parts"]["environment"]["ok"] and report["parts"]["environment"]["cuda_available"] is False
+
+
+@pytest.fixture
+def benchmarks_zygote():
+    """A zygote started with the thread settings the benchmarks give their commands, so that
+    it serves those too (the session's has no MKL_NUM_THREADS)."""
+    if os.environ.get("WD_TESTS_SUBPROCESS") == "1":
+        yield {}
+        return
+    zygote = Zygote(smoke_env(MKL_NUM_THREADS="1"))
+    yield {"WD_TESTS_ZYGOTE": zygote.socket}
+    zygote.close()
+
+
+def test_gpu_check_dry_run_runs_every_part_through_the_same_scripts(tmp_path, benchmarks_zygote):
+    """gpu_check.py --dry-run: every part, each through the scripts it runs on a GPU (the
+    stand-in python: they and their commands fork from a zygote)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([tool("python"), str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run",
+                           "--out", str(out), "--work", str(tmp_path / "work"),
+                           "--teacher-updates", "4", "--phase1-updates", "2"], capture_output=True,
+                          text=True, env=smoke_env(MKL_NUM_THREADS="1", **benchmarks_zygote))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((out / "gpu_check.json").read_text())
     parts = report["parts"]
     assert report["dry_run"] and all(parts[p]["ok"] for p in
                                      ("environment", "smoke", "phase1", "decoding", "kd_data")), parts
-    assert parts["environment"]["cuda_available"] is False
     teacher, phase1 = parts["smoke"]["fp32"]["runs"]
     assert (teacher["updates"], phase1["updates"]) == (4, 2)
     assert parts["smoke"]["assets"]["ok"]
