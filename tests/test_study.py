@@ -111,7 +111,8 @@ def test_restart_and_learning_rate_check_parts(tiny_study):
     assert "'lr_scheduler': {'_name': 'inverse_sqrt', 'warmup_updates': 5," in phase2
     check = json.loads((base / "out" / "lr1e-2.json").read_text())
     assert check["lr_check"] and check["lr"] == 1e-2 and "LR=1e-2" in check["settings"]
-    assert {m["arm"] for m in check["models"]} == {"sel", "wd", "wd_slice"}
+    assert {(m["arm"], m["budget"]) for m in check["models"]} == {  # the starts are seed 1's
+        ("sel", 20), ("wd", 10), ("wd", 20), ("wd_slice", 10), ("wd_slice", 20)}
     assert "'lr': [0.01]}" in (base / "runs/lr1e-2-seed1-sel/logs/sel_student.log").read_text()
     rows = json.loads((base / "out" / "results.json").read_text())["learning_rate_check"]
     assert [r["arm"] for r in rows] == ["sel", "wd", "wd_slice"]

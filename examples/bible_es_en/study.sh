@@ -27,7 +27,8 @@
 #   restart wd_slice_restart: WD slice with the authors' restart of the schedule in phase 2
 #           (PHASE2_WARMUP), seed VARIANT_SEED, against that seed's kd and sel
 #   lr5e-4 lr2e-3   the learning-rate check: sel, wd_slice and wd at that peak rate, seed
-#           VARIANT_SEED (whose own part is the check's LR=1e-3)
+#           VARIANT_SEED (whose own part is the check's LR=1e-3), scored at the largest budget
+#           (and WD's at the end of phase 1) only: the starts are seed VARIANT_SEED's
 #   report  the table, the paired bootstraps, the intervals over seeds and the plot
 # Arms train two at a time, one CPU thread each (each arm beside another one, so their
 # training wall-clocks compare). STUDY (default work/study) holds the runs; results go to
@@ -183,11 +184,12 @@ part_restart() {
 }
 
 # part_lr RATE: sel, wd_slice and wd at peak learning rate RATE, seed VARIANT_SEED (runs
-# lrRATE-seedSEED-ARM), compared with each other
+# lrRATE-seedSEED-ARM), compared with each other at the largest budget
 part_lr() {
-  local seed=$VARIANT_SEED
+  local seed=$VARIANT_SEED largest
+  largest=$(printf '%s\n' $BUDGETS | sort -n | tail -n 1)
   RUN_PREFIX=lr$1- arms "$seed" "wd wd_slice sel" LR="$1"
-  LR=$1 RUN_PREFIX=lr$1- score "lr$1" "$seed" "sel wd wd_slice"
+  LR=$1 RUN_PREFIX=lr$1- BUDGETS=$largest score "lr$1" "$seed" "sel wd wd_slice"
 }
 
 # score PART SEED "ARMS" [study.py part flags]: every budget of every arm (runs
