@@ -64,6 +64,10 @@ def test_study_scores_every_arm_at_every_budget_in_the_runs_target_language(tiny
     assert set(part["stage_times"]) == set(ARMS)
     assert "TEACHER_LAYERS=2" in part["settings"] and "SEED=1" in part["settings"]
     assert part["lr"] == 5e-3 and not part["lr_check"]
+    # every record names the teacher it trained from: base's
+    teacher = study.teacher_sha256(str(base / "runs" / "base"))
+    assert {json.loads(p.read_text())["teacher_sha256"] for p in out.glob("*.json")
+            if p.name != "results.json"} == {teacher}
     report = json.loads((out / "results.json").read_text())
     assert report["teacher"]["target_lang"] == "es"
     restart = json.loads((out / "restart.json").read_text())
@@ -150,6 +154,21 @@ def test_finished_parts_are_reused_and_a_missing_save_is_named(tiny_study):
         study.budget_checkpoints("kd", str(base / "runs" / "seed1-kd"), 35, 0, 5)
     proc = run_recipe("examples/bible_es_en/study.sh", "seed", env=env, check=False)
     assert proc.returncode == 1 and "unknown part 'seed'" in proc.stderr
+
+
+def test_parts_of_another_teacher_are_refused(tiny_study, tmp_path):
+    """A seed part needs base's runs on this machine; the report mixes no two teachers."""
+    base, env, _ = tiny_study
+    proc = run_recipe("examples/bible_es_en/study.sh", "seed2",
+                      env=dict(env, STUDY=str(tmp_path / "elsewhere"), OUT=str(tmp_path / "out")), check=False)
+    assert proc.returncode == 1 and "part seed2: needs base's teacher and KD data in" in proc.stdout
+    assert not (tmp_path / "elsewhere" / "seed2-kd").exists()
+    other = json.loads((base / "out" / "seed1.json").read_text())
+    other["teacher_sha256"] = "0" * 64
+    (tmp_path / "seed1.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"seed1.json trained from another teacher than base's"):
+        study.main(["report", "--parts", str(base / "out" / "base.json"), str(tmp_path / "seed1.json"),
+                    "--out-prefix", str(tmp_path / "results")])
 
 
 def test_wall_at_adds_up_the_segments_of_a_resumed_run(tmp_path):

@@ -18,7 +18,8 @@ pipeline.sh's EXTRA_MODELS; the evaluate stage of one run scores them all. ``par
 records the scores, a paired bootstrap of every arm against KD and against Selection + KD
 at each budget (``--bases``: those two as scored by another evaluate run of the same seed),
 the training wall-clock at each budget (from the stage log's timestamps, resumes added up;
-WD: phase 1 + materialisation + phase 2), settings and stage times. ``report`` puts the
+WD: phase 1 + materialisation + phase 2), settings, stage times and the SHA-256 of the
+teacher the run used. ``report`` refuses parts of another teacher than base's, then puts the
 finished parts together: mean and standard deviation over seeds, the per-seed intervals,
 the mean difference to each base over seeds with a t-interval (the seed-level verdict), and
 a plot of BLEU against updates and against training wall-clock.
@@ -26,6 +27,7 @@ a plot of BLEU against updates and against training wall-clock.
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -203,9 +205,19 @@ def results_rows(run: str) -> Tuple[Dict[str, Dict], str]:
     return {r["model"]: r for r in rows if r["test_set"] == test_set and "sacrebleu" in r}, test_set
 
 
+def teacher_sha256(run: str) -> str:
+    """The SHA-256 of the averaged teacher a run used (RUN/teacher/checkpoint_avg.pt)."""
+    digest = hashlib.sha256()
+    with open(os.path.join(run, "teacher", "checkpoint_avg.pt"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def part(args) -> None:
     record = {"part": args.part, "command": args.command, "machine": machine(),
-              "settings": read_lines(args.settings), "stage_times": {}}
+              "settings": read_lines(args.settings), "stage_times": {},
+              "teacher_sha256": teacher_sha256(args.run)}
     rows, test_set = results_rows(args.run)
     if args.part == "base":
         teacher = rows["teacher"]
@@ -287,6 +299,11 @@ def report(args) -> None:
     checks = [p for p in parts if p.get("lr_check")]
     if base is None or not seeds:
         sys.exit("study.py report: needs the base part and at least one seed part. Fix: run study.sh base seed1")
+    others = [path for path, p in zip(args.parts, parts) if p.get("teacher_sha256") != base.get("teacher_sha256")]
+    if others:
+        sys.exit(f"study.py report: {', '.join(others)} trained from another teacher than base's "
+                 f"(teacher_sha256 {str(base.get('teacher_sha256'))[:12]}...). Fix: run those parts again "
+                 "from this base (remove their records first), or report them with their own base")
     cells: Dict[Tuple[str, int], List[Dict]] = {}
     for p in seeds:
         for m in p["models"]:

@@ -85,6 +85,12 @@ main() {
   for part in "${parts[@]}"; do
     if [ "$part" = report ]; then report; continue; fi
     if [ -e "$OUT/$part.json" ]; then say "part $part: reused ($OUT/$part.json)"; continue; fi
+    if [ "$part" != base ] && [ ! -e "$STUDY/base/done/evaluate" ]; then
+      say "part $part: needs base's teacher and KD data in $STUDY/base, which is not there (finished)." \
+        "Fix: run part base on this machine first (if $OUT/base.json came from another machine," \
+        "move it away: the report refuses parts of two teachers)"
+      exit 1
+    fi
     say "part $part: start, load:$(uptime | sed 's/.*load average://')"
     case "$part" in
       base) part_base ;;
