@@ -171,6 +171,22 @@ def test_parts_of_another_teacher_are_refused(tiny_study, tmp_path):
                     "--out-prefix", str(tmp_path / "results")])
 
 
+def test_a_seed_part_trains_the_arms_it_is_given(tiny_study, tmp_path):
+    """SEED_ARMS and BUDGETS choose a part's arms and scores (the second scale point's way:
+    SCALE=2 sets them, with the CPU benchmark's teacher and student shapes)."""
+    base, env, _ = tiny_study
+    env = dict(env, OUT=str(tmp_path / "out"), SEED_ARMS="sel", BUDGETS="20")
+    run_recipe("examples/bible_es_en/study.sh", "seed2", env=env)
+    part = json.loads((tmp_path / "out" / "seed2.json").read_text())
+    assert [(m["arm"], m["budget"]) for m in part["models"]] == [("sel", 20)] and part["seed"] == 2
+    assert not (base / "runs" / "seed2-kd").exists()
+    scale2 = run_recipe("examples/bible_es_en/study.sh", "settings", env={"SCALE": "2"}).stdout
+    for setting in ("TEACHER_LAYERS=4", "TEACHER_DIM=256", "TEACHER_FFN=1024", "STUDENT_DEC_DIM=128",
+                    "STUDENT_DEC_FFN=512", "SEED_ARMS=sel wd_slice", "BUDGETS=0 6400", "PARTS=base seed1 seed2 seed3"):
+        assert setting + "\n" in scale2
+    assert scale2.rstrip().endswith("examples/bible_es_en/study/v2-scale2")
+
+
 def test_wall_at_adds_up_the_segments_of_a_resumed_run(tmp_path):
     log = tmp_path / "stage.log"
     inner = "2026-12-01 {} | INFO | train_inner | epoch 001:  {} / 524 loss=9.1, num_updates={}, lr=0.0005, wall={}\n"

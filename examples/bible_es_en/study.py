@@ -249,7 +249,8 @@ def part(args) -> None:
                                    "train_wall_s": training_wall(arm, runs[arm], budget, phase1.get(arm, 0))})
         pairs = [(base, arm, budget) for (arm, budget) in sorted(stats) if arm in runs for base in BASES
                  if base != arm and (base, budget) in stats]
-        diffs = paired_bootstrap([(stats[b, n], stats[a, n]) for b, a, n in pairs], args.samples, args.seed)
+        diffs = paired_bootstrap([(stats[b, n], stats[a, n]) for b, a, n in pairs], args.samples,
+                                 args.seed) if pairs else None  # (one arm: nothing to compare)
         record["comparisons"] = []
         for j, (base, arm, budget) in enumerate(pairs):
             observed = corpus_bleu(stats[arm, budget].sum(0)) - corpus_bleu(stats[base, budget].sum(0))

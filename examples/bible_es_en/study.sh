@@ -20,10 +20,12 @@
 #
 #   bash examples/bible_es_en/study.sh            # every part not finished yet, then report
 #   bash examples/bible_es_en/study.sh seed1      # one part (see PARTS)
+#   SCALE=2 bash examples/bible_es_en/study.sh    # the second scale point (see settings)
+#   bash examples/bible_es_en/study.sh settings   # print the resolved settings; run nothing
 #
 # Parts (each resumes where it stopped; a finished part is reused, its results committed):
 #   base    corpus, BPE, teacher (well past the benchmark's), KD data, the teacher's score
-#   seed1 seed2 seed3   every arm to LONG updates
+#   seed1 seed2 seed3   every arm (SEED_ARMS) to LONG updates
 #   restart wd_slice_restart: WD slice with the authors' restart of the schedule in phase 2
 #           (PHASE2_WARMUP), seed VARIANT_SEED, against that seed's kd and sel
 #   lr5e-4 lr2e-3   the learning-rate check: sel, wd_slice and wd at that peak rate, seed
@@ -31,13 +33,26 @@
 #           (and WD's at the end of phase 1) only: the starts are seed VARIANT_SEED's
 #   report  the table, the paired bootstraps, the intervals over seeds and the plot
 # Arms train two at a time, one CPU thread each (each arm beside another one, so their
-# training wall-clocks compare). STUDY (default work/study) holds the runs; results go to
-# OUT (default examples/bible_es_en/study/v2/): PART.json (scores, wall-clocks, settings,
-# stage times, machine load) per finished part, and results.{md,json,png}.
+# training wall-clocks compare). STUDY (default work/study; SCALE=2: work/study-scale2) holds
+# the runs; results go to OUT (default examples/bible_es_en/study/v2/; SCALE=2: v2-scale2/):
+# PART.json (scores, wall-clocks, settings, stage times, machine load, the teacher's SHA-256)
+# per finished part, and results.{md,json,png}.
 set -euo pipefail
 
 # Every setting can be overridden from the environment (tests run a tiny study so).
 settings() {
+  SCALE=${SCALE:-1}
+  # SCALE=2, the second scale point: the CPU benchmark's teacher (4+4 x 256/1024/4) and its
+  # student (decoder 1 x 128/512/4), Selection + KD against WD slice, budgets 0 and LONG
+  if [ "$SCALE" = 2 ]; then
+    export TEACHER_LAYERS=${TEACHER_LAYERS:-4} TEACHER_DIM=${TEACHER_DIM:-256} TEACHER_FFN=${TEACHER_FFN:-1024}
+    export STUDENT_DEC_DIM=${STUDENT_DEC_DIM:-128} STUDENT_DEC_FFN=${STUDENT_DEC_FFN:-512}
+    SEED_ARMS=${SEED_ARMS:-"sel wd_slice"} BUDGETS=${BUDGETS:-"0 ${LONG:-6400}"}
+    PARTS=${PARTS:-"base seed1 seed2 seed3"}
+  elif [ "$SCALE" != 1 ]; then
+    echo "study.sh: SCALE=$SCALE: expected 1 (the study) or 2 (its second scale point)" >&2
+    exit 1
+  fi
   export SRC=${SRC:-es} TGT=${TGT:-en} PAIR_NAME=${PAIR_NAME:-"Bible Es-En study"}
   export BLEU_CONVENTION=${BLEU_CONVENTION:-moses}
   export BPE_MERGES=${BPE_MERGES:-8000} BPE_VOCAB_THRESHOLD=${BPE_VOCAB_THRESHOLD:-10}
@@ -61,6 +76,8 @@ settings() {
   PHASE1=${PHASE1:-1200} LONG=${LONG:-6400} VARIANT_SEED=${VARIANT_SEED:-1}
   BUDGETS=${BUDGETS:-"0 400 800 1200 1600 3200 4800 6400"}
   PARTS=${PARTS:-"base seed1 seed2 seed3 restart lr5e-4 lr2e-3"}
+  # the arms of a seed part, a WD arm first in each pair of lanes (see arms)
+  SEED_ARMS=${SEED_ARMS:-"wd wd_slice kd sel slice_kd"}
 }
 
 main() {
@@ -69,18 +86,21 @@ main() {
   source "$repo/examples/setup_env.sh"
   export PYTHON=python OMP_WAIT_POLICY=PASSIVE
   settings
-  STUDY=$(mkdir -p "${STUDY:-$repo/work/study}" && cd "${STUDY:-$repo/work/study}" && pwd)
-  OUT=${OUT:-$HERE/study/v2}
-  export RAW_DIR=${RAW_DIR:-$STUDY/corpus}
-  mkdir -p "$OUT"
+  local suffix=
+  [ "$SCALE" = 1 ] || suffix=-scale$SCALE
+  STUDY=${STUDY:-$repo/work/study$suffix} OUT=${OUT:-$HERE/study/v2$suffix}
   local parts=("$@")
   [ ${#parts[@]} -gt 0 ] || parts=($PARTS report)
   for part in "${parts[@]}"; do
     case "$part" in
       base|seed[0-9]*|restart|lr[0-9]*|report) ;;
-      *) echo "study.sh: unknown part '$part'. Parts: $PARTS report" >&2; exit 1 ;;
+      settings) show_settings; exit 0 ;;
+      *) echo "study.sh: unknown part '$part'. Parts: $PARTS report (or settings)" >&2; exit 1 ;;
     esac
   done
+  STUDY=$(mkdir -p "$STUDY" && cd "$STUDY" && pwd)
+  export RAW_DIR=${RAW_DIR:-$STUDY/corpus}
+  mkdir -p "$OUT"
   exec > >(tee -a "$STUDY/study.log") 2>&1
   for part in "${parts[@]}"; do
     if [ "$part" = report ]; then report; continue; fi
@@ -103,6 +123,14 @@ main() {
 }
 
 say() { echo "[study $(date -u '+%F %T UTC')] $*"; }
+
+show_settings() {
+  local name
+  for name in SCALE TEACHER_LAYERS TEACHER_DIM TEACHER_FFN TEACHER_HEADS STUDENT_DEC_LAYERS \
+      STUDENT_DEC_DIM STUDENT_DEC_FFN STUDENT_DEC_HEADS LR WARMUP PHASE1 LONG BUDGETS SEED_ARMS PARTS STUDY OUT; do
+    echo "$name=${!name:-}"
+  done
+}
 
 # stage WORK STAGE [VAR=VALUE ...]: one pipeline stage, its seconds appended to
 # WORK/stage_times.tsv (a stage finished in an earlier run is skipped by the pipeline).
@@ -176,8 +204,8 @@ arms() {
 # part_seed SEED: every arm, then every budget of every arm scored in one evaluate stage
 # (run seedSEED-eval) and the part's record
 part_seed() {
-  arms "$1" "wd wd_slice kd sel slice_kd"
-  score "seed$1" "$1" "kd sel slice_kd wd wd_slice"
+  arms "$1" "$SEED_ARMS"
+  score "seed$1" "$1" "$SEED_ARMS"
 }
 
 # part_restart: WD slice with the authors' restart, scored against the kd and sel of seed
