@@ -1,12 +1,12 @@
 """A console script's stand-in on the tests' ``PATH``: runs the real script of the same name
-(in ``WD_TESTS_REAL_BIN``; for ``python SCRIPT.py ARGS``, SCRIPT, whose ``sys.executable`` is then
-this stand-in) as a fork of the CLI zygote
-at ``WD_TESTS_ZYGOTE`` (cli_zygote.py), with this process's open files (stdin, stdout, stderr
-and any other it inherited, such as bash's ``<(...)``), working directory and environment;
-forwards the signals it gets to that run and ends as it ended (its exit code, or killed by the
-same signal). Where the zygote refuses or cannot be reached, or ``WD_TESTS_SUBPROCESS=1``, it
-becomes the real script (exec). :func:`install` writes the stand-ins: each starts
-``python -I -S`` (the standard library only: a few milliseconds) and calls :func:`main`."""
+(in ``WD_TESTS_REAL_BIN``; for ``python SCRIPT.py ARGS``, SCRIPT, whose ``sys.executable`` is
+then this stand-in) as a fork of the CLI zygote at ``WD_TESTS_ZYGOTE`` (cli_zygote.py), with
+this process's open files (stdin, stdout, stderr and any other it inherited, such as bash's
+``<(...)``), working directory and environment; forwards the signals it gets to that run and
+ends as it ended (its exit code, or killed by the same signal). Where the zygote refuses or
+cannot be reached, or ``WD_TESTS_SUBPROCESS=1``, it becomes the real script (exec).
+:func:`install` writes the stand-ins: each starts ``python -I -S`` (the standard library only:
+a few milliseconds) and calls :func:`main`."""
 
 import os
 import signal

@@ -285,7 +285,10 @@ def fresh_run(request: dict, fds: list, fairseq_logging) -> int:
         os.chdir(request["cwd"])
         sys.argv = list(request["argv"])
         sys.executable = request.get("executable") or sys.executable
-        faulthandler.enable() if os.environ.get("PYTHONFAULTHANDLER") else faulthandler.disable()
+        if os.environ.get("PYTHONFAULTHANDLER"):
+            faulthandler.enable()
+        else:
+            faulthandler.disable()
         script = sys.argv[0]
         sys.path[0] = os.path.dirname(os.path.abspath(script))
         reseed()
