@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 
 from .arguments import nonnegative_float, nonnegative_int, pair_list, positive_float, positive_int
 from .cli import run_cli
+from .commands import generate_command, kd_data_command, learning_rate_flags, score_command
 from .stages import Command, Stage, run_stages
 from .teacher import WDSetupError
 
@@ -106,15 +107,16 @@ def device_flags(job: DistillJob) -> List[str]:
     return ["--cpu"] if job.cpu else (["--fp16"] if job.fp16 else [])
 
 
-def training_flags(job: DistillJob, checked, updates: int, save_dir: str) -> List[str]:
+def training_flags(job: DistillJob, checked, updates: int, save_dir: str,
+                   offset: Optional[int] = None) -> List[str]:
     """What every training stage shares: the teacher's task, the authors' optimizer and
-    criterion, the budget's learning-rate curve, KD data read as fairseq 0.12 needs it
-    (the translation task: ``--upsample-primary 1``), saves for resume."""
+    criterion, the budget's learning-rate curve (from update ``offset`` on, if given), KD
+    data read as fairseq 0.12 needs it (the translation task: ``--upsample-primary 1``),
+    saves for resume."""
     every = max(1, updates // 10)
     kd_split = [] if checked.task_flags else ["--upsample-primary", "1"]
-    return [*checked.student_task_flags, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(job.lr),
-            "--lr-scheduler", "inverse_sqrt", "--warmup-init-lr", "1e-07",
-            "--warmup-updates", str(job.warmup), "--criterion", "label_smoothed_cross_entropy",
+    return [*checked.student_task_flags, *learning_rate_flags(job.lr, job.warmup, offset),
+            "--criterion", "label_smoothed_cross_entropy",
             "--label-smoothing", "0.1", "--max-tokens", str(job.max_tokens),
             "--update-freq", str(job.update_freq), "--seed", str(job.seed),
             "--max-update", str(updates), *kd_split, "--data-buffer-size", "0",
@@ -134,12 +136,9 @@ def student_flags(student: Dict) -> List[str]:
 
 
 def generate(job: DistillJob, data: str, task: List[str], direction, checkpoint: str, out: str) -> Command:
-    languages = ["-s", direction[0], "-t", direction[1]]
-    return Command(["fairseq-generate", data, *task, *languages,
-                    "--path", checkpoint, "--gen-subset", job.test_split,
-                    "--beam", str(job.beam), "--max-len-a", str(job.max_len_a),
-                    "--max-len-b", str(job.max_len_b), "--remove-bpe", "--batch-size", "64",
-                    "--required-batch-size-multiple", "1", *device_flags(job)], output=out)
+    return generate_command(data, checkpoint, direction, job.test_split, out, job.beam, [
+        *task, "--max-len-a", str(job.max_len_a), "--max-len-b", str(job.max_len_b),
+        "--batch-size", "64", *device_flags(job)])
 
 
 def build_stages(job: DistillJob, checked) -> List[Stage]:
@@ -154,10 +153,10 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
     stages += [Stage("kd_data", outputs=[kd_bin], depends=[s.name for s in stages], inputs={
         "teacher": checked.teacher_stamp, "data": checked.data_stamp}, actions=[
         functools.partial(link_data, job.data_bin, kd_bin),
-        *[Command(["wd-kd-data", kd_bin, "--teacher-path", teacher, "-s", src, "-t", tgt,
-                   "--beam", str(job.beam), "--max-len-a", str(job.max_len_a), "--max-len-b", str(job.max_len_b),
-                   *(["--engine", job.kd_engine] if job.kd_engine else []), *(["--cpu"] if job.cpu else [])])
-          for src, tgt in checked.directions]])]
+        *[kd_data_command(kd_bin, teacher, direction, job.beam, [
+            "--max-len-a", str(job.max_len_a), "--max-len-b", str(job.max_len_b),
+            *(["--engine", job.kd_engine] if job.kd_engine else []), *(["--cpu"] if job.cpu else [])])
+          for direction in checked.directions]])]
     # what training reads: the KD data-bin and the teacher, or both cut to the used tokens
     train_data, train_teacher = kd_bin, teacher
     if job.trim:
@@ -169,11 +168,10 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
     if method in ("wd", "wd-slice"):
         phase1_dir, phase2_dir = job.path("wd_phase1"), job.path("wd_phase2")
         init, rest = job.path("materialized.pt"), job.updates - job.phase1
-        phase2 = training_flags(job, checked, rest, phase2_dir)
         if job.phase2_schedule == "continue":  # phase 2's update s trains at the rate of update phase1 + s
-            phase2[phase2.index("inverse_sqrt")] = "inverse_sqrt_offset"
-            phase2 += ["--update-offset", str(job.phase1), "--user-dir", user_dir()]
+            phase2 = training_flags(job, checked, rest, phase2_dir, offset=job.phase1) + ["--user-dir", user_dir()]
         else:  # the authors' restart: a new warmup (theirs: 1,000 updates)
+            phase2 = training_flags(job, checked, rest, phase2_dir)
             phase2[phase2.index("--warmup-updates") + 1] = str(max(1, min(1000, rest // 4)))
         stages += [
             Stage("wd_phase1", depends=[stages[-1].name], outputs=[phase1_dir], actions=[Command([
@@ -210,10 +208,8 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
         if not (job.test_refs or job.raw_dir):
             evaluate.append(functools.partial(write_references, os.path.join(eval_dir, f"teacher.{pair}.gen"),
                                               refs, tgt))
-        evaluate += [Command(["wd-evaluate", "score", "--generate-log", os.path.join(eval_dir, f"{name}.{pair}.gen"),
-                              "--refs", refs, "--lang", tgt, "--name", name, "--test-set", f"{job.test_split} {pair}",
-                              "--hypotheses-out", os.path.join(eval_dir, f"{name}.{pair}.hyp"),
-                              "--out", os.path.join(eval_dir, f"{name}.{pair}.json")])
+        evaluate += [score_command(os.path.join(eval_dir, f"{name}.{pair}.gen"), [refs], tgt, name,
+                                   f"{job.test_split} {pair}", os.path.join(eval_dir, f"{name}.{pair}"))
                      for name in ("teacher", "student")]
     stages += [
         Stage("evaluate", depends=[trained], outputs=[eval_dir], actions=evaluate),

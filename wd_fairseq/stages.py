@@ -10,15 +10,18 @@ an upstream stage that reran) has its outputs removed first. A stage's fingerpri
 includes those of the stages it reads, so a change reruns everything downstream.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from typing import Dict, List, Optional, Union
 
@@ -58,11 +61,11 @@ class Stage:
 
 
 def describe(action: Action) -> str:
-    """A command line, or ``(in wd-distill) step(arguments)`` for a Python step."""
+    """A command line, or ``(python) step(arguments)`` for a Python step (run in-process)."""
     if isinstance(action, Command):
         return action.line()
     arguments = ", ".join(repr(a) for a in action.args)
-    return f"(in wd-distill) {action.func.__name__}({arguments})"
+    return f"(python) {action.func.__name__}({arguments})"
 
 
 def fingerprints(stages: List[Stage]) -> Dict[str, str]:
@@ -111,12 +114,7 @@ def run_stages(stages: List[Stage], work: str, until: Optional[str] = None) -> N
         logger.info("%s: %s", header, "resuming what an earlier run left" if resuming else "starting")
         start, log = time.time(), os.path.join(work, "logs", f"{stage.name}.log")
         for action in stage.actions:
-            with open(log, "a", encoding="utf-8") as out:
-                out.write(f"$ {describe(action)}\n")
-            if isinstance(action, Command):
-                _run(action, log, stage.name)
-            else:
-                action()
+            run_action(action, log, stage.name)
         write_atomic(os.path.join(work, "done", stage.name), prints[stage.name] + "\n")
         logger.info("%s: done in %s", header, _clock(time.time() - start))
         if stage.name == until:
@@ -124,16 +122,51 @@ def run_stages(stages: List[Stage], work: str, until: Optional[str] = None) -> N
             return
 
 
-def _run(command: Command, log: str, stage: str) -> None:
+def run_action(action: Action, log: str, stage: str, echo: bool = False) -> None:
+    """Run one action of ``stage``, its line and output appended to ``log``; ``echo``: the
+    output (a Python step's prints too) also to stdout, as it comes. A failing command
+    raises WDSetupError naming its log."""
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"$ {describe(action)}\n")
+    if isinstance(action, Command):
+        _run(action, log, stage, echo)
+    elif echo:
+        with open(log, "a", encoding="utf-8") as out, contextlib.redirect_stdout(_Tee(out, sys.stdout)):
+            action()
+    else:
+        action()
+
+
+class _Tee(io.TextIOBase):
+    """A text stream written to two, each flushed at every write."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+
+def _run(command: Command, log: str, stage: str, echo: bool) -> None:
     target = command.output + ".tmp" if command.output else log
+    argv = [str(c) for c in command.argv]
     with open(target, "w" if command.output else "a", encoding="utf-8") as out:
-        code = subprocess.run([str(c) for c in command.argv], stdout=out,
-                              stderr=subprocess.STDOUT).returncode
+        if echo and not command.output:
+            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, errors="replace", bufsize=1)
+            for line in process.stdout:
+                _Tee(out, sys.stdout).write(line)
+            code = process.wait()
+        else:
+            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
     if code != 0:
         where = target if command.output else log
         raise WDSetupError(
             f"stage {stage}: `{command.line()[:300]}` failed (exit {code}); its output is in "
-            f"{where}. Fix what it says, then run the same wd-distill command again: finished "
+            f"{where}. Fix: what it says there; then run the same command again: finished "
             "stages are kept and this one resumes")
     if command.output:
         os.replace(target, command.output)

@@ -21,6 +21,8 @@
 # Optional, by name only (e.g. pipeline.sh sel_student; EVAL_MODELS=sel_student evaluate):
 #   sel_student Selection + KD, the cheap weight-transfer baseline: the KD student's training
 #               started from a student selected from the teacher (wd-init-student)
+# prepare runs in this script; the stages after it are built and run by recipe_stages.py
+# (wd-distill's stages and command builders, wd_fairseq/stages.py and commands.py).
 # A finished stage leaves $WORK/done/STAGE and is skipped when run again (FORCE=1 redoes
 # the stages named on the command line). Training stages interrupted halfway resume from
 # their checkpoint_last.pt; every stage logs to $WORK/logs/STAGE.log.
@@ -114,9 +116,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TOOLS=$HERE/recipe_tools.py
 PYTHON=${PYTHON:-python}
-# --user-dir: the plugin as installed in this environment, the copy its console scripts
-# (wd-train, wd-materialize, ...) import; a second copy in one process is refused by fairseq
-WD_USER_DIR=$("$PYTHON" -I -c 'import importlib.util as u; print(u.find_spec("wd_fairseq").submodule_search_locations[0])' 2>/dev/null) \
+# the stages after prepare import the plugin as installed in this environment
+"$PYTHON" -I -c 'import importlib.util as u, sys; sys.exit(u.find_spec("wd_fairseq") is None)' 2>/dev/null \
   || { echo "pipeline.sh: error: wd_fairseq is not installed for PYTHON=$PYTHON. Fix: source examples/setup_env.sh (or pip install the repository)" >&2; exit 1; }
 
 : "${SRC:?set SRC (source language code)}" "${TGT:?set TGT (target language code)}"
@@ -202,28 +203,18 @@ KD_EXTRA=${KD_EXTRA:-}
 FORCE=${FORCE:-0}
 PLAN=0
 
+# prepare runs here; the stages after it are recipe_stages.py's (sel_student: by name only)
 STAGES=(prepare teacher kd_data kd_student wd_phase1 materialize wd_phase2 evaluate speed)
 DATA=$WORK/data-bin
-DATA_KD=$WORK/data-bin-kd
-TEACHER=$WORK/teacher/checkpoint_avg.pt
-KD_STUDENT=$WORK/kd_student/checkpoint_avg.pt
-WD_INIT_CKPT=$WORK/wd_phase2/init.pt
-WD_STUDENT=$WORK/wd_phase2/checkpoint_avg.pt
-# every evaluated model and its checkpoint (wd_phase1 = materialised, before phase 2)
-SEL_STUDENT=$WORK/sel_student/checkpoint_avg.pt
+# the models evaluate and speed can score (wd_phase1: materialised, before phase 2)
 MODEL_NAMES=(teacher kd_student wd_phase1 wd_student sel_student)
-MODEL_CKPTS=("$TEACHER" "$KD_STUDENT" "$WD_INIT_CKPT" "$WD_STUDENT" "$SEL_STUDENT")
 for _model in $EXTRA_MODELS; do
   [[ "$_model" =~ ^([A-Za-z0-9_.-]+)=(.+)$ ]] \
     || { echo "pipeline.sh: error: EXTRA_MODELS: '$_model' is not NAME=CHECKPOINT. Fix: e.g. EXTRA_MODELS=\"kd_1600=/path/to/checkpoint.pt\" (name: letters, digits, _ . -)" >&2; exit 1; }
   [[ " ${MODEL_NAMES[*]} " != *" ${BASH_REMATCH[1]} "* ]] \
     || { echo "pipeline.sh: error: EXTRA_MODELS: the name '${BASH_REMATCH[1]}' is taken. Fix: name it otherwise" >&2; exit 1; }
-  MODEL_NAMES+=("${BASH_REMATCH[1]}"); MODEL_CKPTS+=("${BASH_REMATCH[2]}")
+  MODEL_NAMES+=("${BASH_REMATCH[1]}")
 done
-# user-given extra flags: split on whitespace, as on a command line
-read -r -a TRAIN_EXTRA_ARGS <<< "$TRAIN_EXTRA"
-read -r -a GENERATE_EXTRA_ARGS <<< "$GENERATE_EXTRA"
-read -r -a KD_EXTRA_ARGS <<< "$KD_EXTRA"
 read -r -a TEST_SET_NAMES <<< "$TEST_SETS"
 # no tqdm bars (subword-nmt's) in logs and consoles; progress comes as log lines
 export TQDM_DISABLE=${TQDM_DISABLE:-1}
@@ -235,7 +226,6 @@ die() { echo "pipeline.sh: error: $*" >&2; exit 1; }
 [[ "$SPEED_ROUNDS" =~ ^[1-9][0-9]*$ ]] \
   || die "SPEED_ROUNDS=$SPEED_ROUNDS is not a positive integer. Fix: e.g. SPEED_ROUNDS=3"
 flag_if() { [ "$1" = 1 ] && echo "$2" || true; }
-device_flags() { flag_if "$FP16" --fp16; flag_if "$CPU" --cpu; }
 
 # Run a command; in plan mode (pipeline.sh plan) print it, shell-quoted, instead (to fd 3,
 # the plan's stdout, even where the command's own output is redirected).
@@ -397,266 +387,6 @@ stage_prepare() {
   act rm -rf "$DATA"; act mv "$DATA.tmp" "$DATA"
 }
 
-# -- training -----------------------------------------------------------------------
-
-# Checkpoints a stage keeps (fairseq deletes older ones as it saves), by what is averaged
-# at its end ($1): epochs = the last AVG_LAST epoch ends; updates = the last AVG_LAST saves
-# (every SAVE_INTERVAL_UPDATES updates; a save on an epoch end is named by its epoch);
-# none = only checkpoint_last.pt matters. checkpoint_last.pt (resuming) and, with
-# validation, checkpoint_best.pt are always kept.
-retention_flags() {
-  local last=${2:-$AVG_LAST}
-  case "$1" in
-    epochs) echo --keep-last-epochs "$last" --keep-interval-updates 1 ;;
-    updates) echo --keep-last-epochs "$last" --keep-interval-updates "$last" ;;
-    none) echo --no-epoch-checkpoints --keep-interval-updates 1 ;;
-  esac
-}
-
-# Flags of every training stage into array TRAIN_FLAGS; $1: the stage's averaging rule,
-# $2: how many checkpoints it averages (default AVG_LAST).
-# --distributed-world-size is the GPU count the update frequency was computed from, so
-# fairseq cannot train on more (or fewer) GPUs than the batch assumes.
-# --data-buffer-size 0: no fairseq prefetch thread. A run that stops at --max-update
-# mid-epoch leaves that daemon thread collating (and, on GPUs, pinning) the next batches;
-# if Python exits while it is inside torch, the process aborts after its last save
-# ("terminate called without an active exception", exit 134) and the stage fails.
-# Prefetching stays with the DataLoader worker (--num-workers 1).
-train_flags() {
-  TRAIN_FLAGS=(--optimizer adam --adam-betas "(0.9,0.98)" --lr "$LR" --lr-scheduler inverse_sqrt
-    --warmup-init-lr 1e-7 --weight-decay 0.0 --clip-norm 0.0 --dropout "$DROPOUT"
-    --attention-dropout "$ATTENTION_DROPOUT" --activation-dropout "$ACTIVATION_DROPOUT"
-    --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" --distributed-world-size "$NUM_GPUS"
-    --seed "$SEED" --save-interval-updates "$SAVE_INTERVAL_UPDATES" $(retention_flags "$1" "${2:-}")
-    --no-progress-bar --log-format simple --log-interval 100 --num-workers 1
-    --data-buffer-size 0 --skip-invalid-size-inputs-valid-test $(device_flags) "${TRAIN_EXTRA_ARGS[@]}")
-}
-
-teacher_shape() {
-  local side
-  for side in encoder decoder; do
-    echo --$side-layers "$TEACHER_LAYERS" --$side-embed-dim "$TEACHER_DIM" \
-      --$side-ffn-embed-dim "$TEACHER_FFN" --$side-attention-heads "$TEACHER_HEADS"
-  done
-}
-
-student_decoder() {
-  echo --decoder-layers "$STUDENT_DEC_LAYERS" --decoder-embed-dim "$STUDENT_DEC_DIM" \
-    --decoder-ffn-embed-dim "$STUDENT_DEC_FFN" --decoder-attention-heads "$STUDENT_DEC_HEADS"
-}
-
-# Criterion flags into array CRITERION; $1: ls (label-smoothed CE), kd (word-level KD if
-# KD_ALPHA != 0, teacher from --teacher-path) or wd (the same for phase 1, whose teacher is
-# inside the model)
-criterion_flags() {
-  if [ "$1" != ls ] && [ "$KD_ALPHA" != 0 ]; then
-    CRITERION=(--criterion kd_label_smoothed_cross_entropy --label-smoothing "$LABEL_SMOOTHING"
-      --kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE")
-    [ "$1" = wd ] || CRITERION+=(--user-dir "$WD_USER_DIR" --teacher-path "$TEACHER")
-  else
-    CRITERION=(--criterion label_smoothed_cross_entropy --label-smoothing "$LABEL_SMOOTHING")
-  fi
-}
-
-# fairseq-train with the stage's flags; logs the effective batch first. One process:
-# fairseq-train; NUM_GPUS > 1: one wd-train (fairseq-train as a torchrun worker, see
-# wd_fairseq/launch.py) per GPU, or per CPU process with CPU=1 (gloo).
-train() {
-  local launch=(fairseq-train)
-  [ "$NUM_GPUS" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node "$NUM_GPUS" --no-python wd-train)
-  [ "$PLAN" = 1 ] || log "batch: $NUM_GPUS GPU process(es) x $MAX_TOKENS tokens x update-freq $UPDATE_FREQ = $EFFECTIVE_TOKENS tokens per update (target BATCH_TOKENS=$BATCH_TOKENS); dropout $DROPOUT, attention $ATTENTION_DROPOUT, activation $ACTIVATION_DROPOUT"
-  run "${launch[@]}" "$@"
-}
-
-# Average the last $3 (default AVG_LAST) checkpoints of directory $1 by rule $2 (epochs or
-# updates) into $1/checkpoint_avg.pt.
-average() {
-  run "$PYTHON" "$TOOLS" average --dir "$1" --rule "$2" --last "${3:-$AVG_LAST}" \
-    --out "$1/checkpoint_avg.pt"
-}
-
-# Refuse to start stage $1 where its checkpoints (estimate) do not fit in directory $2.
-check_disk() {
-  if [ "$PLAN" != 1 ]; then
-    settings | "$PYTHON" "$TOOLS" check-disk --stage "$1" --dir "$2" --data "$DATA"
-  fi
-}
-
-stage_teacher() {
-  check_disk teacher "$WORK/teacher"
-  train_flags "$TEACHER_AVERAGE"; criterion_flags ls
-  train "$DATA" --arch transformer $(teacher_shape) "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" \
-    --warmup-updates "$WARMUP" --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher"
-  average "$WORK/teacher" "$TEACHER_AVERAGE"
-}
-
-stage_kd_data() {
-  # data-bin-kd: links to every file of data-bin, plus train1 written by wd-kd-data.
-  if [ "$PLAN" != 1 ]; then
-    mkdir -p "$DATA_KD"
-    local f
-    for f in "$DATA"/*; do ln -sfn "$f" "$DATA_KD/"; done
-  fi
-  local engine=()
-  [ -z "$KD_ENGINE" ] || engine=(--engine "$KD_ENGINE")
-  run wd-kd-data "$DATA_KD" --teacher-path "$TEACHER" -s "$SRC" -t "$TGT" --beam "$KD_BEAM" \
-    --lenpen "$KD_LENPEN" --max-tokens "$KD_MAX_TOKENS" "${engine[@]}" $(device_flags) "${KD_EXTRA_ARGS[@]}"
-}
-
-# original + KD data: fairseq concatenates train and train1 (--upsample-primary 1 is
-# needed: fairseq 0.12's default -1 breaks the concatenation)
-stage_kd_student() {
-  check_disk kd_student "$WORK/kd_student"
-  train_flags "$STUDENT_AVERAGE"; criterion_flags kd
-  train "$DATA_KD" --arch transformer $(teacher_shape) $(student_decoder) --upsample-primary 1 \
-    "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" --warmup-updates "$WARMUP" \
-    --max-update "$KD_UPDATES" --save-dir "$WORK/kd_student"
-  average "$WORK/kd_student" "$STUDENT_AVERAGE"
-}
-
-stage_wd_phase1() {
-  check_disk wd_phase1 "$WORK/wd_phase1"
-  train_flags none; criterion_flags wd
-  train "$DATA_KD" --user-dir "$WD_USER_DIR" --arch wd_transformer \
-    --teacher-path "$TEACHER" $(student_decoder) --wd-init "$WD_INIT" --upsample-primary 1 \
-    "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" --warmup-updates "$WARMUP" \
-    --max-update "$PHASE1_UPDATES" --save-dir "$WORK/wd_phase1"
-}
-
-stage_materialize() {
-  act mkdir -p "$WORK/wd_phase2"
-  check_disk materialize "$WORK/wd_phase2"
-  run wd-materialize "$WORK/wd_phase1/checkpoint_last.pt" "$WD_INIT_CKPT" --data "$DATA_KD"
-  act rm -f "$WORK/wd_phase2/flags"  # (a redo must not keep an earlier student's flags)
-  produce "$WORK/wd_phase2/flags" "$PYTHON" "$TOOLS" phase2-flags "$WD_INIT_CKPT"
-}
-
-stage_wd_phase2() {
-  local flags=("<the student's shape and dropout from $WORK/wd_phase2/flags>")
-  [ "$PLAN" = 1 ] || read -r -a flags < "$WORK/wd_phase2/flags"
-  check_disk wd_phase2 "$WORK/wd_phase2"
-  train_flags "$STUDENT_AVERAGE" "$PHASE2_AVG_LAST"; criterion_flags ls
-  local schedule=(--warmup-updates "$PHASE2_WARMUP")  # the authors' restart
-  if [ "$PHASE2_SCHEDULE" = continue ]; then  # phase 1's curve, from where phase 1 stopped
-    schedule=(--user-dir "$WD_USER_DIR" --lr-scheduler inverse_sqrt_offset
-      --update-offset "$PHASE1_UPDATES" --warmup-updates "$WARMUP")
-  fi
-  train "$DATA_KD" "${flags[@]}" --finetune-from-model "$WD_INIT_CKPT" --upsample-primary 1 \
-    "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" "${schedule[@]}" \
-    --max-update "$PHASE2_UPDATES" --save-dir "$WORK/wd_phase2"
-  average "$WORK/wd_phase2" "$STUDENT_AVERAGE" "$PHASE2_AVG_LAST"
-}
-
-# wd-init-student's flags for SEL_INIT.
-selection_flags() {
-  if [ "$SEL_INIT" = selection ]; then echo --layers "$SEL_LAYERS" --dims "$SEL_DIMS"
-  else echo --init "$SEL_INIT" --seed "$SEED"; fi
-}
-
-# Selection + KD: kd_student's training from wd-init-student's selection of the teacher
-# (fairseq resumes from checkpoint_last.pt once there is one, and ignores init.pt then).
-stage_sel_student() {
-  act mkdir -p "$WORK/sel_student"
-  [ -e "$WORK/sel_student/init.pt" ] || run wd-init-student "$TEACHER" "$WORK/sel_student/init.pt" \
-    --data "$DATA" $(student_decoder) $(selection_flags)
-  train_flags "$STUDENT_AVERAGE"; criterion_flags kd
-  train "$DATA_KD" --arch transformer $(teacher_shape) $(student_decoder) --upsample-primary 1 \
-    --finetune-from-model "$WORK/sel_student/init.pt" "${TRAIN_FLAGS[@]}" "${CRITERION[@]}" \
-    --warmup-updates "$WARMUP" --max-update "$KD_UPDATES" --save-dir "$WORK/sel_student"
-  average "$WORK/sel_student" "$STUDENT_AVERAGE"
-}
-
-# -- evaluation ---------------------------------------------------------------------
-
-# fairseq-generate of checkpoint $1 on test set $2, stdout and log into file $3; extra flags
-# follow. --required-batch-size-multiple 1: with fairseq-fixed 0.12.3.1 any larger multiple
-# silently drops the last, smaller batch (up to 7 test sentences).
-generate() {
-  local ckpt=$1 set=$2 out=$3; shift 3
-  local cmd=(fairseq-generate "$DATA" --path "$ckpt" --gen-subset "$set" -s "$SRC" -t "$TGT"
-    --beam "$BEAM" --lenpen "$LENPEN" --remove-bpe --required-batch-size-multiple 1
-    --num-workers 1 $(device_flags) "${GENERATE_EXTRA_ARGS[@]}" "$@")
-  if [ "$PLAN" = 1 ]; then run "${cmd[@]}"; echo "    > $out" >&3; return 0; fi
-  [ -f "$ckpt" ] || die "$ckpt: missing. Fix: run the stage that trains it first"
-  "${cmd[@]}" > "$out.tmp" 2>&1 \
-    || { tail -n 20 "$out.tmp"; die "fairseq-generate of $ckpt on $set failed (log: $out.tmp)"; }
-  mv "$out.tmp" "$out"
-}
-
-# What the results table notes about how each model was made.
-table_notes() {
-  echo "teacher: average of the last $AVG_LAST $(rule_words "$TEACHER_AVERAGE")"
-  echo "kd_student: average of the last $AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
-  echo "wd_student: average of the last $PHASE2_AVG_LAST $(rule_words "$STUDENT_AVERAGE")"
-  [ ! -d "$WORK/sel_student" ] || echo "sel_student: KD training from wd-init-student $(selection_flags), average as kd_student"
-  echo "batch: $EFFECTIVE_TOKENS tokens per update ($NUM_GPUS x $MAX_TOKENS x $UPDATE_FREQ); dropout $DROPOUT, attention dropout $ATTENTION_DROPOUT, activation dropout $ACTIVATION_DROPOUT"
-}
-
-rule_words() {
-  case "$1" in
-    epochs) echo "epoch checkpoints" ;;
-    updates) echo "saves, $SAVE_INTERVAL_UPDATES updates apart" ;;
-  esac
-}
-
-# The results table from the records made so far (rows in the order of MODEL_NAMES).
-results_table() {
-  local records=() name set kind notes=() note
-  for kind in eval speed; do
-    for name in "${MODEL_NAMES[@]}"; do
-      for set in "${TEST_SET_NAMES[@]}"; do
-        [ -f "$WORK/$kind/$name.$set.json" ] && records+=("$WORK/$kind/$name.$set.json")
-      done
-    done
-  done
-  while IFS= read -r note; do notes+=(--note "$note"); done < <(table_notes)
-  run wd-evaluate table "${records[@]}" --teacher teacher --title "$PAIR_NAME" \
-    --json "$WORK/results.json" --markdown "$WORK/results.md" "${notes[@]}"
-}
-
-# Is model $1 one of EVAL_MODELS?
-evaluated() { [[ " $EVAL_MODELS " == *" $1 "* ]]; }
-
-stage_evaluate() {
-  act mkdir -p "$WORK/eval"
-  local i name set
-  for i in "${!MODEL_NAMES[@]}"; do
-    name=${MODEL_NAMES[$i]}
-    evaluated "$name" || continue
-    for set in "${TEST_SET_NAMES[@]}"; do
-      references "$set"
-      generate "${MODEL_CKPTS[$i]}" "$set" "$WORK/eval/$name.$set.gen" --batch-size "$EVAL_BATCH_SIZE"
-      run wd-evaluate score --generate-log "$WORK/eval/$name.$set.gen" --refs "${REFS[@]}" \
-        --lang "$TGT" --convention "$BLEU_CONVENTION" --name "$name" --test-set "$set" \
-        --hypotheses-out "$WORK/eval/$name.$set.hyp" --out "$WORK/eval/$name.$set.json" > /dev/null
-    done
-  done
-  results_table
-}
-
-stage_speed() {
-  act mkdir -p "$WORK/speed"
-  local i k r n name logs set=${TEST_SET_NAMES[0]} order=()
-  for i in "${!MODEL_NAMES[@]}"; do evaluated "${MODEL_NAMES[$i]}" && order+=("$i"); done
-  n=${#order[@]}
-  # Rounds interleave the models (each round starts one model later), so a slow spell of
-  # the machine does not land on one model.
-  for ((r = 1; r <= SPEED_ROUNDS; r++)); do
-    for ((k = 0; k < n; k++)); do
-      i=${order[$(((k + r - 1) % n))]}
-      generate "${MODEL_CKPTS[$i]}" "$set" "$WORK/speed/${MODEL_NAMES[$i]}.$set.r$r.gen" \
-        --batch-size "$SPEED_BATCH_SIZE"
-    done
-  done
-  for i in "${order[@]}"; do
-    name=${MODEL_NAMES[$i]} logs=()
-    for ((r = 1; r <= SPEED_ROUNDS; r++)); do logs+=("$WORK/speed/$name.$set.r$r.gen"); done
-    run wd-evaluate speed --name "$name" --test-set "$set" --checkpoint "${MODEL_CKPTS[$i]}" \
-      --generate-log "${logs[@]}" --out "$WORK/speed/$name.$set.json" > /dev/null
-  done
-  results_table
-}
-
 # -- driver -------------------------------------------------------------------------
 
 SETTINGS=(SRC TGT WORK PAIR_NAME RAW_DIR TRAIN_URLS TRAIN_PREFIXES CHECKSUMS SACREBLEU_VALID
@@ -682,33 +412,35 @@ show_config() {
   settings | "$PYTHON" "$TOOLS" review --data "$DATA"
 }
 
+# The stages after prepare: recipe_stages.py plan|run ..., given the settings.
+recipe_stages() { settings | "$PYTHON" "$HERE/recipe_stages.py" "$@"; }
+
 # plan: the review, then every command of every stage with its resolved flags.
 show_plan() {
-  local stage
   settings | "$PYTHON" "$TOOLS" review --data "$DATA"
-  PLAN=1
-  for stage in "${STAGES[@]}"; do
-    echo
-    echo "== $stage"
-    "stage_$stage"
-  done
+  echo
+  echo "== prepare"
+  PLAN=1 stage_prepare
+  recipe_stages plan
 }
 
-run_stage() {
-  local stage=$1 rc
-  if [ -e "$WORK/done/$stage" ] && [ "$FORCE" != 1 ]; then
-    log "skip $stage (done; FORCE=1 $0 $stage redoes it)"
+# prepare (as recipe_stages.py runs the others): skipped when done unless FORCE=1; its
+# output to its log and stdout.
+run_prepare() {
+  local rc
+  if [ -e "$WORK/done/prepare" ] && [ "$FORCE" != 1 ]; then
+    log "skip prepare (done; FORCE=1 $0 prepare redoes it)"
     return 0
   fi
-  rm -f "$WORK/done/$stage"
-  log "start $stage (log: $WORK/logs/$stage.log)"
+  rm -f "$WORK/done/prepare"
+  log "start prepare (log: $WORK/logs/prepare.log)"
   set +e
-  ( set -e; "stage_$stage" ) 2>&1 | tee -a "$WORK/logs/$stage.log"
+  ( set -e; stage_prepare ) 2>&1 | tee -a "$WORK/logs/prepare.log"
   rc=${PIPESTATUS[0]}
   set -e
-  [ "$rc" = 0 ] || die "stage $stage failed (exit $rc); see $WORK/logs/$stage.log. Rerun to resume"
-  touch "$WORK/done/$stage"
-  log "done $stage"
+  [ "$rc" = 0 ] || die "stage prepare failed (exit $rc); see $WORK/logs/prepare.log. Rerun to resume"
+  touch "$WORK/done/prepare"
+  log "done prepare"
 }
 
 # The settings that would fail only after hours of work, checked before any stage.
@@ -743,13 +475,19 @@ main() {
     config) show_config; return ;;
     plan) show_plan; return ;;
   esac
-  local stages=("$@") stage
+  local stages=("$@") stage after=()
   [ ${#stages[@]} -gt 0 ] || stages=("${STAGES[@]}")
   for stage in "${stages[@]}"; do
-    declare -F "stage_$stage" > /dev/null || die "unknown stage '$stage'. Stages: ${STAGES[*]}; optional: sel_student (or config, plan)"
+    [[ " ${STAGES[*]} sel_student " == *" $stage "* ]] || die "unknown stage '$stage'. Stages: ${STAGES[*]}; optional: sel_student (or config, plan)"
   done
   mkdir -p "$WORK/logs" "$WORK/done"
-  for stage in "${stages[@]}"; do run_stage "$stage"; done
+  # in order: prepare here, each run of the other stages in one recipe_stages.py
+  for stage in "${stages[@]}" ""; do
+    if [ "$stage" != prepare ] && [ -n "$stage" ]; then after+=("$stage"); continue; fi
+    [ ${#after[@]} = 0 ] || recipe_stages run $(flag_if "$FORCE" --force) "${after[@]}"
+    after=()
+    [ -z "$stage" ] || run_prepare
+  done
 }
 
 # one line: bash has read all of it before running, so editing this file meanwhile is safe

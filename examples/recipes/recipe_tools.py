@@ -9,8 +9,6 @@
     recipe_tools.py batch --visible N --cpu 0 --num-gpus N --max-tokens T --update-freq F --batch-tokens B
     recipe_tools.py review [--data DATA_BIN] < KEY=VALUE lines (pipeline.sh's settings)
     recipe_tools.py average --dir DIR --rule {epochs,updates} --last N --out OUT.pt
-    recipe_tools.py check-disk --stage STAGE --dir DIR [--data DATA_BIN] < KEY=VALUE lines
-    recipe_tools.py phase2-flags STUDENT.pt
 
 Text: ``\n`` is the only line end. Raw WMT text holds bare ``\r``, ``\x85``, ``\u2028``
 and form feeds inside lines; Python's default text mode (and ``str.splitlines``) would
@@ -419,23 +417,6 @@ def disk_estimate(settings: Dict[str, str], data: Optional[str]) -> Tuple[List[s
     return lines, total
 
 
-def check_disk(args) -> None:
-    """Refuse to start a training stage whose checkpoints (estimate, less what its save
-    dir already holds: a resumed stage) do not fit on the disk of that directory."""
-    from wd_fairseq.cli import run_cli
-    from wd_fairseq.disk_space import human, require_free_space
-
-    settings = dict(line.rstrip("\n").split("=", 1) for line in sys.stdin if "=" in line)
-    _, size, files = stage_checkpoints(settings, args.data)[args.stage]
-    held = sum(os.path.getsize(os.path.join(args.dir, f)) for f in os.listdir(args.dir)
-               if f.endswith(".pt")) if os.path.isdir(args.dir) else 0
-    run_cli("recipe_tools.py check-disk", lambda: require_free_space(
-        args.dir, size * files - held,
-        f"the checkpoints of stage {args.stage} ({files} x {human(size)})",
-        "free space there, or set WORK to a bigger disk (or lower AVG_LAST); "
-        "a rerun resumes the stage"))
-
-
 def review(args) -> None:
     """The plan's summary of pipeline.sh's settings (KEY=VALUE lines on stdin)."""
     settings = dict(line.rstrip("\n").split("=", 1) for line in sys.stdin if "=" in line)
@@ -462,16 +443,6 @@ def review(args) -> None:
           + ("none" if not diffs else ""))
     for line in diffs:
         print(f"  - {line}")
-
-
-def phase2_flags(args) -> None:
-    """The ``fairseq-train`` flags that rebuild a materialised student."""
-    import torch
-
-    from wd_fairseq.checkpoints import phase2_flags as flags
-
-    state = torch.load(args.student, map_location="cpu", weights_only=True)
-    print(" ".join(flags(state["cfg"]["model"])))
 
 
 def main(argv=None):
@@ -517,15 +488,6 @@ def main(argv=None):
     p.add_argument("--last", type=int, required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(run=average)
-    p = sub.add_parser("check-disk")
-    p.add_argument("--stage", required=True, choices=("teacher", "kd_student", "wd_phase1",
-                                                      "materialize", "wd_phase2"))
-    p.add_argument("--dir", required=True, help="the directory the stage writes its checkpoints to")
-    p.add_argument("--data", help="data-bin (its dictionary sizes, once prepared)")
-    p.set_defaults(run=check_disk)
-    p = sub.add_parser("phase2-flags")
-    p.add_argument("student")
-    p.set_defaults(run=phase2_flags)
     args = parser.parse_args(argv)
     args.run(args)
 
