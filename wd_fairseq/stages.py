@@ -33,15 +33,21 @@ logger = logging.getLogger("wd_fairseq.stages")
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """A command line; its stdout and stderr go to the stage log, or to ``output``
-    (written whole: a temporary file renamed at the end)."""
+    """A command line. Its stdout and stderr go to the stage log; or both to ``output``, or
+    stdout alone to ``stdout`` (a file written whole: a temporary file renamed at the end).
+    ``creates``: the (non-empty) file it makes; while that file exists a rerun skips the
+    command, so a resumed stage keeps the steps it finished."""
 
     argv: List[str]
     output: Optional[str] = None
+    stdout: Optional[str] = None
+    creates: Optional[str] = None
 
     def line(self) -> str:
         text = " ".join(shlex.quote(str(part)) for part in self.argv)
-        return text + (f" > {shlex.quote(self.output)} 2>&1" if self.output else "")
+        if self.output:
+            return f"{text} > {shlex.quote(self.output)} 2>&1"
+        return f"{text} > {shlex.quote(self.stdout)}" if self.stdout else text
 
 
 Action = Union[Command, functools.partial]  # a Python step: a partial of a function
@@ -151,25 +157,32 @@ class _Tee(io.TextIOBase):
 
 
 def _run(command: Command, log: str, stage: str, echo: bool) -> None:
-    target = command.output + ".tmp" if command.output else log
+    if command.creates and os.path.isfile(command.creates) and os.path.getsize(command.creates):
+        with open(log, "a", encoding="utf-8") as out:
+            out.write(f"(kept: {command.creates} was made earlier)\n")
+        return
+    written = command.output or command.stdout
     argv = [str(c) for c in command.argv]
-    with open(target, "w" if command.output else "a", encoding="utf-8") as out:
-        if echo and not command.output:
-            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, errors="replace", bufsize=1)
-            for line in process.stdout:
-                _Tee(out, sys.stdout).write(line)
-            code = process.wait()
-        else:
-            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
+    with open(log, "a", encoding="utf-8") as log_file, \
+            open(written + ".tmp", "w", encoding="utf-8") if written else contextlib.nullcontext() as file:
+        # where stdout and stderr go; what goes to the log goes to stdout too with echo
+        streams = {"stdout": file or log_file, "stderr": subprocess.STDOUT if not command.stdout else log_file}
+        piped = "stdout" if echo and not written else "stderr" if echo and command.stdout else None
+        if piped:
+            streams[piped] = subprocess.PIPE
+        process = subprocess.Popen(argv, text=True, errors="replace", bufsize=1, **streams)
+        if piped:
+            for line in getattr(process, piped):
+                _Tee(log_file, sys.stdout).write(line)
+        code = process.wait()
     if code != 0:
-        where = target if command.output else log
+        where = command.output + ".tmp" if command.output else log
         raise WDSetupError(
             f"stage {stage}: `{command.line()[:300]}` failed (exit {code}); its output is in "
             f"{where}. Fix: what it says there; then run the same command again: finished "
             "stages are kept and this one resumes")
-    if command.output:
-        os.replace(target, command.output)
+    if written:
+        os.replace(written + ".tmp", written)
 
 
 def _clock(seconds: float) -> str:

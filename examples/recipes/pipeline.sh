@@ -21,8 +21,8 @@
 # Optional, by name only (e.g. pipeline.sh sel_student; EVAL_MODELS=sel_student evaluate):
 #   sel_student Selection + KD, the cheap weight-transfer baseline: the KD student's training
 #               started from a student selected from the teacher (wd-init-student)
-# prepare runs in this script; the stages after it are built and run by recipe_stages.py
-# (wd-distill's stages and command builders, wd_fairseq/stages.py and commands.py).
+# This script resolves and checks the settings; recipe_stages.py (prepare: recipe_prepare.py)
+# builds and runs the stages on wd-distill's machinery (wd_fairseq/stages.py, commands.py).
 # A finished stage leaves $WORK/done/STAGE and is skipped when run again (FORCE=1 redoes
 # the stages named on the command line). Training stages interrupted halfway resume from
 # their checkpoint_last.pt; every stage logs to $WORK/logs/STAGE.log.
@@ -201,9 +201,8 @@ SPEED_ROUNDS=${SPEED_ROUNDS:-3}
 GENERATE_EXTRA=${GENERATE_EXTRA:-}
 KD_EXTRA=${KD_EXTRA:-}
 FORCE=${FORCE:-0}
-PLAN=0
 
-# prepare runs here; the stages after it are recipe_stages.py's (sel_student: by name only)
+# the stages, run by recipe_stages.py (sel_student: by name only)
 STAGES=(prepare teacher kd_data kd_student wd_phase1 materialize wd_phase2 evaluate speed)
 DATA=$WORK/data-bin
 # the models evaluate and speed can score (wd_phase1: materialised, before phase 2)
@@ -215,177 +214,15 @@ for _model in $EXTRA_MODELS; do
     || { echo "pipeline.sh: error: EXTRA_MODELS: the name '${BASH_REMATCH[1]}' is taken. Fix: name it otherwise" >&2; exit 1; }
   MODEL_NAMES+=("${BASH_REMATCH[1]}")
 done
-read -r -a TEST_SET_NAMES <<< "$TEST_SETS"
 # no tqdm bars (subword-nmt's) in logs and consoles; progress comes as log lines
 export TQDM_DISABLE=${TQDM_DISABLE:-1}
 
-log() { echo "[$(date '+%F %T')] [$PAIR_NAME] $*"; }
 die() { echo "pipeline.sh: error: $*" >&2; exit 1; }
 [[ "$PHASE2_SCHEDULE" =~ ^(restart|continue)$ ]] \
   || die "PHASE2_SCHEDULE=$PHASE2_SCHEDULE: choose restart (the authors') or continue. Fix: e.g. PHASE2_SCHEDULE=continue"
 [[ "$SPEED_ROUNDS" =~ ^[1-9][0-9]*$ ]] \
   || die "SPEED_ROUNDS=$SPEED_ROUNDS is not a positive integer. Fix: e.g. SPEED_ROUNDS=3"
 flag_if() { [ "$1" = 1 ] && echo "$2" || true; }
-
-# Run a command; in plan mode (pipeline.sh plan) print it, shell-quoted, instead (to fd 3,
-# the plan's stdout, even where the command's own output is redirected).
-exec 3>&1
-run() {
-  if [ "$PLAN" = 1 ]; then
-    { printf '  '; printf '%q ' "$@"; printf '\n'; } >&3
-  else
-    "$@"
-  fi
-}
-
-# Run a command unless in plan mode (file housekeeping that plan does not list).
-act() { [ "$PLAN" = 1 ] || "$@"; }
-
-# -- prepare ------------------------------------------------------------------------
-
-# Write "$1" from the stdout of the remaining command, atomically; skip if it exists.
-produce() {
-  local out=$1; shift
-  if [ "$PLAN" = 1 ]; then run "$@"; echo "    > $out" >&3; return 0; fi
-  [ -s "$out" ] && return 0
-  "$@" > "$out.tmp"
-  mv "$out.tmp" "$out"
-}
-
-check_sum() {
-  local file=$1 name; name=$(basename "$1")
-  local actual expected=""
-  actual=$(sha256sum "$file" | cut -d' ' -f1)
-  [ -n "$CHECKSUMS" ] && [ -f "$CHECKSUMS" ] && expected=$(awk -v n="$name" '$2 == n {print $1}' "$CHECKSUMS")
-  if [ -z "$expected" ]; then
-    log "WARNING: no checksum for $name in ${CHECKSUMS:-CHECKSUMS (unset)}; sha256 $actual recorded in $WORK/downloads/SHA256SUMS.recorded"
-    echo "$actual  $name" >> "$WORK/downloads/SHA256SUMS.recorded"
-  elif [ "$expected" != "$actual" ]; then
-    die "$file: sha256 $actual, expected $expected (from $CHECKSUMS). Fix: delete the file and rerun (a broken download), or correct $CHECKSUMS"
-  fi
-}
-
-download_train() {
-  local dl=$WORK/downloads url name
-  act mkdir -p "$dl/extracted"
-  for url in $TRAIN_URLS; do
-    name=$(basename "${url%%\?*}")
-    if [ "$PLAN" = 1 ]; then
-      run curl -fL --retry 3 -o "$dl/$name" "$url"
-      continue
-    fi
-    if [ ! -s "$dl/$name" ]; then
-      log "downloading $url"
-      curl -fL --retry 3 -o "$dl/$name.part" "$url" || die "download of $url failed. Fix: check the network or the URL, then rerun"
-      mv "$dl/$name.part" "$dl/$name"
-    fi
-    check_sum "$dl/$name"
-    if [ ! -e "$dl/extracted/.$name.done" ]; then
-      case "$name" in
-        *.tgz|*.tar.gz) tar -xzf "$dl/$name" -C "$dl/extracted" ;;
-        *.zip) "$PYTHON" -m zipfile -e "$dl/$name" "$dl/extracted" ;;
-        *.gz) gunzip -c "$dl/$name" > "$dl/extracted/${name%.gz}" ;;
-        *) die "$name: unknown archive type. Fix: use .tgz, .tar.gz, .zip or .gz URLs" ;;
-      esac
-      touch "$dl/extracted/.$name.done"
-    fi
-  done
-  local prefix prefixes=()
-  for prefix in $TRAIN_PREFIXES; do prefixes+=("$dl/extracted/$prefix"); done
-  run "$PYTHON" "$TOOLS" concat --src-lang "$SRC" --tgt-lang "$TGT" --out-prefix "$WORK/raw/train" \
-    "${prefixes[@]}"
-}
-
-raw_text() {
-  act mkdir -p "$WORK/raw"
-  if [ -n "$RAW_DIR" ]; then
-    local f
-    [ "$PLAN" = 1 ] && { echo "  (links to the files of RAW_DIR=$RAW_DIR in $WORK/raw)"; return; }
-    for f in "$RAW_DIR"/*; do ln -sfn "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$WORK/raw/"; done
-    return
-  fi
-  [ -n "$TRAIN_URLS" ] || die "no data: set RAW_DIR (local raw text) or TRAIN_URLS/TRAIN_PREFIXES"
-  [ -s "$WORK/raw/train.$TGT" ] || download_train
-  [ ${#TEST_SET_NAMES[@]} = 1 ] || die "downloads give one test set (SACREBLEU_TEST); set RAW_DIR for several"
-  local name test
-  for test in "$VALID_SET:$SACREBLEU_VALID" "${TEST_SET_NAMES[0]}:$SACREBLEU_TEST"; do
-    name=${test%%:*}
-    produce "$WORK/raw/$name.$SRC" sacrebleu -t "${test#*:}" -l "$SRC-$TGT" --echo src
-    produce "$WORK/raw/$name.$TGT" sacrebleu -t "${test#*:}" -l "$SRC-$TGT" --echo ref
-  done
-}
-
-# Reference files of test set $1 (one, or several numbered ones) into array REFS.
-references() {
-  REFS=()
-  if [ -f "$WORK/raw/$1.$TGT" ] || [ "$PLAN" = 1 ]; then REFS=("$WORK/raw/$1.$TGT"); return; fi
-  local f
-  for f in "$WORK/raw/$1.$TGT"[0-9]*; do [ -f "$f" ] && REFS+=("$f"); done
-  [ ${#REFS[@]} -gt 0 ] || die "$WORK/raw/$1.$TGT (or $1.${TGT}0, ...): no reference. Fix: add it to RAW_DIR"
-}
-
-# Romanian: ş ţ (cedilla) -> ș ț always; diacritics removed when RO_DIACRITICS=remove.
-text_flags() {
-  [ "$1" = ro ] && [ "$RO_DIACRITICS" = remove ] && echo --remove-diacritics || true
-}
-
-stage_prepare() {
-  raw_text
-  local tok=$WORK/tok bpe=$WORK/bpe set lang mode ref
-  act mkdir -p "$tok" "$bpe"
-  for set in "${TEST_SET_NAMES[@]}"; do
-    case "$set" in train*|valid*) die "test set name $set: fairseq would load it with train/valid splits. Fix: rename it" ;; esac
-  done
-  for set in train "$VALID_SET" "${TEST_SET_NAMES[@]}"; do
-    for lang in "$SRC" "$TGT"; do
-      if [ "$lang" = "$SRC" ]; then mode=$TOKENIZE_SRC; else mode=$TOKENIZE_TGT; fi
-      ref=$WORK/raw/$set.$lang
-      if [ "$lang" = "$TGT" ] && [ ! -f "$ref" ] && [ "$set" != train ]; then references "$set"; ref=${REFS[0]}; fi
-      [ -f "$ref" ] || [ "$PLAN" = 1 ] || die "$ref: missing. Fix: provide $set.$lang (see RAW_DIR above)"
-      [ -s "$tok/$set.$lang" ] || run "$PYTHON" "$TOOLS" tokenize --lang "$lang" --mode "$mode" \
-        $(text_flags "$lang") --workers "$WORKERS" "$ref" "$tok/$set.$lang"
-    done
-    act "$PYTHON" "$TOOLS" check-aligned "$tok/$set.$SRC" "$tok/$set.$TGT"
-  done
-  [ -s "$tok/train.clean.$TGT" ] || run "$PYTHON" "$TOOLS" clean --src "$tok/train.$SRC" --tgt "$tok/train.$TGT" \
-    --out-prefix "$tok/train.clean" --src-lang "$SRC" --tgt-lang "$TGT" --max-len "$CLEAN_MAX_LEN" --ratio "$CLEAN_RATIO"
-  if [ ! -s "$bpe/codes.$TGT" ]; then
-    if [ "$JOINT_BPE" = 1 ]; then
-      run subword-nmt learn-joint-bpe-and-vocab --input "$tok/train.clean.$SRC" "$tok/train.clean.$TGT" -s "$BPE_MERGES" \
-        -o "$bpe/codes.tmp" --write-vocabulary "$bpe/vocab.$SRC" "$bpe/vocab.$TGT"
-      act cp "$bpe/codes.tmp" "$bpe/codes.$SRC"; act mv "$bpe/codes.tmp" "$bpe/codes.$TGT"
-    else
-      for lang in "$SRC" "$TGT"; do
-        produce "$bpe/codes.$lang" subword-nmt learn-bpe -s "$BPE_MERGES" --input "$tok/train.clean.$lang"
-        run subword-nmt apply-bpe -c "$bpe/codes.$lang" --input "$tok/train.clean.$lang" --output "$bpe/train.nojoint.$lang"
-        produce "$bpe/vocab.$lang" subword-nmt get-vocab --input "$bpe/train.nojoint.$lang"
-        act rm -f "$bpe/train.nojoint.$lang"
-      done
-    fi
-  fi
-  for set in train "$VALID_SET" "${TEST_SET_NAMES[@]}"; do
-    for lang in "$SRC" "$TGT"; do
-      local in=$tok/$set.$lang
-      [ "$set" = train ] && in=$tok/train.clean.$lang
-      produce "$bpe/$set.$lang" subword-nmt apply-bpe -c "$bpe/codes.$lang" --vocabulary "$bpe/vocab.$lang" \
-        --vocabulary-threshold "$BPE_VOCAB_THRESHOLD" --input "$in"
-    done
-  done
-  act rm -rf "$DATA.tmp"
-  run fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --trainpref "$bpe/train" \
-    --validpref "$bpe/$VALID_SET" --destdir "$DATA.tmp" --workers "$WORKERS" $(flag_if "$JOINED_DICT" --joined-dictionary)
-  for set in "${TEST_SET_NAMES[@]}"; do
-    # one fairseq-preprocess per test set: --testpref a,b would make test, test1 (concatenated)
-    act rm -rf "$WORK/tmp-$set"
-    run fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --testpref "$bpe/$set" --destdir "$WORK/tmp-$set" \
-      --srcdict "$DATA.tmp/dict.$SRC.txt" --tgtdict "$DATA.tmp/dict.$TGT.txt" --workers "$WORKERS"
-    if [ "$PLAN" != 1 ]; then
-      for f in "$WORK/tmp-$set"/test.*; do mv "$f" "$DATA.tmp/$set.${f##*/test.}"; done
-      rm -rf "$WORK/tmp-$set"
-    fi
-  done
-  act rm -rf "$DATA"; act mv "$DATA.tmp" "$DATA"
-}
 
 # -- driver -------------------------------------------------------------------------
 
@@ -412,35 +249,13 @@ show_config() {
   settings | "$PYTHON" "$TOOLS" review --data "$DATA"
 }
 
-# The stages after prepare: recipe_stages.py plan|run ..., given the settings.
+# recipe_stages.py plan|run ..., given the settings.
 recipe_stages() { settings | "$PYTHON" "$HERE/recipe_stages.py" "$@"; }
 
 # plan: the review, then every command of every stage with its resolved flags.
 show_plan() {
   settings | "$PYTHON" "$TOOLS" review --data "$DATA"
-  echo
-  echo "== prepare"
-  PLAN=1 stage_prepare
   recipe_stages plan
-}
-
-# prepare (as recipe_stages.py runs the others): skipped when done unless FORCE=1; its
-# output to its log and stdout.
-run_prepare() {
-  local rc
-  if [ -e "$WORK/done/prepare" ] && [ "$FORCE" != 1 ]; then
-    log "skip prepare (done; FORCE=1 $0 prepare redoes it)"
-    return 0
-  fi
-  rm -f "$WORK/done/prepare"
-  log "start prepare (log: $WORK/logs/prepare.log)"
-  set +e
-  ( set -e; stage_prepare ) 2>&1 | tee -a "$WORK/logs/prepare.log"
-  rc=${PIPESTATUS[0]}
-  set -e
-  [ "$rc" = 0 ] || die "stage prepare failed (exit $rc); see $WORK/logs/prepare.log. Rerun to resume"
-  touch "$WORK/done/prepare"
-  log "done prepare"
 }
 
 # The settings that would fail only after hours of work, checked before any stage.
@@ -475,19 +290,12 @@ main() {
     config) show_config; return ;;
     plan) show_plan; return ;;
   esac
-  local stages=("$@") stage after=()
+  local stages=("$@") stage
   [ ${#stages[@]} -gt 0 ] || stages=("${STAGES[@]}")
   for stage in "${stages[@]}"; do
     [[ " ${STAGES[*]} sel_student " == *" $stage "* ]] || die "unknown stage '$stage'. Stages: ${STAGES[*]}; optional: sel_student (or config, plan)"
   done
-  mkdir -p "$WORK/logs" "$WORK/done"
-  # in order: prepare here, each run of the other stages in one recipe_stages.py
-  for stage in "${stages[@]}" ""; do
-    if [ "$stage" != prepare ] && [ -n "$stage" ]; then after+=("$stage"); continue; fi
-    [ ${#after[@]} = 0 ] || recipe_stages run $(flag_if "$FORCE" --force) "${after[@]}"
-    after=()
-    [ -z "$stage" ] || run_prepare
-  done
+  recipe_stages run $(flag_if "$FORCE" --force) "${stages[@]}"
 }
 
 # one line: bash has read all of it before running, so editing this file meanwhile is safe

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The recipe's stages after ``prepare`` (``pipeline.sh`` documents each stage and setting),
-as ``wd_fairseq.stages`` stages: the machinery of ``wd-distill``, with its command builders
-(``wd_fairseq/commands.py``).
+"""The recipe's stages (``pipeline.sh`` documents each stage and setting) as
+``wd_fairseq.stages`` stages: the machinery of ``wd-distill``, with its command builders
+(``wd_fairseq/commands.py``); ``prepare`` is ``recipe_prepare.py``'s.
 
     recipe_stages.py plan < KEY=VALUE lines         every command of every stage
     recipe_stages.py run [--force] STAGE... < KEY=VALUE lines
@@ -16,23 +16,25 @@ the materialised student's flags).
 
 import argparse
 import functools
-import glob
 import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional
 
 import recipe_tools
+from recipe_prepare import prepare_stage, references, require_files
 from wd_fairseq import evaluation
 from wd_fairseq.checkpoints import phase2_flags
+from wd_fairseq.cli import run_cli
 from wd_fairseq.commands import generate_command, kd_data_command, learning_rate_flags, score_command
 from wd_fairseq.disk_space import human, require_free_space
+from wd_fairseq.distill_data import link_data
 from wd_fairseq.files import write_atomic
 from wd_fairseq.stages import Command, Stage, describe, run_action
 from wd_fairseq.teacher import WDSetupError
 
 #: The stages of a full run, in order (sel_student is optional, run by name).
-STAGES = ("teacher", "kd_data", "kd_student", "wd_phase1", "materialize", "wd_phase2", "evaluate", "speed")
+STAGES = ("prepare", "teacher", "kd_data", "kd_student", "wd_phase1", "materialize", "wd_phase2", "evaluate", "speed")
 OPTIONAL = ("sel_student",)
 
 
@@ -168,20 +170,10 @@ def teacher_stage(r: Recipe) -> Stage:
 def kd_data_stage(r: Recipe) -> Stage:
     """data-bin-kd: links to every file of data-bin, plus the split train1 of wd-kd-data."""
     engine = ["--engine", r.s["KD_ENGINE"]] if r.s["KD_ENGINE"] else []
-    return Stage("kd_data", [functools.partial(link_files, r.data, r.data_kd), kd_data_command(
+    return Stage("kd_data", [functools.partial(link_data, r.data, r.data_kd), kd_data_command(
         r.data_kd, r.teacher, r.direction, int(r.s["KD_BEAM"]), [
             "--lenpen", r.s["KD_LENPEN"], "--max-tokens", r.s["KD_MAX_TOKENS"], *engine, *r.device_flags(),
             *r.words("KD_EXTRA")])])
-
-
-def link_files(source: str, target: str) -> None:
-    """``target``: a directory of links to every file of ``source``."""
-    os.makedirs(target, exist_ok=True)
-    for name in os.listdir(source):
-        link = os.path.join(target, name)
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(os.path.join(source, name), link)
 
 
 def student_stage(r: Recipe, name: str, init: List = ()) -> Stage:
@@ -260,17 +252,6 @@ def wd_phase2_stage(r: Recipe) -> Stage:
 
 # -- evaluation ------------------------------------------------------------------------------
 
-def references(r: Recipe, test_set: str) -> List[str]:
-    """The reference files of a test set: raw/SET.TGT, or raw/SET.TGT0, SET.TGT1, ..."""
-    one = r.path("raw", f"{test_set}.{r.s['TGT']}")
-    if os.path.isfile(one) or r.plan:
-        return [one]
-    numbered = sorted(glob.glob(glob.escape(one) + "[0-9]*"), key=lambda p: int(p[len(one):] or 0))
-    if not numbered:
-        raise WDSetupError(f"{one} (or {test_set}.{r.s['TGT']}0, ...): no reference. Fix: add it to RAW_DIR")
-    return numbered
-
-
 def generate(r: Recipe, model: str, test_set: str, out: str, batch_size: str) -> List:
     checkpoint = r.models[model]
     return [functools.partial(require_checkpoint, checkpoint), generate_command(
@@ -289,11 +270,13 @@ def evaluate_stage(r: Recipe) -> Stage:
     wd-evaluate (sacreBLEU with signature, chrF, tokenized BLEU), then the results table."""
     eval_dir = r.path("eval")
     actions: List = [functools.partial(os.makedirs, eval_dir, exist_ok=True)]
+    refs = {test_set: references(r, test_set, r.path("raw")) for test_set in r.test_sets}
+    actions.append(functools.partial(require_files, [path for paths in refs.values() for path in paths]))
     for name in r.evaluated:
         for test_set in r.test_sets:
             prefix = os.path.join(eval_dir, f"{name}.{test_set}")
             actions += generate(r, name, test_set, prefix + ".gen", r.s["EVAL_BATCH_SIZE"])
-            actions.append(score_command(prefix + ".gen", references(r, test_set), r.s["TGT"], name, test_set,
+            actions.append(score_command(prefix + ".gen", refs[test_set], r.s["TGT"], name, test_set,
                                          prefix, r.s["BLEU_CONVENTION"]))
     return Stage("evaluate", actions + [functools.partial(results_table, r)])
 
@@ -344,7 +327,7 @@ def results_table(r: Recipe) -> None:
 # -- driver ----------------------------------------------------------------------------------
 
 BUILDERS: Dict[str, Callable[[Recipe], Stage]] = {
-    "teacher": teacher_stage, "kd_data": kd_data_stage, "kd_student": lambda r: student_stage(r, "kd_student"),
+    "prepare": prepare_stage, "teacher": teacher_stage, "kd_data": kd_data_stage, "kd_student": lambda r: student_stage(r, "kd_student"),
     "wd_phase1": wd_phase1_stage, "materialize": materialize_stage, "wd_phase2": wd_phase2_stage,
     "evaluate": evaluate_stage, "speed": speed_stage, "sel_student": sel_student_stage,
 }
@@ -371,7 +354,8 @@ def plan(r: Recipe) -> None:
     for name in STAGES:
         print(f"\n== {name}")
         for action in BUILDERS[name](r).actions:
-            if isinstance(action, Command) or action.func not in (say, os.makedirs, require_checkpoint, check_disk):
+            if isinstance(action, Command) or action.func not in (say, os.makedirs, require_checkpoint, check_disk,
+                                                                  require_files):
                 print("  " + describe(action))
 
 
@@ -410,7 +394,7 @@ def main(argv=None) -> None:
     settings = dict(line.rstrip("\n").split("=", 1) for line in sys.stdin if "=" in line)
     recipe = Recipe(settings, plan=args.command == "plan")
     if args.command == "plan":
-        plan(recipe)
+        run_cli("pipeline.sh", lambda: plan(recipe))
     else:
         run(recipe, args.stages, args.force)
 
