@@ -549,6 +549,37 @@ def test_phase2_can_continue_phase1s_learning_rate_curve(tmp_path):
     assert proc.returncode == 1 and "PHASE2_SCHEDULE=cont: choose restart" in proc.stderr
 
 
+def test_several_references_are_found_in_number_order_and_a_missing_one_is_named(tmp_path):
+    """NIST-style test sets (SET.TGT0, SET.TGT1, ..., SET.TGT10): prepare tokenizes the first
+    as the test set's target, evaluate scores against all of them in number order; a set
+    without any reference stops prepare naming the file."""
+    import recipe_stages
+    from wd_fairseq.teacher import WDSetupError
+
+    raw = raw_en_ro(tmp_path / "raw", n_train=20)
+    refs = [f"test.ro{i}" for i in (0, 1, 2, 10)]
+    for name in refs:
+        shutil.copy(raw / "test.ro", raw / name)
+    (raw / "test.ro").unlink()
+    settings, _ = config("wmt16_en_ro", dict(TINY, RAW_DIR=str(raw), WORK=str(tmp_path / "w")))
+    recipe = recipe_stages.Recipe(settings)
+    prepare = [a.argv for a in recipe_stages.BUILDERS["prepare"](recipe).actions if hasattr(a, "argv")]
+    [tokenize] = [argv for argv in prepare if "tokenize" in argv and argv[-1].endswith("tok/test.ro")]
+    assert tokenize[-2] == str(tmp_path / "w" / "raw" / "test.ro0")
+    recipe_stages.link_data(str(raw), recipe.path("raw"))
+    [score, *_] = [a.argv for a in recipe_stages.BUILDERS["evaluate"](recipe).actions
+                   if hasattr(a, "argv") and "score" in a.argv]
+    given = score[score.index("--refs") + 1:score.index("--lang")]
+    assert given == [str(tmp_path / "w" / "raw" / name) for name in refs]
+    (raw / "test.ro0").unlink()
+    for name in refs[1:]:
+        (raw / name).unlink()
+    missing = [a for a in recipe_stages.BUILDERS["prepare"](recipe_stages.Recipe(settings)).actions
+               if getattr(a, "func", None) is recipe_stages.require_files]
+    with pytest.raises(WDSetupError, match=r"raw/test\.ro: missing\. Fix: provide test\.ro"):
+        missing[0]()
+
+
 def test_prepare_downloads_checks_and_concatenates(tmp_path):
     """The download path on a local archive (file:// URL): checksum, extraction, and
     concatenation of TRAIN_PREFIXES; valid/test come from RAW-like files already in place."""

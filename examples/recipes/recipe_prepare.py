@@ -40,7 +40,8 @@ def prepare_stage(r) -> Stage:
     sets = ["train", s["VALID_SET"], *r.test_sets]
     inputs = {(name, lang): os.path.join(raw, f"{name}.{lang}") for name in sets for lang in (src, tgt)}
     for name in r.test_sets + [s["VALID_SET"]]:  # several references: the first is the tokens' target
-        inputs[name, tgt] = references(r, name, r.s["RAW_DIR"] or raw)[0]
+        first = references(r, name, r.s["RAW_DIR"] or raw)[0]  # (RAW_DIR's: raw/ is linked to it later)
+        inputs[name, tgt] = os.path.join(raw, os.path.basename(first))
     actions.append(functools.partial(require_files, sorted(inputs.values())))
     for name in sets:
         for lang in (src, tgt):
