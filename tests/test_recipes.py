@@ -549,6 +549,26 @@ def test_phase2_can_continue_phase1s_learning_rate_curve(tmp_path):
     assert proc.returncode == 1 and "PHASE2_SCHEDULE=cont: choose restart" in proc.stderr
 
 
+def test_prepare_with_one_bpe_per_language_keeps_what_it_made_when_rerun(tmp_path):
+    """JOINT_BPE=0 (the Zh-En recipe's): codes and vocabulary learned per language, the
+    intermediate segmentation removed; a rerun of prepare (FORCE=1) keeps the files made
+    earlier (Command.creates) and binarises again."""
+    raw = raw_en_ro(tmp_path / "raw", n_train=100)
+    work = tmp_path / "work"
+    env = dict(TINY, RAW_DIR=str(raw), WORK=str(work), JOINT_BPE="0")
+    run_recipe("examples/wmt16_en_ro/run.sh", "prepare", env=env)
+    codes = {lang: (work / "bpe" / f"codes.{lang}").read_text() for lang in ("en", "ro")}
+    assert codes["en"] != codes["ro"] and all((work / "bpe" / f"vocab.{lang}").stat().st_size for lang in codes)
+    assert not list((work / "bpe").glob("train.nojoint.*")) and not (work / "data-bin.tmp").exists()
+    assert (work / "data-bin" / "test.en-ro.ro.bin").is_file()
+    made = {path: path.stat().st_mtime_ns for path in [*(work / "tok").iterdir(), *(work / "bpe").iterdir()]}
+    binarised = (work / "data-bin" / "train.en-ro.en.bin").stat().st_mtime_ns
+    run_recipe("examples/wmt16_en_ro/run.sh", "prepare", env=dict(env, FORCE="1"))
+    assert {path: path.stat().st_mtime_ns for path in made} == made
+    assert (work / "data-bin" / "train.en-ro.en.bin").stat().st_mtime_ns > binarised
+    assert "(kept: " in (work / "logs" / "prepare.log").read_text()
+
+
 def test_several_references_are_found_in_number_order_and_a_missing_one_is_named(tmp_path):
     """NIST-style test sets (SET.TGT0, SET.TGT1, ..., SET.TGT10): prepare tokenizes the first
     as the test set's target, evaluate scores against all of them in number order; a set

@@ -197,7 +197,8 @@ def learn_bpe(r, clean: str, bpe: str) -> List:
                             stdout=codes[lang], creates=codes[lang]),
                     Command(["subword-nmt", "apply-bpe", "-c", codes[lang], "--input", f"{clean}.{lang}"],
                             stdout=segmented, creates=vocab[lang]),
-                    Command(["subword-nmt", "get-vocab", "--input", segmented], stdout=vocab[lang], creates=vocab[lang]),
+                    Command(["subword-nmt", "get-vocab", "--input", segmented],
+                            stdout=vocab[lang], creates=vocab[lang]),
                     functools.partial(remove, segmented)]
     return actions
 

@@ -35,7 +35,6 @@ from wd_fairseq.teacher import WDSetupError
 
 #: The stages of a full run, in order (sel_student is optional, run by name).
 STAGES = ("prepare", "teacher", "kd_data", "kd_student", "wd_phase1", "materialize", "wd_phase2", "evaluate", "speed")
-OPTIONAL = ("sel_student",)
 
 
 class Recipe:
@@ -208,8 +207,9 @@ def wd_phase1_stage(r: Recipe) -> Stage:
     save = r.path("wd_phase1")
     model = ["--user-dir", user_dir(), "--arch", "wd_transformer", "--teacher-path", r.teacher,
              *student_decoder(r), "--wd-init", r.s["WD_INIT"], "--upsample-primary", "1"]
-    return Stage("wd_phase1", [disk_check(r, "wd_phase1", save),
-                               *training(r, r.data_kd, model, r.s["PHASE1_UPDATES"], save, rule="none", criterion="wd")])
+    return Stage("wd_phase1", [
+        disk_check(r, "wd_phase1", save),
+        *training(r, r.data_kd, model, r.s["PHASE1_UPDATES"], save, rule="none", criterion="wd")])
 
 
 def materialize_stage(r: Recipe) -> Stage:
@@ -327,9 +327,10 @@ def results_table(r: Recipe) -> None:
 # -- driver ----------------------------------------------------------------------------------
 
 BUILDERS: Dict[str, Callable[[Recipe], Stage]] = {
-    "prepare": prepare_stage, "teacher": teacher_stage, "kd_data": kd_data_stage, "kd_student": lambda r: student_stage(r, "kd_student"),
-    "wd_phase1": wd_phase1_stage, "materialize": materialize_stage, "wd_phase2": wd_phase2_stage,
-    "evaluate": evaluate_stage, "speed": speed_stage, "sel_student": sel_student_stage,
+    "prepare": prepare_stage, "teacher": teacher_stage, "kd_data": kd_data_stage,
+    "kd_student": functools.partial(student_stage, name="kd_student"), "wd_phase1": wd_phase1_stage,
+    "materialize": materialize_stage, "wd_phase2": wd_phase2_stage, "evaluate": evaluate_stage,
+    "speed": speed_stage, "sel_student": sel_student_stage,
 }
 
 
@@ -350,12 +351,13 @@ def log(r: Recipe, text: str) -> None:
 
 
 def plan(r: Recipe) -> None:
-    """Every command of every stage, resolved (a Python step as ``(python) step(...)``)."""
+    """Every command of every stage, resolved (a Python step as ``(python) step(...)``; not
+    the checks, directories and log lines)."""
+    housekeeping = (say, os.makedirs, require_checkpoint, check_disk, require_files)
     for name in STAGES:
         print(f"\n== {name}")
         for action in BUILDERS[name](r).actions:
-            if isinstance(action, Command) or action.func not in (say, os.makedirs, require_checkpoint, check_disk,
-                                                                  require_files):
+            if isinstance(action, Command) or action.func not in housekeeping:
                 print("  " + describe(action))
 
 
