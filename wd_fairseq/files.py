@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a part.
+"""Atomic file writes (a reader sees the old file or the complete new one, never a part),
+and a file's SHA-256.
 
 The new content goes to a temporary file in the target's directory (one file system,
 so the rename is atomic), is flushed and fsynced, gets the permissions a plain
@@ -9,6 +10,7 @@ load it without fairseq (examples/recipes/recipe_tools.py).
 """
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from typing import IO, Iterator, Optional, Union
@@ -37,6 +39,15 @@ def atomic_writer(path: str, mode: str = "w", prefix: Optional[str] = None,
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str, data: Union[str, bytes]) -> None:

@@ -7,7 +7,6 @@ several stores stream in corpus order, at most ``MAX_OPEN_SHARDS`` files open at
 """
 
 import glob
-import hashlib
 import heapq
 import json
 import logging
@@ -16,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .files import atomic_writer, write_atomic
+from .files import atomic_writer, sha256_file, write_atomic
 
 logger = logging.getLogger("wd_fairseq.kd_shards")
 
@@ -141,9 +140,5 @@ def file_stamp(path: str, content_hash: bool = False) -> Dict:
     stat = os.stat(path)
     stamp = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if content_hash:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        stamp["sha256"] = digest.hexdigest()
+        stamp["sha256"] = sha256_file(path)
     return stamp

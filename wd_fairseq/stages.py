@@ -172,8 +172,9 @@ def _run(command: Command, log: str, stage: str, echo: bool) -> None:
             streams[piped] = subprocess.PIPE
         process = subprocess.Popen(argv, text=True, errors="replace", bufsize=1, **streams)
         if piped:
+            tee = _Tee(log_file, sys.stdout)
             for line in getattr(process, piped):
-                _Tee(log_file, sys.stdout).write(line)
+                tee.write(line)
         code = process.wait()
     if code != 0:
         where = command.output + ".tmp" if command.output else log

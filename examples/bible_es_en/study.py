@@ -27,7 +27,6 @@ a plot of BLEU against updates and against training wall-clock.
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -39,7 +38,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "recipes"))
-from recipe_tools import atomic_writer, average_checkpoints, write_atomic  # noqa: E402
+from recipe_tools import atomic_writer, average_checkpoints, sha256_file, write_atomic  # noqa: E402
 from tools import (bleu_statistics, corpus_bleu, interval, paired_bootstrap,  # noqa: E402
                    read_lines)
 
@@ -207,11 +206,7 @@ def results_rows(run: str) -> Tuple[Dict[str, Dict], str]:
 
 def teacher_sha256(run: str) -> str:
     """The SHA-256 of the averaged teacher a run used (RUN/teacher/checkpoint_avg.pt)."""
-    digest = hashlib.sha256()
-    with open(os.path.join(run, "teacher", "checkpoint_avg.pt"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(os.path.join(run, "teacher", "checkpoint_avg.pt"))
 
 
 def part(args) -> None:

@@ -9,7 +9,6 @@ data-bin appears at the end, in one rename. ``r``: a ``recipe_stages.Recipe``.
 
 import functools
 import gzip
-import hashlib
 import os
 import shutil
 import sys
@@ -21,6 +20,7 @@ from typing import List, Optional
 
 import recipe_tools
 from wd_fairseq.distill_data import link_data
+from wd_fairseq.files import sha256_file
 from wd_fairseq.stages import Command, Stage
 from wd_fairseq.teacher import WDSetupError
 
@@ -143,11 +143,7 @@ def fetch_archive(url: str, downloads: str, checksums: str, unless: str) -> None
 
 
 def check_sum(path: str, checksums: Optional[str]) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    actual, name = digest.hexdigest(), os.path.basename(path)
+    actual, name = sha256_file(path), os.path.basename(path)
     expected = None
     if checksums and os.path.isfile(checksums):
         with open(checksums, encoding="utf-8") as f:

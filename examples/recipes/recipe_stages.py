@@ -199,7 +199,7 @@ def sel_student_stage(r: Recipe) -> Stage:
     save = r.path("sel_student")
     init = [functools.partial(os.makedirs, save, exist_ok=True),
             Command(["wd-init-student", r.teacher, os.path.join(save, "init.pt"), "--data", r.data,
-                     *student_decoder(r), *selection_flags(r)])]
+                     *student_decoder(r), *selection_flags(r)], creates=os.path.join(save, "init.pt"))]
     return student_stage(r, "sel_student", init)
 
 

@@ -45,6 +45,7 @@ def _load_wd_module(name: str):
 normalize_romanian = _load_wd_module("romanian").normalize_romanian
 _files = _load_wd_module("files")
 atomic_writer, write_atomic = _files.atomic_writer, _files.write_atomic  # (and bible_es_en's tools)
+sha256_file = _files.sha256_file  # (bible_es_en's study)
 
 
 def _replace_into(path: str, lines) -> None:
