@@ -177,3 +177,25 @@ def test_probe_estimates_every_stage_that_decodes_or_trains(postnorm_teacher, da
         assert re.search(rf"\] {stage}: to run \(estimate: \d+m\d\ds\)", proc.stdout), stage
     assert "estimates from a probe: 64 sentences decoded, 6 updates" in proc.stdout
     assert os.listdir(tmp_path) == []  # the probe's scratch directory is gone, nothing else written
+
+
+def test_phase2_continues_phase1s_curve_or_restarts_it(postnorm_teacher, data_bin, tmp_path, capsys):
+    """The plan's phase 2: by default inverse_sqrt_offset from update --phase1-updates with
+    the run's warmup; --phase2-schedule restart: plain inverse_sqrt, a new warmup of a quarter
+    of phase 2 (at most the authors' 1,000), given once."""
+    import shlex
+
+    flags = {}
+    for schedule in ("continue", "restart"):
+        cli_main(["plan", "--teacher-path", str(postnorm_teacher), "--data", str(data_bin), "--work",
+                  str(tmp_path / schedule), *TINY, "--updates", "80", "--phase1-updates", "40",
+                  "--phase2-schedule", schedule])
+        [line] = [line for line in capsys.readouterr().out.splitlines()
+                  if "fairseq-train" in line and "--finetune-from-model" in line]
+        args = shlex.split(line)
+        assert args.count("--warmup-updates") == args.count("--lr-scheduler") == 1
+        flags[schedule] = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+    assert (flags["continue"]["--lr-scheduler"], flags["continue"]["--update-offset"]) == ("inverse_sqrt_offset", "40")
+    assert flags["continue"]["--warmup-updates"] == "5"  # --updates 80 / 16
+    assert flags["restart"]["--lr-scheduler"] == "inverse_sqrt" and "--update-offset" not in flags["restart"]
+    assert flags["restart"]["--warmup-updates"] == "10"  # 40 phase-2 updates / 4

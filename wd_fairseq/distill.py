@@ -107,15 +107,15 @@ def device_flags(job: DistillJob) -> List[str]:
     return ["--cpu"] if job.cpu else (["--fp16"] if job.fp16 else [])
 
 
-def training_flags(job: DistillJob, checked, updates: int, save_dir: str,
+def training_flags(job: DistillJob, checked, updates: int, save_dir: str, warmup: Optional[int] = None,
                    offset: Optional[int] = None) -> List[str]:
     """What every training stage shares: the teacher's task, the authors' optimizer and
-    criterion, the budget's learning-rate curve (from update ``offset`` on, if given), KD
-    data read as fairseq 0.12 needs it (the translation task: ``--upsample-primary 1``),
-    saves for resume."""
+    criterion, the budget's learning-rate curve (``warmup``: default the job's; from update
+    ``offset`` on, if given), KD data read as fairseq 0.12 needs it (the translation task:
+    ``--upsample-primary 1``), saves for resume."""
     every = max(1, updates // 10)
     kd_split = [] if checked.task_flags else ["--upsample-primary", "1"]
-    return [*checked.student_task_flags, *learning_rate_flags(job.lr, job.warmup, offset),
+    return [*checked.student_task_flags, *learning_rate_flags(job.lr, warmup or job.warmup, offset),
             "--criterion", "label_smoothed_cross_entropy",
             "--label-smoothing", "0.1", "--max-tokens", str(job.max_tokens),
             "--update-freq", str(job.update_freq), "--seed", str(job.seed),
@@ -171,8 +171,7 @@ def build_stages(job: DistillJob, checked) -> List[Stage]:
         if job.phase2_schedule == "continue":  # phase 2's update s trains at the rate of update phase1 + s
             phase2 = training_flags(job, checked, rest, phase2_dir, offset=job.phase1) + ["--user-dir", user_dir()]
         else:  # the authors' restart: a new warmup (theirs: 1,000 updates)
-            phase2 = training_flags(job, checked, rest, phase2_dir)
-            phase2[phase2.index("--warmup-updates") + 1] = str(max(1, min(1000, rest // 4)))
+            phase2 = training_flags(job, checked, rest, phase2_dir, warmup=max(1, min(1000, rest // 4)))
         stages += [
             Stage("wd_phase1", depends=[stages[-1].name], outputs=[phase1_dir], actions=[Command([
                 "fairseq-train", train_data, "--user-dir", user_dir(), "--arch", "wd_transformer",
