@@ -45,6 +45,10 @@ def test_study_scores_every_arm_at_every_budget_in_the_runs_target_language(tiny
     out = base / "out"
     assert {p.name for p in out.iterdir()} == {"base.json", "seed1.json", "restart.json", "lr1e-2.json",
                                                "results.md", "results.json", "results.png"}
+    # one queue: every part's arms are queued before the first part is scored
+    log = proc.stdout
+    assert max(log.index(f"part {p}: queued") for p in ("seed1", "restart", "lr1e-2")) < log.index(
+        "part seed1: arms trained, scoring") < log.index("part restart: arms trained, scoring")
     part = json.loads((out / "seed1.json").read_text())
     assert part["target_lang"] == "es" and part["seed"] == 1 and part["sentences"] == 30
     # every arm at 20 updates and, but KD, at its start; the WD arms also at the end of phase 1
@@ -169,6 +173,18 @@ def test_parts_of_another_teacher_are_refused(tiny_study, tmp_path):
     with pytest.raises(SystemExit, match=r"seed1.json trained from another teacher than base's"):
         study.main(["report", "--parts", str(base / "out" / "base.json"), str(tmp_path / "seed1.json"),
                     "--out-prefix", str(tmp_path / "results")])
+
+
+def test_a_failed_arm_stops_the_lanes_and_restart_waits_for_its_seed(tiny_study, tmp_path):
+    base, env, _ = tiny_study
+    env = dict(env, OUT=str(tmp_path / "out"), SEED_ARMS="sel kd", STUDENT_DEC_HEADS="3", POLL_SECONDS="1")
+    proc = run_recipe("examples/bible_es_en/study.sh", "seed8", "seed9", env=env, check=False)
+    assert proc.returncode == 1 and "part seed8: an arm failed" in proc.stdout, proc.stdout + proc.stderr
+    assert not (tmp_path / "out" / "seed8.json").exists()
+    assert not any((base / "runs" / f"seed9-{arm}").exists() for arm in ("sel", "kd"))  # never started
+    proc = run_recipe("examples/bible_es_en/study.sh", "restart", env=dict(env, VARIANT_SEED="7"), check=False)
+    assert proc.returncode == 1 and "part restart: is scored against part seed7's kd and sel" in proc.stdout
+    assert not (base / "runs" / "seed7-wd_slice_restart").exists()
 
 
 def test_a_seed_part_trains_the_arms_it_is_given(tiny_study, tmp_path):

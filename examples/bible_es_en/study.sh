@@ -32,8 +32,10 @@
 #           VARIANT_SEED (whose own part is the check's LR=1e-3), scored at the largest budget
 #           (and WD's at the end of phase 1) only: the starts are seed VARIANT_SEED's
 #   report  the table, the paired bootstraps, the intervals over seeds and the plot
-# Arms train two at a time, one CPU thread each (each arm beside another one, so their
-# training wall-clocks compare). STUDY (default work/study; SCALE=2: work/study-scale2) holds
+# Arms train two at a time, one CPU thread each, from one queue of the arms of every part
+# asked for (a lane takes the next arm when its last one ends, so each arm trains beside
+# another one and no core idles); a part is scored (one thread) once its arms are trained,
+# while the lanes train the next parts' arms. STUDY (default work/study; SCALE=2: work/study-scale2) holds
 # the runs; results go to OUT (default examples/bible_es_en/study/v2/; SCALE=2: v2-scale2/):
 # PART.json (scores, wall-clocks, settings, stage times, machine load, the teacher's SHA-256)
 # per finished part, and results.{md,json,png}.
@@ -76,7 +78,7 @@ settings() {
   PHASE1=${PHASE1:-1200} LONG=${LONG:-6400} VARIANT_SEED=${VARIANT_SEED:-1}
   BUDGETS=${BUDGETS:-"0 400 800 1200 1600 3200 4800 6400"}
   PARTS=${PARTS:-"base seed1 seed2 seed3 restart lr5e-4 lr2e-3"}
-  # the arms of a seed part, a WD arm first in each pair of lanes (see arms)
+  # the arms of a seed part, in the order the lanes take them (see train_parts)
   SEED_ARMS=${SEED_ARMS:-"wd wd_slice kd sel slice_kd"}
 }
 
@@ -102,24 +104,40 @@ main() {
   export RAW_DIR=${RAW_DIR:-$STUDY/corpus}
   mkdir -p "$OUT"
   exec > >(tee -a "$STUDY/study.log") 2>&1
+  local todo=() report=0
   for part in "${parts[@]}"; do
-    if [ "$part" = report ]; then report; continue; fi
-    if [ -e "$OUT/$part.json" ]; then say "part $part: reused ($OUT/$part.json)"; continue; fi
-    if [ "$part" != base ] && [ ! -e "$STUDY/base/done/evaluate" ]; then
-      say "part $part: needs base's teacher and KD data in $STUDY/base, which is not there (finished)." \
+    if [ "$part" = report ]; then report=1
+    elif [ -e "$OUT/$part.json" ]; then say "part $part: reused ($OUT/$part.json)"
+    elif [ "$part" = base ]; then todo=(base "${todo[@]}")  # first: every other part trains from it
+    else todo+=("$part")
+    fi
+  done
+  if [ "${todo[0]:-}" = base ]; then
+    say "part base: start, load:$(uptime | sed 's/.*load average://')"
+    part_base
+    say "part base: done, load:$(uptime | sed 's/.*load average://')"
+    todo=("${todo[@]:1}")
+  fi
+  if [ ${#todo[@]} -gt 0 ]; then
+    if [ ! -e "$STUDY/base/done/evaluate" ]; then
+      say "part ${todo[0]}: needs base's teacher and KD data in $STUDY/base, which is not there (finished)." \
         "Fix: run part base on this machine first (if $OUT/base.json came from another machine," \
         "move it away: the report refuses parts of two teachers)"
       exit 1
     fi
-    say "part $part: start, load:$(uptime | sed 's/.*load average://')"
-    case "$part" in
-      base) part_base ;;
-      restart) part_restart ;;
-      lr*) part_lr "${part#lr}" ;;
-      *) part_seed "${part#seed}" ;;
-    esac
-    say "part $part: done, load:$(uptime | sed 's/.*load average://')"
-  done
+    local scored=0
+    [ ! -e "$OUT/seed$VARIANT_SEED.json" ] || scored=1
+    for part in "${todo[@]}"; do
+      [ "$part" != "seed$VARIANT_SEED" ] || scored=1
+      if [ "$part" = restart ] && [ "$scored" = 0 ]; then
+        say "part restart: is scored against part seed$VARIANT_SEED's kd and sel. Fix: run part" \
+          "seed$VARIANT_SEED first, or name it before restart"
+        exit 1
+      fi
+    done
+    train_parts "${todo[@]}"
+  fi
+  [ "$report" = 0 ] || report
 }
 
 say() { echo "[study $(date -u '+%F %T UTC')] $*"; }
@@ -187,43 +205,77 @@ arm() {
   esac
 }
 
-# arms SEED "ARMS" [VAR=VALUE ...]: the arms, two at a time; a WD arm first in each pair
-# (its phase 1 costs more per update), the rest alternating
-arms() {
-  local seed=$1 names=($2) pids=() failed=0 pid i
-  shift 2
-  local lanes=("" "")
-  for i in "${!names[@]}"; do lanes[$((i % 2))]+=" ${names[$i]}"; done
-  for i in 0 1; do
-    ( for name in ${lanes[$i]}; do arm "$name" "$seed" "$@"; done ) & pids+=($!)
+# arms_of PART: the arms PART trains, one line each: PART|RUN_PREFIX|SEED|ARM|VAR=VALUE ...
+arms_of() {
+  local arm
+  case "$1" in
+    restart) echo "restart||$VARIANT_SEED|wd_slice_restart|" ;;
+    lr*) for arm in wd wd_slice sel; do echo "$1|$1-|$VARIANT_SEED|$arm|LR=${1#lr}"; done ;;
+    *) for arm in $SEED_ARMS; do echo "$1||${1#seed}|$arm|"; done ;;
+  esac
+}
+
+# train_parts PART...: the arms of every part through one queue served by two lanes, so
+# no CPU waits while arms remain (a lane takes the next arm as its last one ends: a WD arm
+# first in each part, its phase 1 costing more per update); each part is scored, in order,
+# as soon as its arms are trained, while the lanes go on with the next parts' arms
+train_parts() {
+  local part failed=0 pid
+  QUEUE=$STUDY/queue LANES=()
+  rm -rf "$QUEUE" && mkdir -p "$QUEUE"
+  for part in "$@"; do arms_of "$part"; done | awk '{ print NR "|" $0 }' > "$QUEUE/jobs"
+  for part in "$@"; do say "part $part: queued, load:$(uptime | sed 's/.*load average://')"; done
+  for pid in 0 1; do lane "$QUEUE" & LANES+=($!); done
+  # (an error from here on: the lanes finish the arms they train, then stop)
+  trap 'touch "$QUEUE/stop"; wait "${LANES[@]}"' EXIT
+  for part in "$@"; do
+    until part_trained "$QUEUE" "$part"; do
+      if compgen -G "$QUEUE/failed.*" > /dev/null || { ! any_alive "${LANES[@]}" && ! part_trained "$QUEUE" "$part"; }; then
+        say "part $part: an arm failed; see $STUDY/*/logs/ (waiting for the other lane to stop)"
+        exit 1
+      fi
+      sleep "${POLL_SECONDS:-10}"
+    done
+    say "part $part: arms trained, scoring, load:$(uptime | sed 's/.*load average://')"
+    case "$part" in
+      restart) score restart "$VARIANT_SEED" "wd_slice_restart" --bases "$STUDY/seed$VARIANT_SEED-eval" ;;
+      lr*) LR=${part#lr} RUN_PREFIX=$part- BUDGETS=$(printf '%s\n' $BUDGETS | sort -n | tail -n 1) \
+             score "$part" "$VARIANT_SEED" "sel wd wd_slice" ;;
+      *) score "$part" "${part#seed}" "$SEED_ARMS" ;;
+    esac
+    say "part $part: done, load:$(uptime | sed 's/.*load average://')"
   done
-  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-  [ "$failed" = 0 ] || { say "seed $seed: an arm failed; see $STUDY/${RUN_PREFIX:-}seed$seed-*/logs/"; exit 1; }
+  trap - EXIT
+  for pid in "${LANES[@]}"; do wait "$pid" || failed=1; done
+  [ "$failed" = 0 ]
 }
 
-# part_seed SEED: every arm, then every budget of every arm scored in one evaluate stage
-# (run seedSEED-eval) and the part's record
-part_seed() {
-  arms "$1" "$SEED_ARMS"
-  score "seed$1" "$1" "$SEED_ARMS"
+# lane QUEUE: trains the queue's arms in order, each one no other lane has claimed
+# (mkdir QUEUE/claim.N), marking it QUEUE/done.N or failed.N; stops after a failure anywhere
+lane() {
+  local queue=$1 n part prefix seed arm vars
+  while IFS='|' read -r -u 3 n part prefix seed arm vars; do
+    if [ -e "$queue/stop" ] || compgen -G "$queue/failed.*" > /dev/null; then return 0; fi
+    mkdir "$queue/claim.$n" 2> /dev/null || continue
+    # (in the background and waited for, so that set -e holds inside, as in a condition it would not)
+    ( RUN_PREFIX=$prefix arm "$arm" "$seed" $vars ) &
+    if wait $!; then touch "$queue/done.$n"; else touch "$queue/failed.$n"; return 1; fi
+  done 3< "$queue/jobs"
 }
 
-# part_restart: WD slice with the authors' restart, scored against the kd and sel of seed
-# VARIANT_SEED (whose part must be finished)
-part_restart() {
-  local seed=$VARIANT_SEED
-  [ -e "$OUT/seed$seed.json" ] || { say "part restart: needs part seed$seed first"; exit 1; }
-  arm wd_slice_restart "$seed"
-  score restart "$seed" "wd_slice_restart" --bases "$STUDY/seed$seed-eval"
+# any_alive PID...: whether any of the processes runs
+any_alive() {
+  local pid
+  for pid; do kill -0 "$pid" 2> /dev/null && return 0; done
+  return 1
 }
 
-# part_lr RATE: sel, wd_slice and wd at peak learning rate RATE, seed VARIANT_SEED (runs
-# lrRATE-seedSEED-ARM), compared with each other at the largest budget
-part_lr() {
-  local seed=$VARIANT_SEED largest
-  largest=$(printf '%s\n' $BUDGETS | sort -n | tail -n 1)
-  RUN_PREFIX=lr$1- arms "$seed" "wd wd_slice sel" LR="$1"
-  LR=$1 RUN_PREFIX=lr$1- BUDGETS=$largest score "lr$1" "$seed" "sel wd wd_slice"
+# part_trained QUEUE PART: whether every arm of PART is done
+part_trained() {
+  local n
+  for n in $(awk -F'|' -v part="$2" '$2 == part { print $1 }' "$1/jobs"); do
+    [ -e "$1/done.$n" ] || return 1
+  done
 }
 
 # score PART SEED "ARMS" [study.py part flags]: every budget of every arm (runs
@@ -236,7 +288,7 @@ score() {
   link "$eval_run"
   models=$(python "$HERE/study.py" budgets --arms "${arms[@]}" --budgets $BUDGETS \
     --interval "$SAVE_INTERVAL_UPDATES" --out "$eval_run/budgets")
-  stage "$eval_run" evaluate EVAL_MODELS="${models//=*([^ ])/}" EXTRA_MODELS="$models"
+  stage "$eval_run" evaluate OMP_NUM_THREADS=1 EVAL_MODELS="${models//=*([^ ])/}" EXTRA_MODELS="$models"
   python "$HERE/study.py" part --part "$name" --train-seed "$seed" --run "$eval_run" --arms "${arms[@]}" "$@" \
     --interval "$SAVE_INTERVAL_UPDATES" --out "$OUT/$name.json" --command "bash examples/bible_es_en/study.sh $name" \
     --settings <(WORK=$STUDY/${RUN_PREFIX:-}seed$seed-kd SEED=$seed KD_UPDATES=$LONG PHASE2_UPDATES=$((LONG - PHASE1)) \
