@@ -25,7 +25,7 @@ TINY = dict(
     STUDENT_DEC_LAYERS="1", STUDENT_DEC_DIM="16", STUDENT_DEC_FFN="32", STUDENT_DEC_HEADS="4",
     MAX_TOKENS="1000", LR="5e-3", WARMUP="20", PHASE2_WARMUP="5", TEACHER_UPDATES="30",
     TEACHER_AVERAGE="updates", AVG_LAST="2", SAVE_INTERVAL_UPDATES="5", PHASE1="10", LONG="25",
-    BUDGETS="0 20", PARTS="base seed1 restart lr1e-2", KD_MAX_TOKENS="2000", EVAL_BATCH_SIZE="64",
+    BUDGETS="0 20", PARTS="base costs seed1 restart lr1e-2", KD_MAX_TOKENS="2000", EVAL_BATCH_SIZE="64",
     GENERATE_EXTRA="--max-len-a 0 --max-len-b 20", TRAIN_EXTRA="--validate-interval 100",
 )
 ARMS = ("kd", "sel", "slice_kd", "wd", "wd_slice")
@@ -43,7 +43,7 @@ def tiny_study(tmp_path_factory):
 def test_study_scores_every_arm_at_every_budget_in_the_runs_target_language(tiny_study):
     base, _, proc = tiny_study
     out = base / "out"
-    assert {p.name for p in out.iterdir()} == {"base.json", "seed1.json", "restart.json", "lr1e-2.json",
+    assert {p.name for p in out.iterdir()} == {"base.json", "costs.json", "seed1.json", "restart.json", "lr1e-2.json",
                                                "results.md", "results.json", "results.png"}
     # one queue: every part's arms are queued before the first part is scored
     log = proc.stdout
@@ -80,6 +80,17 @@ def test_study_scores_every_arm_at_every_budget_in_the_runs_target_language(tiny
     md = (out / "results.md").read_text()
     assert "| 20 | WD faithful | 1 |" in md and "| 0 | Slice start + KD, no generator | 1 |" in md and "s1: " in md
     assert "Seeds: 1;" in md and "Learning-rate check: sacreBLEU at 20 updates, seed 1" in md
+    # the time axis: updates x the costs part's CPU seconds per update of their kind
+    costs = json.loads((out / "costs.json").read_text())
+    per = {kind: c["cpu_s"] for kind, c in costs["per_update"].items()}
+    assert set(per) == {"plain", "phase1_faithful", "phase1_slice"} and min(per.values()) > 0
+    assert "--arch wd_transformer" in costs["commands"]["phase1_slice"] and "--wd-init slice" in costs["commands"]["phase1_slice"]
+    assert "--arch transformer" in costs["commands"]["plain"] and costs["steps"] == 40
+    compute = {(r["arm"], r["budget"]): r["compute_min"] * 60 for r in report["rows"]}
+    assert compute["sel", 20] == pytest.approx(20 * per["plain"], abs=3)  # (rounded to 0.1 min)
+    materialize = part["stage_times"]["wd_slice"]["materialize"]
+    assert compute["wd_slice", 20] == pytest.approx(10 * per["phase1_slice"] + materialize + 10 * per["plain"], abs=3)
+    assert compute["wd", 0] == 0 and "update compute: updates x the CPU seconds" in md
     assert (out / "results.png").stat().st_size > 10_000
 
 
@@ -198,7 +209,7 @@ def test_a_seed_part_trains_the_arms_it_is_given(tiny_study, tmp_path):
     assert not (base / "runs" / "seed2-kd").exists()
     scale2 = run_recipe("examples/bible_es_en/study.sh", "settings", env={"SCALE": "2"}).stdout
     for setting in ("TEACHER_LAYERS=4", "TEACHER_DIM=256", "TEACHER_FFN=1024", "STUDENT_DEC_DIM=128",
-                    "STUDENT_DEC_FFN=512", "SEED_ARMS=sel wd_slice", "BUDGETS=0 6400", "PARTS=base seed1 seed2 seed3"):
+                    "STUDENT_DEC_FFN=512", "SEED_ARMS=sel wd_slice", "BUDGETS=0 6400", "PARTS=base costs seed1 seed2 seed3"):
         assert setting + "\n" in scale2
     assert scale2.rstrip().endswith("examples/bible_es_en/study/v2-scale2")
 

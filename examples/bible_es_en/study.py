@@ -21,8 +21,10 @@ the training wall-clock at each budget (from the stage log's timestamps, resumes
 WD: phase 1 + materialisation + phase 2), settings, stage times and the SHA-256 of the
 teacher the run used. ``report`` refuses parts of another teacher than base's, then puts the
 finished parts together: mean and standard deviation over seeds, the per-seed intervals,
-the mean difference to each base over seeds with a t-interval (the seed-level verdict), and
-a plot of BLEU against updates and against training wall-clock.
+the mean difference to each base over seeds with a t-interval (the seed-level verdict), the
+update compute of every model (with part costs, update_costs.py: updates x CPU seconds per
+update of their kind), and a plot of BLEU against updates and against that compute (without
+part costs: against training wall-clock).
 """
 
 import argparse
@@ -291,7 +293,9 @@ def pm(values: Sequence[float]) -> str:
 def report(args) -> None:
     parts = [json.load(open(p, encoding="utf-8")) for p in args.parts]
     base = next((p for p in parts if p["part"] == "base"), None)
-    seeds = sorted((p for p in parts if p["part"] != "base" and not p.get("lr_check")), key=lambda p: p["seed"])
+    costs = next((p for p in parts if p["part"] == "costs"), None)
+    seeds = sorted((p for p in parts if p["part"] not in ("base", "costs") and not p.get("lr_check")),
+                   key=lambda p: p["seed"])
     checks = [p for p in parts if p.get("lr_check")]
     if base is None or not seeds:
         sys.exit("study.py report: needs the base part and at least one seed part. Fix: run study.sh base seed1")
@@ -303,7 +307,8 @@ def report(args) -> None:
     cells: Dict[Tuple[str, int], List[Dict]] = {}
     for p in seeds:
         for m in p["models"]:
-            cells.setdefault((m["arm"], m["budget"]), []).append(dict(m, seed=p["seed"]))
+            compute = update_compute_s(m["arm"], m["budget"], p, costs) if costs else None
+            cells.setdefault((m["arm"], m["budget"]), []).append(dict(m, seed=p["seed"], compute_s=compute))
     comparisons: Dict[Tuple[str, str, int], List[Dict]] = {}
     for p in seeds:
         for c in p["comparisons"]:
@@ -316,7 +321,8 @@ def report(args) -> None:
                "sacrebleu": [m["sacrebleu"] for m in ms], "chrf": [m["chrf"] for m in ms],
                "sacrebleu_mean_std": mean_std([m["sacrebleu"] for m in ms]),
                "chrf_mean_std": mean_std([m["chrf"] for m in ms]),
-               "train_wall_min": round(float(np.mean(walls)) / 60, 1) if walls else None}
+               "train_wall_min": round(float(np.mean(walls)) / 60, 1) if walls else None,
+               "compute_min": round(float(np.mean([m["compute_s"] for m in ms])) / 60, 1) if costs else None}
         for b in BASES:
             row[f"vs_{b}"] = comparisons.get((arm, b, budget), [])
             if row[f"vs_{b}"]:
@@ -336,11 +342,12 @@ def report(args) -> None:
     lines = [f"# {args.title}", "",
              f"Teacher: {teacher['sacrebleu']:.2f} sacreBLEU, {teacher['chrf']:.2f} chrF. "
              f"Seeds: {', '.join(str(seed) for seed in sorted({p['seed'] for p in seeds}))}; {seeds[0]['sentences']} test sentences.", "",
-             "| updates | arm | seeds | sacreBLEU | chrF | training wall-clock (min) | - KD: over seeds [95% t], per seed [95% CI] | - Selection + KD: over seeds [95% t], per seed [95% CI] |",
-             "|---:|---|---|---:|---:|---:|---|---|"]
+             "| updates | arm | seeds | sacreBLEU | chrF | training wall-clock (min) | update compute (CPU-min) | - KD: over seeds [95% t], per seed [95% CI] | - Selection + KD: over seeds [95% t], per seed [95% CI] |",
+             "|---:|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget']} | {r['label']} | {','.join(map(str, r['seeds']))} | {pm(r['sacrebleu'])} | "
                      f"{pm(r['chrf'])} | {'' if r['train_wall_min'] is None else r['train_wall_min']} | "
+                     f"{'' if r['compute_min'] is None else r['compute_min']} | "
                      f"{versus(r, 'kd')} | {versus(r, 'sel')} |")
     first = seeds[0]
     phase1 = {arm: p["phase1"][arm] for p in seeds for arm in p["phase1"]}
@@ -355,6 +362,13 @@ def report(args) -> None:
              f"(seed {first['bootstrap']['seed']}), the same resamples for every arm of a seed",
              "- training wall-clock: from the training log's timestamps (resumed runs added up), one CPU thread beside another arm's "
              "training on a 2-core machine; WD: phase 1 + materialisation + phase 2"]
+    if costs:
+        per = costs["per_update"]
+        notes.append("- update compute: updates x the CPU seconds of one update of their kind on one thread (part "
+                     f"costs: {costs['steps']} updates of each kind, interleaved, medians: KD student "
+                     f"{per['plain']['cpu_s']:.3f} s, WD phase 1 faithful {per['phase1_faithful']['cpu_s']:.3f} s, "
+                     f"slice {per['phase1_slice']['cpu_s']:.3f} s); WD adds its materialisation's seconds. "
+                     "Data loading, validation and saves are left out (alike in every arm): the plot's time axis")
     notes += [f"- {n}" for n in args.note]
     check_rows = learning_rate_check(seeds, checks)
     if check_rows:
@@ -370,10 +384,12 @@ def report(args) -> None:
     document = {"title": args.title, "teacher": teacher, "rows": rows, "learning_rate_check": check_rows,
                 "notes": notes,
                 "parts": [{"part": p["part"], "command": p["command"], "machine": p["machine"],
-                           "stage_times": p["stage_times"]} for p in parts],
+                           "stage_times": p.get("stage_times", {})} for p in parts],
+                "update_costs": costs and {"per_update": costs["per_update"], "threads": costs["threads"],
+                                           "steps": costs["steps"], "batches": costs["batches"]},
                 "plot": os.path.basename(args.out_prefix) + ".png"}
     write_atomic(args.out_prefix + ".json", json.dumps(document, indent=2) + "\n")
-    plot(rows, seeds, teacher, args.out_prefix + ".png", args.title)
+    plot(rows, seeds, teacher, args.out_prefix + ".png", args.title, costs)
     print("\n".join(lines))
 
 
@@ -393,8 +409,22 @@ def learning_rate_check(seeds: List[Dict], checks: List[Dict]) -> List[Dict]:
             for arm in ARMS if arm in found]
 
 
-def plot(rows: List[Dict], seeds: List[Dict], teacher: Dict, path: str, title: str) -> None:
-    """BLEU against updates and against training wall-clock: each seed a dot, the mean a line."""
+def update_compute_s(arm: str, budget: int, part: Dict, costs: Dict) -> float:
+    """CPU seconds (one thread) of an arm's first ``budget`` updates in a seed part: updates x
+    the costs part's per-update CPU seconds of their kind; WD: phase 1's kind, then (with the
+    materialisation's recorded seconds) the plain student's."""
+    per = {kind: cost["cpu_s"] for kind, cost in costs["per_update"].items()}
+    if not arm.startswith("wd"):
+        return budget * per["plain"]
+    phase1, kind = part["phase1"][arm], "phase1_faithful" if arm == "wd" else "phase1_slice"
+    if budget < phase1:
+        return budget * per[kind]
+    return phase1 * per[kind] + part["stage_times"][arm].get("materialize", 0) + (budget - phase1) * per["plain"]
+
+
+def plot(rows: List[Dict], seeds: List[Dict], teacher: Dict, path: str, title: str, costs: Optional[Dict]) -> None:
+    """BLEU against updates and against update compute (without a costs part: training
+    wall-clock): each seed a dot, the mean a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,14 +441,18 @@ def plot(rows: List[Dict], seeds: List[Dict], teacher: Dict, path: str, title: s
         for p in seeds:
             ms = sorted((m for m in p["models"] if m["arm"] == arm), key=lambda m: m["budget"])
             axes[0].plot([m["budget"] for m in ms], [m["sacrebleu"] for m in ms], ".", color=color, alpha=0.6)
-            timed = [m for m in ms if m["train_wall_s"] is not None]
-            axes[1].plot([m["train_wall_s"] / 60 for m in timed], [m["sacrebleu"] for m in timed], ".-",
+            if costs:
+                timed = [(update_compute_s(arm, m["budget"], p, costs), m["sacrebleu"]) for m in ms]
+            else:
+                timed = [(m["train_wall_s"], m["sacrebleu"]) for m in ms if m["train_wall_s"] is not None]
+            axes[1].plot([t / 60 for t, _ in timed], [b for _, b in timed], ".-",
                          color=color, alpha=0.6, label=ARMS[arm][0] if p is seeds[0] else None)
     for ax in axes:
         ax.axhline(teacher["sacrebleu"], color="gray", linestyle="--", linewidth=1, label="teacher")
         ax.grid(alpha=0.3)
     axes[0].set_xlabel("training updates (lines: mean over seeds)")
-    axes[1].set_xlabel("training wall-clock, minutes (one line per seed)")
+    axes[1].set_xlabel("update compute, CPU-minutes on one thread (one line per seed)" if costs
+                       else "training wall-clock, minutes (one line per seed)")
     axes[0].set_ylabel("sacreBLEU (test)")
     axes[0].legend(fontsize=8)
     fig.suptitle(title)

@@ -25,6 +25,8 @@
 #
 # Parts (each resumes where it stopped; a finished part is reused, its results committed):
 #   base    corpus, BPE, teacher (well past the benchmark's), KD data, the teacher's score
+#   costs   CPU seconds of one update of each kind the arms train (KD student, WD phase 1
+#           faithful and slice), timed interleaved on one thread: the report's time axis
 #   seed1 seed2 seed3   every arm (SEED_ARMS) to LONG updates
 #   restart wd_slice_restart: WD slice with the authors' restart of the schedule in phase 2
 #           (PHASE2_WARMUP), seed VARIANT_SEED, against that seed's kd and sel
@@ -50,7 +52,7 @@ settings() {
     export TEACHER_LAYERS=${TEACHER_LAYERS:-4} TEACHER_DIM=${TEACHER_DIM:-256} TEACHER_FFN=${TEACHER_FFN:-1024}
     export STUDENT_DEC_DIM=${STUDENT_DEC_DIM:-128} STUDENT_DEC_FFN=${STUDENT_DEC_FFN:-512}
     SEED_ARMS=${SEED_ARMS:-"sel wd_slice"} BUDGETS=${BUDGETS:-"0 ${LONG:-6400}"}
-    PARTS=${PARTS:-"base seed1 seed2 seed3"}
+    PARTS=${PARTS:-"base costs seed1 seed2 seed3"}
   elif [ "$SCALE" != 1 ]; then
     echo "study.sh: SCALE=$SCALE: expected 1 (the study) or 2 (its second scale point)" >&2
     exit 1
@@ -77,7 +79,7 @@ settings() {
   # WD's phase 1 is PHASE1 updates in every seed and budget
   PHASE1=${PHASE1:-1200} LONG=${LONG:-6400} VARIANT_SEED=${VARIANT_SEED:-1}
   BUDGETS=${BUDGETS:-"0 400 800 1200 1600 3200 4800 6400"}
-  PARTS=${PARTS:-"base seed1 seed2 seed3 restart lr5e-4 lr2e-3"}
+  PARTS=${PARTS:-"base costs seed1 seed2 seed3 restart lr5e-4 lr2e-3"}
   # the arms of a seed part, in the order the lanes take them (see train_parts)
   SEED_ARMS=${SEED_ARMS:-"wd wd_slice kd sel slice_kd"}
 }
@@ -95,7 +97,7 @@ main() {
   [ ${#parts[@]} -gt 0 ] || parts=($PARTS report)
   for part in "${parts[@]}"; do
     case "$part" in
-      base|seed[0-9]*|restart|lr[0-9]*|report) ;;
+      base|costs|seed[0-9]*|restart|lr[0-9]*|report) ;;
       settings) show_settings; exit 0 ;;
       *) echo "study.sh: unknown part '$part'. Parts: $PARTS report (or settings)" >&2; exit 1 ;;
     esac
@@ -104,14 +106,17 @@ main() {
   export RAW_DIR=${RAW_DIR:-$STUDY/corpus}
   mkdir -p "$OUT"
   exec > >(tee -a "$STUDY/study.log") 2>&1
-  local todo=() report=0
+  # base first (every other part trains from it), then costs (timed alone), then the rest
+  local todo=() first=() report=0
   for part in "${parts[@]}"; do
     if [ "$part" = report ]; then report=1
     elif [ -e "$OUT/$part.json" ]; then say "part $part: reused ($OUT/$part.json)"
-    elif [ "$part" = base ]; then todo=(base "${todo[@]}")  # first: every other part trains from it
+    elif [ "$part" = base ]; then first=(base "${first[@]}")
+    elif [ "$part" = costs ]; then first+=(costs)
     else todo+=("$part")
     fi
   done
+  todo=("${first[@]}" "${todo[@]}")
   if [ "${todo[0]:-}" = base ]; then
     say "part base: start, load:$(uptime | sed 's/.*load average://')"
     part_base
@@ -135,7 +140,12 @@ main() {
         exit 1
       fi
     done
-    train_parts "${todo[@]}"
+    if [ "${todo[0]}" = costs ]; then
+      say "part costs: start, load:$(uptime | sed 's/.*load average://')"
+      part_costs
+      todo=("${todo[@]:1}")
+    fi
+    [ ${#todo[@]} = 0 ] || train_parts "${todo[@]}"
   fi
   [ "$report" = 0 ] || report
 }
@@ -167,6 +177,19 @@ part_base() {
   for stage in prepare teacher kd_data evaluate; do stage "$STUDY/base" "$stage" EVAL_MODELS=teacher; done
   python "$HERE/study.py" part --part base --run "$STUDY/base" --out "$OUT/base.json" \
     --command "bash examples/bible_es_en/study.sh base" --settings <(WORK=$STUDY/base bash "$HERE/run.sh" config)
+}
+
+# part_costs: the compute of one update of each kind the arms train (KD student, WD phase 1
+# faithful and slice), timed interleaved on one thread from the commands the arms run
+part_costs() {
+  local run=$STUDY/costs init
+  link "$run"
+  for init in faithful slice; do
+    WORK=$run SEED=$VARIANT_SEED KD_UPDATES=$LONG PHASE1_UPDATES=$PHASE1 PHASE2_UPDATES=$((LONG - PHASE1)) \
+      WD_INIT=$init TRAIN_EXTRA="$(arm_train_extra)" bash "$HERE/run.sh" plan > "$run/plan-$init.txt"
+  done
+  OMP_NUM_THREADS=1 python "$HERE/update_costs.py" --plan faithful="$run/plan-faithful.txt" \
+    --plan slice="$run/plan-slice.txt" --out "$OUT/costs.json" --command "bash examples/bible_es_en/study.sh costs"
 }
 
 # link WORK: a run with base's data, teacher and KD data
