@@ -380,6 +380,7 @@ def report(args) -> None:
             f"{row['sacrebleu_by_lr'][lr]:.2f}" if lr in row["sacrebleu_by_lr"] else "" for lr in rates) + " |"
             for row in check_rows]
     lines += [""] + notes
+    os.makedirs(os.path.dirname(os.path.abspath(args.out_prefix)), exist_ok=True)
     write_atomic(args.out_prefix + ".md", "\n".join(lines) + "\n")
     document = {"title": args.title, "teacher": teacher, "rows": rows, "learning_rate_check": check_rows,
                 "notes": notes,
