@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -293,13 +294,26 @@ def test_rerun_skips_finished_stages_and_names_unknown_ones(recipe_run):
 
 
 def test_eval_models_scores_only_the_models_named(recipe_run):
+    """A rerun of evaluate scores again but keeps a translation made by the same command from
+    the same checkpoint; a newer checkpoint or another beam translates again."""
     work, env, _ = recipe_run
     records = {name: work / "eval" / f"{name}.test.json" for name in ("teacher", "kd_student")}
     before = {name: path.stat().st_mtime_ns for name, path in records.items()}
+    translation = work / "eval" / "kd_student.test.gen"
+    made = translation.stat().st_mtime_ns
     run_recipe("examples/wmt16_en_ro/run.sh", "evaluate",
                env=dict(env, FORCE="1", EVAL_MODELS="kd_student"))
     assert records["teacher"].stat().st_mtime_ns == before["teacher"]
     assert records["kd_student"].stat().st_mtime_ns > before["kd_student"]
+    assert translation.stat().st_mtime_ns == made
+    assert f"(kept: {translation} was made earlier from the same inputs)" in (work / "logs" / "evaluate.log").read_text()
+    checkpoint = work / "kd_student" / "checkpoint_avg.pt"
+    os.utime(checkpoint, ns=(time.time_ns(), time.time_ns()))  # as if trained again
+    run_recipe("examples/wmt16_en_ro/run.sh", "evaluate", env=dict(env, FORCE="1", EVAL_MODELS="kd_student"))
+    assert translation.stat().st_mtime_ns > made
+    made = translation.stat().st_mtime_ns
+    run_recipe("examples/wmt16_en_ro/run.sh", "evaluate", env=dict(env, FORCE="1", EVAL_MODELS="kd_student", BEAM="2"))
+    assert translation.stat().st_mtime_ns > made and "--beam 2" in translation.with_suffix(".gen.made").read_text()
     rows = json.loads((work / "results.json").read_text())["rows"]
     assert {"teacher", "kd_student", "wd_phase1", "wd_student"} <= {r["model"] for r in rows}
     proc = run_recipe("examples/wmt16_en_ro/run.sh", "evaluate",

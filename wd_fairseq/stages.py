@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from .files import write_atomic
 from .teacher import WDSetupError
@@ -36,12 +36,15 @@ class Command:
     """A command line. Its stdout and stderr go to the stage log; or both to ``output``, or
     stdout alone to ``stdout`` (a file written whole: a temporary file renamed at the end).
     ``creates``: the (non-empty) file it makes; while that file exists a rerun skips the
-    command, so a resumed stage keeps the steps it finished."""
+    command, so a resumed stage keeps the steps it finished. With ``inputs`` (files it
+    reads), only while the command line and the inputs' sizes and mtimes are those it was
+    made from (recorded in ``CREATES.made``)."""
 
     argv: List[str]
     output: Optional[str] = None
     stdout: Optional[str] = None
     creates: Optional[str] = None
+    inputs: Sequence[str] = ()
 
     def line(self) -> str:
         text = " ".join(shlex.quote(str(part)) for part in self.argv)
@@ -156,10 +159,28 @@ class _Tee(io.TextIOBase):
         return len(text)
 
 
+def _made_from(command: Command) -> str:
+    """The record of what ``command.creates`` is made from: its line and its inputs' stamps."""
+    stamps = [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in command.inputs]
+    return json.dumps({"command": command.line(), "inputs": stamps}) + "\n"
+
+
+def _made_earlier(command: Command) -> bool:
+    if not (command.creates and os.path.isfile(command.creates) and os.path.getsize(command.creates)):
+        return False
+    if not command.inputs:
+        return True
+    try:
+        with open(command.creates + ".made", encoding="utf-8") as f:
+            return f.read() == _made_from(command)
+    except OSError:
+        return False
+
+
 def _run(command: Command, log: str, stage: str, echo: bool) -> None:
-    if command.creates and os.path.isfile(command.creates) and os.path.getsize(command.creates):
+    if _made_earlier(command):
         with open(log, "a", encoding="utf-8") as out:
-            out.write(f"(kept: {command.creates} was made earlier)\n")
+            out.write(f"(kept: {command.creates} was made earlier{' from the same inputs' if command.inputs else ''})\n")
         return
     written = command.output or command.stdout
     argv = [str(c) for c in command.argv]
@@ -184,6 +205,8 @@ def _run(command: Command, log: str, stage: str, echo: bool) -> None:
             "stages are kept and this one resumes")
     if written:
         os.replace(written + ".tmp", written)
+    if command.creates and command.inputs:
+        write_atomic(command.creates + ".made", _made_from(command))
 
 
 def _clock(seconds: float) -> str:

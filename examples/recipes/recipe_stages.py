@@ -15,6 +15,7 @@ the materialised student's flags).
 """
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -252,12 +253,16 @@ def wd_phase2_stage(r: Recipe) -> Stage:
 
 # -- evaluation ------------------------------------------------------------------------------
 
-def generate(r: Recipe, model: str, test_set: str, out: str, batch_size: str) -> List:
+def generate(r: Recipe, model: str, test_set: str, out: str, batch_size: str, keep_made: bool = False) -> List:
+    """``keep_made``: a rerun keeps ``out`` made by the same command from the same checkpoint."""
     checkpoint = r.models[model]
-    return [functools.partial(require_checkpoint, checkpoint), generate_command(
+    command = generate_command(
         r.data, checkpoint, r.direction, test_set, out, int(r.s["BEAM"]),
         ["--lenpen", r.s["LENPEN"], "--num-workers", "1", *r.device_flags(), *r.words("GENERATE_EXTRA"),
-         "--batch-size", batch_size])]
+         "--batch-size", batch_size])
+    if keep_made:
+        command = dataclasses.replace(command, creates=out, inputs=[checkpoint])
+    return [functools.partial(require_checkpoint, checkpoint), command]
 
 
 def require_checkpoint(path: str) -> None:
@@ -267,7 +272,9 @@ def require_checkpoint(path: str) -> None:
 
 def evaluate_stage(r: Recipe) -> Stage:
     """fairseq-generate of every model of EVAL_MODELS on every test set, scored by
-    wd-evaluate (sacreBLEU with signature, chrF, tokenized BLEU), then the results table."""
+    wd-evaluate (sacreBLEU with signature, chrF, tokenized BLEU), then the results table.
+    An interrupted or repeated evaluate keeps the translations made by the same command from
+    the same checkpoint (size and mtime) and makes the rest."""
     eval_dir = r.path("eval")
     actions: List = [functools.partial(os.makedirs, eval_dir, exist_ok=True)]
     refs = {test_set: references(r, test_set, r.path("raw")) for test_set in r.test_sets}
@@ -275,7 +282,7 @@ def evaluate_stage(r: Recipe) -> Stage:
     for name in r.evaluated:
         for test_set in r.test_sets:
             prefix = os.path.join(eval_dir, f"{name}.{test_set}")
-            actions += generate(r, name, test_set, prefix + ".gen", r.s["EVAL_BATCH_SIZE"])
+            actions += generate(r, name, test_set, prefix + ".gen", r.s["EVAL_BATCH_SIZE"], keep_made=True)
             actions.append(score_command(prefix + ".gen", refs[test_set], r.s["TGT"], name, test_set,
                                          prefix, r.s["BLEU_CONVENTION"]))
     return Stage("evaluate", actions + [functools.partial(results_table, r)])
