@@ -1,5 +1,5 @@
 """Atomic file writes (a reader sees the old file or the complete new one, never a part),
-and a file's SHA-256.
+a file's SHA-256 and its stamp (path, size, mtime).
 
 The new content goes to a temporary file in the target's directory (one file system,
 so the rename is atomic), is flushed and fsynced, gets the permissions a plain
@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from typing import IO, Iterator, Optional, Union
+from typing import IO, Dict, Iterator, Optional, Union
 
 
 @contextlib.contextmanager
@@ -48,6 +48,16 @@ def sha256_file(path: str) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_stamp(path: str, content_hash: bool = False) -> Dict:
+    """Path, size and mtime of a file, and with ``content_hash`` its SHA-256 (what a
+    manifest or a made-file record holds of an input)."""
+    stat = os.stat(path)
+    stamp = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if content_hash:
+        stamp["sha256"] = sha256_file(path)
+    return stamp
 
 
 def write_atomic(path: str, data: Union[str, bytes]) -> None:

@@ -61,7 +61,8 @@ from .kd_decoding import SOURCE_TOO_LONG, Filters
 from .kd_engines import (ENGINES, QUANTIZATIONS, check_quantization, check_workers,
                          ctranslate2_available, decode_job, engine_device, engine_settings,
                          kd_task, run_record, without_engine)
-from .kd_shards import ShardStore, file_stamp
+from .files import file_stamp
+from .kd_shards import ShardStore
 from .multilingual import NO_LANG_TOKENS, LangTokens
 from .teacher import WDSetupError
 

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .files import atomic_writer, sha256_file, write_atomic
+from .files import atomic_writer, write_atomic
 
 logger = logging.getLogger("wd_fairseq.kd_shards")
 
@@ -132,13 +132,3 @@ def _read_json(path: str) -> Optional[Dict]:
 def _parse_row(line: str) -> Row:
     index, flag, text = line.rstrip("\n").split("\t", 2)
     return int(index), flag, text
-
-
-def file_stamp(path: str, content_hash: bool = False) -> Dict:
-    """Path, size and mtime of a file, and with ``content_hash`` its SHA-256 (the
-    manifest's record of an input)."""
-    stat = os.stat(path)
-    stamp = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if content_hash:
-        stamp["sha256"] = sha256_file(path)
-    return stamp

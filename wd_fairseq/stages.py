@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Union
 
-from .files import write_atomic
+from .files import file_stamp, write_atomic
 from .teacher import WDSetupError
 
 logger = logging.getLogger("wd_fairseq.stages")
@@ -161,8 +161,7 @@ class _Tee(io.TextIOBase):
 
 def _made_from(command: Command) -> str:
     """The record of what ``command.creates`` is made from: its line and its inputs' stamps."""
-    stamps = [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in command.inputs]
-    return json.dumps({"command": command.line(), "inputs": stamps}) + "\n"
+    return json.dumps({"command": command.line(), "inputs": [file_stamp(path) for path in command.inputs]}) + "\n"
 
 
 def _made_earlier(command: Command) -> bool:
