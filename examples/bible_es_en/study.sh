@@ -118,9 +118,9 @@ main() {
   done
   todo=("${first[@]}" "${todo[@]}")
   if [ "${todo[0]:-}" = base ]; then
-    say "part base: start, load:$(uptime | sed 's/.*load average://')"
+    say "part base: start, load:$(load)"
     part_base
-    say "part base: done, load:$(uptime | sed 's/.*load average://')"
+    say "part base: done, load:$(load)"
     todo=("${todo[@]:1}")
   fi
   if [ ${#todo[@]} -gt 0 ]; then
@@ -141,7 +141,7 @@ main() {
       fi
     done
     if [ "${todo[0]}" = costs ]; then
-      say "part costs: start, load:$(uptime | sed 's/.*load average://')"
+      say "part costs: start, load:$(load)"
       part_costs
       todo=("${todo[@]:1}")
     fi
@@ -151,6 +151,9 @@ main() {
 }
 
 say() { echo "[study $(date -u '+%F %T UTC')] $*"; }
+
+# load: the machine's load averages (1, 5, 15 minutes)
+load() { uptime | sed 's/.*load average://'; }
 
 show_settings() {
   local name
@@ -247,7 +250,7 @@ train_parts() {
   QUEUE=$STUDY/queue LANES=()
   rm -rf "$QUEUE" && mkdir -p "$QUEUE"
   for part in "$@"; do arms_of "$part"; done | awk '{ print NR "|" $0 }' > "$QUEUE/jobs"
-  for part in "$@"; do say "part $part: queued, load:$(uptime | sed 's/.*load average://')"; done
+  for part in "$@"; do say "part $part: queued, load:$(load)"; done
   for pid in 0 1; do lane "$QUEUE" & LANES+=($!); done
   # (an error from here on: the lanes finish the arms they train, then stop)
   trap 'touch "$QUEUE/stop"; wait "${LANES[@]}"' EXIT
@@ -259,14 +262,14 @@ train_parts() {
       fi
       sleep "${POLL_SECONDS:-10}"
     done
-    say "part $part: arms trained, scoring, load:$(uptime | sed 's/.*load average://')"
+    say "part $part: arms trained, scoring, load:$(load)"
     case "$part" in
       restart) score restart "$VARIANT_SEED" "wd_slice_restart" --bases "$STUDY/seed$VARIANT_SEED-eval" ;;
       lr*) LR=${part#lr} RUN_PREFIX=$part- BUDGETS=$(printf '%s\n' $BUDGETS | sort -n | tail -n 1) \
              score "$part" "$VARIANT_SEED" "sel wd wd_slice" ;;
       *) score "$part" "${part#seed}" "$SEED_ARMS" ;;
     esac
-    say "part $part: done, load:$(uptime | sed 's/.*load average://')"
+    say "part $part: done, load:$(load)"
   done
   trap - EXIT
   for pid in "${LANES[@]}"; do wait "$pid" || failed=1; done
