@@ -12,8 +12,7 @@ from typing import Dict, List, Tuple
 
 from .disk_space import human, require_free_space
 from .distill_data import raw_files
-from .files import write_atomic
-from .files import file_stamp
+from .files import file_stamp, write_atomic
 from .teacher import WDSetupError
 
 #: Bytes per parameter of a training checkpoint (fp32 weights and Adam's two moments).
